@@ -1,0 +1,171 @@
+"""The configuration of one cell: everything that decides what a run computes.
+
+A ``CellConfig`` is flat and JSON-serialisable; suites resolve into them and ``result.json``
+stores them. Fields that only decide *where* or *how fast* a run goes (``data_root``,
+``num_workers``, ``device``) are left out of the cell id hash so that moving data or changing
+the machine does not invalidate finished results.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from typing import Any
+
+DATASETS = ("cub200", "cars196", "sop", "inshop", "inaturalist", "synthetic")
+OPTIMIZERS = ("sgd", "adamw")
+SELECTIONS = ("last", "val", "auto")
+POSITIVE_AVERAGING = ("positive", "all")
+
+# Fields that do not change what is computed: excluded from the cell hash.
+RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label")
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot be used; the message names the field."""
+
+
+def closest(name: str, choices) -> str:
+    """' (did you mean X?)' for an unknown name, or '' when nothing is close."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+@dataclass
+class CellConfig:
+    dataset: str = "synthetic"
+    data_root: str = "data"
+    backbone: str = "vit_small_patch16_224.augreg_in21k"
+    # None / "none": random init; "hub": timm / Hugging Face hub (or its cache when
+    # HF_HUB_OFFLINE=1); anything else: a local weights file or a HF cache directory.
+    weights: str | None = "hub"
+    embedding_size: int = 384
+    image_size: int | None = None  # None: the backbone's pretrained input size
+    method: str = "linear_probe"  # registry name, components joined by '+', e.g. "vpt_deep+bitfit"
+    method_args: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None  # display name in tables, e.g. "VPT (B)"
+    seed: int = 0
+
+    epochs: int = 15
+    batch_size: int = 64
+    samples_per_class: int = 2
+    max_steps_per_epoch: int | None = None  # cap for tests and the demo; None = full epoch
+    optimizer: str = "sgd"
+    lr: float = 5e-3
+    proxy_lr: float = 0.1
+    weight_decay: float = 1e-6
+    momentum: float = 0.9
+    lr_cosine_period: int | None = None  # cosine T_max in epochs; None = epochs
+    lr_min: float = 1e-8
+    grad_clip: float | None = None
+    amp: bool = True  # bf16/fp16 autocast on CUDA only; CPU always runs fp32
+    grad_checkpointing: bool = False
+
+    loss_alpha: float = 32.0
+    loss_delta: float = 0.1
+    loss_positive_average: str = "positive"  # "all" = the reference implementation's quirk
+
+    val_fraction: float = 0.0  # class-disjoint validation classes carved from train
+    selection: str = "auto"  # "last" epoch, or "val" (best validation R@1); auto = val if val_fraction
+    eval_every: int = 1
+    skip_corrupt_images: bool = False
+
+    num_workers: int = 4
+    eval_batch_size: int = 256
+    device: str = "auto"
+    suite: str = "adhoc"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(name: str, msg: str) -> None:
+            raise ConfigError(f"{name}: {msg}")
+
+        if self.dataset not in DATASETS:
+            fail("dataset", f"unknown dataset {self.dataset!r}{closest(self.dataset, DATASETS)}; "
+                            f"choose one of {', '.join(DATASETS)}")
+        if self.optimizer not in OPTIMIZERS:
+            fail("optimizer", f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.selection not in SELECTIONS:
+            fail("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
+        if self.loss_positive_average not in POSITIVE_AVERAGING:
+            fail("loss_positive_average", f"must be one of {', '.join(POSITIVE_AVERAGING)}")
+        for name in ("epochs", "batch_size", "samples_per_class", "embedding_size", "eval_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(name, f"must be a positive integer, got {value!r}")
+        if self.batch_size % self.samples_per_class:
+            fail("batch_size", f"{self.batch_size} is not divisible by samples_per_class={self.samples_per_class}")
+        if self.batch_size // self.samples_per_class < 2:
+            fail("batch_size", "a batch needs at least two classes (batch_size / samples_per_class >= 2)")
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            fail("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
+        if self.selection == "val" and not self.val_fraction:
+            fail("selection", "'val' needs a validation split: set val_fraction > 0")
+        for name in ("lr", "proxy_lr"):
+            if not float(getattr(self, name)) > 0:
+                fail(name, f"must be > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.method_args, dict):
+            fail("method_args", f"must be a mapping, got {type(self.method_args).__name__}")
+
+    @property
+    def selection_rule(self) -> str:
+        if self.selection == "auto":
+            return "val" if self.val_fraction else "last"
+        return self.selection
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The part of the config that decides the result (hashed into the cell id)."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "config") -> "CellConfig":
+        names = cls.field_names()
+        unknown = [k for k in data if k not in names]
+        if unknown:
+            k = unknown[0]
+            raise ConfigError(f"{where}: unknown field {k!r}{closest(k, names)}")
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        clean = {}
+        for k, v in data.items():
+            clean[k] = _coerce(k, v, types[k], where)
+        return cls(**clean)
+
+
+def _coerce(name: str, value: Any, type_name: str, where: str) -> Any:
+    """YAML gives ints for floats ('lr: 1') and strings for floats ('1e-4'): accept both."""
+    base = type_name.replace(" | None", "")
+    if value is None:
+        if "None" in type_name:
+            return None
+        raise ConfigError(f"{where}: {name} must not be null")
+    try:
+        if base == "float":
+            if isinstance(value, bool):
+                raise TypeError
+            return float(value)
+        if base == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            if isinstance(value, str):
+                raise TypeError
+            return int(value)
+        if base == "bool":
+            if not isinstance(value, bool):
+                raise TypeError
+            return value
+        if base == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise TypeError
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {name} must be {base}, got {value!r} ({type(value).__name__})") from None
+    return value
