@@ -12,6 +12,8 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.errors import UserError
+
 DATASETS = ("cub200", "cars196", "sop", "inshop", "inaturalist", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 SELECTIONS = ("last", "val", "auto")
@@ -21,7 +23,7 @@ POSITIVE_AVERAGING = ("positive", "all")
 RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the field."""
 
 

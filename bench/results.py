@@ -48,12 +48,14 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+from bench.errors import UserError
+
 SCHEMA_VERSION = 1
 RESULT_FILE = "result.json"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
-class ResultError(ValueError):
+class ResultError(UserError, ValueError):
     """A result file or name that cannot be used; the message names the file or value."""
 
 

@@ -1,0 +1,40 @@
+# Fresh machine: `make demo` or `make test`; each sets up .venv first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+SUITE  ?= smoke
+ARGS   ?=
+
+.PHONY: setup test demo suite report status bench bench-gpu clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+demo: setup
+	$(BIN)/python run_suite.py run demo --executor local $(ARGS)
+
+suite: setup
+	$(BIN)/python run_suite.py run $(SUITE) $(ARGS)
+
+status: setup
+	$(BIN)/python run_suite.py status $(SUITE)
+
+report: setup
+	$(BIN)/python run_suite.py report $(SUITE) $(ARGS)
+
+bench: setup
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+bench-gpu: setup
+	$(BIN)/python benchmarks/bench_gpu.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) .pytest_cache
