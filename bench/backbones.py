@@ -1,0 +1,182 @@
+"""Backbones: any timm ViT by name, pretrained from the hub, a local file, or random init.
+
+Weights sources (``weights`` argument):
+- ``"hub"``: timm / Hugging Face hub. With ``HF_HUB_OFFLINE=1`` only the local HF cache is used,
+  which is what compute nodes without internet need after a one-time download on a login node.
+- a file (``.safetensors``, ``.pth``/``.pt``/``.bin`` loaded with ``weights_only=True``, or a
+  Google ``.npz``): loaded into the timm architecture, strictly (a mismatch is an error).
+- a directory: a Hugging Face hub cache (``HF_HUB_CACHE`` layout), used offline.
+- ``None`` / ``"none"``: random init (tests; also for counting parameters).
+
+Besides timm names, a few small architectures exist for tests and the demo (``SMALL_VITS``).
+``demo_vit`` with ``weights="hub"`` means the project's own pretrained demo weights, trained on
+first use and cached (see ``bench.demo_pretrain``).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+
+from bench.config import closest
+from bench.errors import UserError
+
+ALIASES = {
+    "vit_s16": "vit_small_patch16_224.augreg_in21k",
+    "vit_b16": "vit_base_patch16_224.augreg_in21k",
+}
+
+# Small ViTs the project builds itself: a timm architecture with other sizes.
+SMALL_VITS: dict[str, dict[str, Any]] = {
+    # a few seconds per cell on CPU: contract tests and the smoke suite
+    "vit_test": dict(arch="vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
+                     num_heads=3, mlp_ratio=2.0),
+    # the demo's backbone, pretrained by the project on generated source classes
+    "demo_vit": dict(arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4,
+                     num_heads=3, mlp_ratio=2.0),
+}
+
+
+class BackboneError(UserError, ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """What the data pipeline needs from a backbone: its input size and normalisation."""
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def resolve_name(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def create_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> nn.Module:
+    """A timm VisionTransformer without classifier (``num_classes=0``)."""
+    name = resolve_name(name)
+    if weights in (None, "", "none"):
+        weights = None
+    if name in SMALL_VITS:
+        return _create_small(name, weights)
+    if not timm.is_model(name):
+        candidates = timm.list_models("vit_*", pretrained=True) + list(ALIASES) + list(SMALL_VITS)
+        raise BackboneError(f"backbone: unknown timm model {name!r}{closest(name, candidates)}")
+    kwargs: dict[str, Any] = {"num_classes": 0}
+    if image_size:
+        kwargs["img_size"] = image_size
+    if weights is None:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    if weights == "hub":
+        return _create_from_hub(name, kwargs)
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return _create_from_hf_cache(name, path, kwargs)
+    if not path.is_file():
+        raise BackboneError(f"weights: file not found: {path} (expected 'hub', 'none', a weights file "
+                            "or a Hugging Face cache directory)")
+    model = timm.create_model(name, pretrained=False, **kwargs)
+    load_weights_file(model, path, name)
+    return model
+
+
+def _create_small(name: str, weights: str | None) -> nn.Module:
+    spec = dict(SMALL_VITS[name])
+    arch = spec.pop("arch")
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **spec)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, spec["img_size"], spec["img_size"]),
+                            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    if weights == "hub":
+        if name != "demo_vit":
+            raise BackboneError(f"weights: {name} has no pretrained weights; use weights: none")
+        from bench.demo_pretrain import demo_weights_path  # trains once, then cached
+
+        weights = str(demo_weights_path())
+    if weights is not None:
+        load_weights_file(model, Path(weights), name)
+    return model
+
+
+def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=True, **kwargs)
+    except Exception as e:  # network or cache failures come in many types
+        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
+        hint = ("HF_HUB_OFFLINE is set and the weights are not in the local Hugging Face cache"
+                if offline else "no network? download once on a login node, or pass a local weights file")
+        raise BackboneError(f"weights: cannot load pretrained {name} from the hub ({hint}): {e}") from e
+
+
+def _create_from_hf_cache(name: str, cache_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
+    saved = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
+    os.environ["HF_HUB_CACHE"] = str(cache_dir)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return _create_from_hub(name, kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors only: safetensors, or torch.load(weights_only=True); never unpickles code."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BackboneError(f"weights: cannot read {path}: {e}") from e
+    for key in ("state_dict", "model"):  # common checkpoint wrappers
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise BackboneError(f"weights: {path} does not hold a state dict")
+    return state
+
+
+def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
+    if path.suffix == ".npz":  # Google AugReg checkpoints, as timm's own loader reads them
+        from timm.models.vision_transformer import _load_weights
+
+        try:
+            _load_weights(model, str(path))
+        except Exception as e:
+            raise BackboneError(f"weights: {path} does not match backbone {name}: {e}") from e
+        return
+    state = read_state_dict(path)
+    from timm.models.vision_transformer import checkpoint_filter_fn
+
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}  # classifier of pretraining
+    try:
+        state = checkpoint_filter_fn(state, model)  # resizes position embeddings if needed
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except Exception as e:
+        raise BackboneError(f"weights: {path} does not match backbone {name}: {e}") from e
+    if missing or unexpected:
+        raise BackboneError(
+            f"weights: {path} does not match backbone {name}: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+
+
+def data_config(backbone: nn.Module, image_size: int | None = None) -> DataConfig:
+    """Input size and normalisation from the backbone's timm pretrained config."""
+    cfg = getattr(backbone, "pretrained_cfg", {}) or {}
+    size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
+    mean = tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406)))
+    std = tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225)))
+    return DataConfig(image_size=size, mean=mean, std=std)  # type: ignore[arg-type]
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,109 @@
+"""The method interface: a method is a list of components applied to a ``MetricLearner``.
+
+A component (like a peft config + injector) declares its arguments with defaults and, in
+``apply``, injects modules and marks what it trains. Before any component runs, the whole
+backbone is frozen and the head and proxies are trainable, so a component only says what it
+adds. Components compose: "vpt_deep+bitfit" applies both; a method name in the registry is
+itself a list of components with preset arguments (vptsp_g = deep prompts + semantic proxies).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from bench.config import closest
+from bench.errors import UserError
+from bench.model import MetricLearner
+
+
+class MethodError(UserError, ValueError):
+    pass
+
+
+class Component:
+    """One PEFT ingredient. Subclasses set ``args`` (name -> default) and implement ``apply``."""
+
+    name: ClassVar[str] = "component"
+    args: ClassVar[dict[str, Any]] = {}
+    # Components that set the model's prompts (or its proxy source) exclude each other.
+    sets_prompts: ClassVar[bool] = False
+    sets_proxies: ClassVar[bool] = False
+
+    def __init__(self, **kwargs: Any):
+        values = dict(self.args)
+        for key, value in kwargs.items():
+            if key not in self.args:
+                raise MethodError(f"method_args: {self.name} has no argument {key!r}")
+            default = self.args[key]
+            values[key] = _coerce_arg(self.name, key, value, default)
+        self.values = values
+        self.validate()
+
+    def __getattr__(self, key: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
+
+    def validate(self) -> None:
+        """Raise MethodError for values out of range."""
+
+    def apply(self, learner: MetricLearner) -> None:
+        raise NotImplementedError
+
+
+def _coerce_arg(component: str, key: str, value: Any, default: Any) -> Any:
+    kind = type(default)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lstrip("-").isdigit():
+            return int(value)
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+    else:
+        return value
+    raise MethodError(f"method_args: {component}.{key} must be {kind.__name__}, got {value!r}")
+
+
+class Method:
+    """Components applied in order; what a suite cell names with e.g. ``vptsp_g+bitfit``."""
+
+    def __init__(self, name: str, components: list[Component]):
+        self.name = name
+        self.components = components
+        for flag in ("sets_prompts", "sets_proxies"):
+            owners = [c.name for c in components if getattr(c, flag)]
+            if len(owners) > 1:
+                raise MethodError(f"method: {name} combines {owners}, which cannot be used together")
+
+    def apply(self, learner: MetricLearner) -> MetricLearner:
+        for p in learner.model.backbone.parameters():
+            p.requires_grad_(False)
+        for module in (learner.model.head, learner.criterion):
+            for p in module.parameters():
+                p.requires_grad_(True)
+        for component in self.components:
+            component.apply(learner)
+        return learner
+
+    @property
+    def values(self) -> dict[str, Any]:
+        merged: dict[str, Any] = {}
+        for c in self.components:
+            merged.update(c.values)
+        return merged
+
+    def __repr__(self) -> str:
+        return f"Method({self.name!r}, {self.values})"

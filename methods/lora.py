@@ -1,0 +1,46 @@
+"""LoRA (Hu et al., 2022) on the attention projections: ``W x + (alpha / r) B A x``.
+
+Beyond the paper, the most used PEFT method today. ``B`` starts at zero, so the model starts
+exactly at the pretrained one (and ``A`` only receives gradient once ``B`` has moved).
+"""
+import math
+
+import torch
+from torch import nn
+
+from methods.base import Component, MethodError
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
+        self.scaling = alpha / rank
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
+
+
+class LoRA(Component):
+    name = "lora"
+    args = {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "qkv,proj"}
+
+    def validate(self):
+        if self.lora_rank < 1:
+            raise MethodError("method_args: lora_rank must be >= 1")
+        unknown = set(self.targets) - {"qkv", "proj"}
+        if unknown:
+            raise MethodError(f"method_args: lora_targets {sorted(unknown)} unknown; use qkv and/or proj")
+
+    @property
+    def targets(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    def apply(self, learner):
+        for block in learner.model.backbone.blocks:
+            for target in self.targets:
+                base = getattr(block.attn, target)
+                setattr(block.attn, target, LoRALinear(base, self.lora_rank, self.lora_alpha))

@@ -1,0 +1,82 @@
+"""Visual prompt tuning (Jia et al., ECCV 2022): learnable tokens placed after the CLS token.
+
+- shallow: ``num_prompts`` tokens inserted once before block 1 (after the position embedding);
+  they stay in the sequence through every block.
+- deep: fresh tokens before each of the first ``prompt_depth`` blocks, replacing the previous
+  block's prompt outputs; block i gets ``num_prompts - prompt_decrease * i`` tokens (the
+  paper's decrease step). Past the depth the last prompt outputs are carried along.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from methods.base import Component, MethodError
+
+
+def prompt_counts(num_prompts: int, depth: int, decrease: int = 0) -> list[int]:
+    """Tokens per prompted block; the decrease step stops at zero."""
+    return [max(num_prompts - decrease * i, 0) for i in range(depth)]
+
+
+def prompt_init_bound(backbone: nn.Module) -> float:
+    """VPT's Xavier-uniform bound, with fan-in from one patch (3 x p x p) and fan-out the width."""
+    patch = backbone.patch_embed.patch_size
+    patch_area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
+    return math.sqrt(6.0 / float(3 * patch_area + backbone.embed_dim))
+
+
+class PromptTokens(nn.Module):
+    """One learnable ``[n_i, width]`` tensor per prompted block."""
+
+    def __init__(self, counts: list[int], width: int, bound: float, shallow: bool = False):
+        super().__init__()
+        self.shallow = shallow
+        self.tokens = nn.ParameterList()
+        for n in counts:
+            p = nn.Parameter(torch.empty(n, width))
+            nn.init.uniform_(p, -bound, bound)
+            self.tokens.append(p)
+
+    def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
+        if index >= len(self.tokens):
+            return None
+        return self.tokens[index].unsqueeze(0).expand(batch_size, -1, -1)
+
+
+class ShallowPrompts(Component):
+    name = "vpt_shallow"
+    args = {"num_prompts": 10}
+    sets_prompts = True
+
+    def validate(self):
+        if self.num_prompts < 1:
+            raise MethodError("method_args: num_prompts must be >= 1")
+
+    def apply(self, learner):
+        backbone = learner.model.backbone
+        prompts = PromptTokens([self.num_prompts], backbone.embed_dim, prompt_init_bound(backbone), shallow=True)
+        learner.extras["prompts"] = prompts
+        learner.model.prompts = prompts
+
+
+class DeepPrompts(Component):
+    name = "vpt_deep"
+    args = {"num_prompts": 10, "prompt_depth": 12, "prompt_decrease": 0}
+    sets_prompts = True
+
+    def validate(self):
+        if self.num_prompts < 0 or self.prompt_depth < 1 or self.prompt_decrease < 0:
+            raise MethodError("method_args: need num_prompts >= 0, prompt_depth >= 1, prompt_decrease >= 0")
+
+    def apply(self, learner):
+        backbone = learner.model.backbone
+        if self.prompt_depth > len(backbone.blocks):
+            raise MethodError(f"method_args: prompt_depth={self.prompt_depth} but the backbone has "
+                              f"{len(backbone.blocks)} blocks")
+        counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
+        prompts = PromptTokens(counts, backbone.embed_dim, prompt_init_bound(backbone))
+        learner.extras["prompts"] = prompts
+        learner.model.prompts = prompts

@@ -1,0 +1,182 @@
+"""Semantic proxies from class prompts (VPTSP, Ren et al., ICLR 2024), SPEC §6.
+
+Training step, on top of the ordinary sample branch:
+1. each image of the batch goes through the backbone a second time with its *class's* prompts
+   (``num_class_prompts`` tokens before each of the first ``class_prompt_depth`` blocks, VPT-deep
+   style, no dataset prompts), then through a separate LayerNorm + Linear head: one semantic
+   vector per image;
+2. a per-class memory (a buffer, not a parameter) accumulates these vectors, class by class in
+   batch order, by EMA (``m <- keep m + (1 - keep) mean(v)``) or by a GRU cell whose candidate
+   activation is ReLU (the paper's choice) or tanh;
+3. proxies = ``proxy_bias_ratio * bias + (1 - proxy_bias_ratio) * memory``, with ``bias`` the
+   loss's own learnable proxies (re-initialised Xavier-uniform / 8). In-batch classes use the
+   freshly updated memory, so gradients reach the class prompts, the proxy head and the GRU;
+   the memory keeps only the detached values.
+
+Scale: class prompts are one row per class of a sparse ``nn.Embedding``. Only the batch's rows
+are gathered and only they receive (sparse) gradients and optimiser updates (the trainer gives
+sparse parameters SparseAdam or SGD). When the table is large (SOP: 11,318 classes x 5 x 12 x
+384 floats = 1.0 GiB) it stays in CPU memory with its optimiser state, and only the gathered
+rows travel to the GPU (``class_prompt_offload``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from methods.base import Component, MethodError
+from methods.prompts import prompt_counts, prompt_init_bound
+
+ACCUMULATORS = ("ema", "gru_relu", "gru_tanh")
+OFFLOAD_THRESHOLD_BYTES = 256 * 2 ** 20
+
+
+class ClassPromptBank(nn.Module):
+    """Per-class prompt tokens: row c holds class c's tokens of every prompted block."""
+
+    def __init__(self, num_classes: int, counts: list[int], width: int, bound: float, offload: bool):
+        super().__init__()
+        self.counts = counts
+        self.width = width
+        self.offload = offload
+        self.table = nn.Embedding(num_classes, sum(counts) * width, sparse=True)
+        nn.init.uniform_(self.table.weight, -bound, bound)
+
+    def _apply(self, fn, recurse=True):
+        # An offloaded table ignores .to(device): it and its optimiser state stay in CPU memory.
+        if self.offload:
+            return self
+        return super()._apply(fn, recurse)
+
+    def gather(self, labels: torch.Tensor) -> list[torch.Tensor]:
+        """Each image's class prompts, per block: a list of ``[B, n_i, width]``."""
+        index = labels.to(self.table.weight.device)
+        rows = self.table(index).to(labels.device, non_blocking=True)
+        rows = rows.view(labels.shape[0], sum(self.counts), self.width)
+        return list(torch.split(rows, self.counts, dim=1))
+
+
+class PerImagePrompts:
+    """``Prompts`` for the proxy pass: a different set of tokens for every image."""
+
+    def __init__(self, blocks: list[torch.Tensor]):
+        self.blocks = blocks
+
+    def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
+        return self.blocks[index] if index < len(self.blocks) else None
+
+
+class GRUAccumulatorCell(nn.Module):
+    """``z = s(v Wiz + h Whz + bz); r = s(v Wir + h Whr + br); n = act(v Win + r (h Whn) + bn);
+    h' = (1 - z) n + z h``: the SPEC's GRU, with input biases only and ReLU or tanh candidate."""
+
+    def __init__(self, size: int, activation: str):
+        super().__init__()
+        self.weight_input = nn.Parameter(torch.empty(3, size, size))  # z, r, n
+        self.weight_hidden = nn.Parameter(torch.empty(3, size, size))
+        self.bias = nn.Parameter(torch.zeros(3, size))
+        for w in (*self.weight_input, *self.weight_hidden):
+            nn.init.xavier_uniform_(w)
+        self.activation = torch.relu if activation == "relu" else torch.tanh
+
+    def forward(self, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        wi, wh, b = self.weight_input, self.weight_hidden, self.bias
+        z = torch.sigmoid(v @ wi[0] + h @ wh[0] + b[0])
+        r = torch.sigmoid(v @ wi[1] + h @ wh[1] + b[1])
+        n = self.activation(v @ wi[2] + r * (h @ wh[2]) + b[2])
+        return (1 - z) * n + z * h
+
+
+class SemanticProxyModule(nn.Module):
+    def __init__(self, num_classes: int, width: int, embedding_size: int, counts: list[int], bound: float,
+                 accumulator: str, ema_keep: float, proxy_bias_ratio: float, dropout: float, offload: bool):
+        super().__init__()
+        self.class_prompts = ClassPromptBank(num_classes, counts, width, bound, offload)
+        self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embedding_size))
+        self.accumulator = accumulator
+        self.gru = GRUAccumulatorCell(embedding_size, accumulator.split("_")[1]) if accumulator != "ema" else None
+        self.dropout = nn.Dropout(dropout)
+        self.ema_keep = ema_keep
+        self.proxy_bias_ratio = proxy_bias_ratio
+        self.register_buffer("memory", F.normalize(torch.randn(num_classes, embedding_size), dim=1))
+
+    def semantic_vectors(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        prompts = PerImagePrompts(self.class_prompts.gather(labels))
+        features = learner.model.features(images, prompts=prompts)
+        return F.normalize(self.head(features), dim=-1)
+
+    def accumulate(self, vectors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Updated memory rows of the batch's classes: ``(classes, rows)``, rows with autograd."""
+        classes, inverse = torch.unique(labels, return_inverse=True)
+        membership = F.one_hot(inverse, classes.shape[0])  # [B, U]
+        h = self.memory[classes].to(vectors.dtype)
+        if self.gru is None:
+            counts = membership.sum(0, keepdim=True).T.to(vectors.dtype)
+            mean = (membership.T.to(vectors.dtype) @ vectors) / counts
+            return classes, self.ema_keep * h + (1 - self.ema_keep) * mean
+        vectors = self.dropout(vectors)
+        rank = (membership.cumsum(0) - 1).gather(1, inverse[:, None]).squeeze(1)  # order within class
+        for step in range(int(rank.max()) + 1):
+            at_step = rank == step
+            owners = inverse[at_step]
+            inputs = torch.zeros_like(h).index_copy(0, owners, vectors[at_step])
+            active = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
+            active[owners] = True
+            h = torch.where(active[:, None], self.gru(inputs, h), h)
+        return classes, h
+
+    def forward(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        vectors = self.semantic_vectors(learner, images, labels).float()
+        classes, rows = self.accumulate(vectors, labels)
+        memory = self.memory.index_put((classes,), rows)  # out of place: grads flow to `rows`
+        with torch.no_grad():
+            self.memory[classes] = rows.detach()
+        bias = learner.criterion.proxies
+        return self.proxy_bias_ratio * bias + (1 - self.proxy_bias_ratio) * memory
+
+
+class SemanticProxies(Component):
+    name = "semantic_proxies"
+    args = {
+        "num_class_prompts": 3,
+        "class_prompt_depth": 12,
+        "class_prompt_decrease": 0,
+        "proxy_bias_ratio": 0.5,
+        "accumulator": "gru_relu",
+        "ema_keep": 0.8,
+        "gru_dropout": 0.0,
+        "class_prompt_offload": "auto",
+    }
+    sets_proxies = True
+
+    def validate(self):
+        if self.accumulator not in ACCUMULATORS:
+            raise MethodError(f"method_args: accumulator must be one of {', '.join(ACCUMULATORS)}, "
+                              f"got {self.accumulator!r}")
+        if not 0.0 <= self.proxy_bias_ratio <= 1.0:
+            raise MethodError("method_args: proxy_bias_ratio must be in [0, 1]")
+        if not 0.0 <= self.ema_keep <= 1.0:
+            raise MethodError("method_args: ema_keep must be in [0, 1]")
+        if self.num_class_prompts < 1 or self.class_prompt_depth < 1:
+            raise MethodError("method_args: num_class_prompts and class_prompt_depth must be >= 1")
+        if self.class_prompt_offload not in ("auto", "cpu", "device"):
+            raise MethodError("method_args: class_prompt_offload must be auto, cpu or device")
+
+    def apply(self, learner):
+        backbone = learner.model.backbone
+        if self.class_prompt_depth > len(backbone.blocks):
+            raise MethodError(f"method_args: class_prompt_depth={self.class_prompt_depth} but the backbone has "
+                              f"{len(backbone.blocks)} blocks")
+        counts = prompt_counts(self.num_class_prompts, self.class_prompt_depth, self.class_prompt_decrease)
+        table_bytes = learner.num_classes * sum(counts) * backbone.embed_dim * 4
+        offload = {"cpu": True, "device": False}.get(self.class_prompt_offload,
+                                                      table_bytes > OFFLOAD_THRESHOLD_BYTES)
+        module = SemanticProxyModule(
+            learner.num_classes, backbone.embed_dim, learner.embedding_size, counts, prompt_init_bound(backbone),
+            self.accumulator, self.ema_keep, self.proxy_bias_ratio, self.gru_dropout, offload)
+        learner.extras["semantic_proxies"] = module
+        learner.proxy_source = module
+        with torch.no_grad():  # the bias proxies, initialised as the reference does
+            nn.init.xavier_uniform_(learner.criterion.proxies)
+            learner.criterion.proxies.div_(8)
