@@ -1,0 +1,97 @@
+"""Cost measurements of a cell: parameters, step latency, throughput, peak memory."""
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+
+from bench.model import MetricLearner
+
+
+def parameter_counts(learner: MetricLearner) -> dict[str, int]:
+    """Trainable parameters with and without the head and proxies, and the backbone's size.
+
+    Method modules in ``learner.extras`` (prompts, adapters' siblings, the proxy tower) count as
+    trained method parameters; modules injected into the backbone (adapters, LoRA) count there.
+    """
+    def total(params, trainable_only=True):
+        return sum(p.numel() for p in params if p.requires_grad or not trainable_only)
+
+    model = learner.model
+    head_and_proxies = total(model.head.parameters()) + total(learner.criterion.parameters())
+    trainable = total(learner.parameters())
+    return {
+        "params_total": total(learner.parameters(), trainable_only=False),
+        "params_backbone": total(model.backbone.parameters(), trainable_only=False),
+        "params_trainable": trainable,
+        "params_trainable_no_head": trainable - head_and_proxies,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> tuple[int, str]:
+    """CUDA: max allocated since the last reset. CPU: the process's peak resident set size."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device)), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024), "cpu_peak_rss"
+
+
+class StepTimer:
+    """Wall time of training steps; the first ``warmup`` steps of every epoch are left out of the
+    median (data loader start-up, allocator and autotuning warm-up)."""
+
+    def __init__(self, device: torch.device, warmup: int = 3):
+        self.device = device
+        self.warmup = warmup
+        self.step_seconds: list[float] = []
+        self.images = 0
+        self.train_seconds = 0.0
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextmanager
+    def step(self, index_in_epoch: int, batch_size: int):
+        self.sync()
+        start = time.perf_counter()
+        yield
+        self.sync()
+        elapsed = time.perf_counter() - start
+        if index_in_epoch >= self.warmup:
+            self.step_seconds.append(elapsed)
+
+    def add_epoch(self, images: int, seconds: float) -> None:
+        self.images += images
+        self.train_seconds += seconds
+
+    def summary(self) -> dict[str, float | None]:
+        median = statistics.median(self.step_seconds) if self.step_seconds else None
+        return {
+            "step_latency_ms_median": None if median is None else median * 1000.0,
+            "steady_steps": len(self.step_seconds),
+            "throughput_img_s": self.images / self.train_seconds if self.train_seconds else None,
+        }
+
+    def state_dict(self) -> dict:
+        return {"step_seconds": list(self.step_seconds), "images": self.images, "train_seconds": self.train_seconds}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step_seconds = list(state["step_seconds"])
+        self.images = int(state["images"])
+        self.train_seconds = float(state["train_seconds"])

@@ -1,0 +1,300 @@
+"""Training and per-epoch evaluation of one cell, with exact resume from epoch checkpoints.
+
+The checkpoint written at the end of every epoch holds the trained weights (plus method
+buffers such as the proxy memory), the optimisers, the scheduler, every RNG and the history
+so far; the sampler's batches are a pure function of (seed, epoch). A run killed at any point
+and restarted therefore ends with the same numbers as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from bench import data as dml_data
+from bench.backbones import create_backbone, data_config
+from bench.config import CellConfig
+from bench.errors import UserError
+from bench.evaluate import DATASET_KS, compute_embeddings, retrieval_metrics
+from bench.losses import ProxyAnchorLoss
+from bench.measure import StepTimer, device_name, parameter_counts, peak_memory, reset_peak_memory
+from bench.model import EmbeddingModel, MetricLearner
+from methods import build_method
+
+CHECKPOINT_FILE = "checkpoint.pt"
+Progress = Callable[[dict[str, Any]], None] | None
+
+
+class CellFailure(Exception):
+    """The cell cannot finish (e.g. a non-finite loss); ``history`` keeps the finished epochs."""
+
+    def __init__(self, reason: str, history: list[dict] | None = None):
+        super().__init__(reason)
+        self.history = history or []
+
+
+@dataclass
+class Outcome:
+    epochs: list[dict[str, Any]]
+    final: dict[str, Any]
+    oracle: dict[str, Any] | None
+    measurements: dict[str, Any]
+    num_skipped_images: int = 0
+    learner: MetricLearner | None = field(default=None, repr=False)
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device: {name} requested but CUDA is not available")
+    return device
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def build_learner(config: CellConfig, num_classes: int) -> MetricLearner:
+    """Backbone with its weights, head, loss with proxies, then the method on top."""
+    method = build_method(config.method, config.method_args)  # bad names fail before loading weights
+    backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    model = EmbeddingModel(backbone, config.embedding_size)
+    model.grad_checkpointing = config.grad_checkpointing
+    criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
+                                config.loss_positive_average)
+    return method.apply(MetricLearner(model, criterion))
+
+
+def is_sparse_parameter(learner: MetricLearner) -> set[int]:
+    return {id(m.weight) for m in learner.modules() if isinstance(m, nn.Embedding) and m.sparse}
+
+
+def build_optimizers(learner: MetricLearner, config: CellConfig) -> list[torch.optim.Optimizer]:
+    """Dense parameters (proxies with their own learning rate) and, if a method has sparse
+    tables (class prompts), a sparse optimiser of the same family for them."""
+    sparse_ids = is_sparse_parameter(learner)
+    proxies = learner.criterion.proxies
+    dense, sparse = [], []
+    for p in learner.parameters():
+        if not p.requires_grad or p is proxies:
+            continue
+        (sparse if id(p) in sparse_ids else dense).append(p)
+    groups = [{"params": dense, "lr": config.lr}]
+    if proxies.requires_grad:
+        groups.append({"params": [proxies], "lr": config.proxy_lr})
+    if config.optimizer == "sgd":
+        optimizers = [torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
+                                      weight_decay=config.weight_decay)]
+        if sparse:
+            optimizers.append(torch.optim.SGD(sparse, lr=config.lr, momentum=config.momentum))
+    else:
+        optimizers = [torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)]
+        if sparse:
+            optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr))
+    return optimizers
+
+
+def build_schedulers(optimizers, config: CellConfig) -> list[torch.optim.lr_scheduler.LRScheduler]:
+    period = config.lr_cosine_period or config.epochs
+    return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=period, eta_min=config.lr_min) for o in optimizers]
+
+
+def autocast_dtype(config: CellConfig, device: torch.device) -> torch.dtype | None:
+    if not config.amp or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
+    train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True)
+    test_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=False)
+    sampler = dml_data.ClassBalancedBatchSampler(
+        splits.train.labels, config.batch_size, config.samples_per_class, seed=config.seed,
+        num_batches=_num_batches(config, len(splits.train.labels)))
+    common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda",
+                  persistent_workers=False)
+    train = DataLoader(dml_data.ImageDataset(splits.train, train_tf), batch_sampler=sampler, **common)
+
+    def eval_loader(split):
+        if split is None:
+            return None
+        return DataLoader(dml_data.ImageDataset(split, test_tf), batch_size=config.eval_batch_size,
+                          shuffle=False, **common)
+
+    evals = {name: eval_loader(getattr(splits, name)) for name in ("val", "test", "query", "gallery")}
+    return train, sampler, evals
+
+
+def _num_batches(config: CellConfig, num_images: int) -> int:
+    full = max(num_images // config.batch_size, 1)
+    return min(full, config.max_steps_per_epoch) if config.max_steps_per_epoch else full
+
+
+def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> dict[str, Any] | None:
+    """R@K and MAP@R of one split; In-Shop (query/gallery) when ``name == 'test'`` and it has them."""
+    if name == "test" and loaders.get("query") is not None:
+        q, ql = compute_embeddings(learner.model, loaders["query"], device, amp_dtype)
+        g, gl = compute_embeddings(learner.model, loaders["gallery"], device, amp_dtype)
+        return retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl)
+    loader = loaders.get(name)
+    if loader is None:
+        return None
+    emb, labels = compute_embeddings(learner.model, loader, device, amp_dtype)
+    return retrieval_metrics(emb, labels, ks)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    np_state = state["numpy"]
+    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
+    random.setstate(_tuples(state["python"]))
+
+
+def _tuples(x):
+    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress: Progress = None) -> Outcome:
+    device = select_device(config.device)
+    emit = progress or (lambda event: None)
+    splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
+                                   seed=config.seed, skip_corrupt=config.skip_corrupt_images)
+    seed_everything(config.seed)
+    learner = build_learner(config, splits.train.num_classes).to(device)
+    image_cfg = data_config(learner.model.backbone, config.image_size)
+    optimizers = build_optimizers(learner, config)
+    schedulers = build_schedulers(optimizers, config)
+    amp_dtype = autocast_dtype(config, device)
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
+    ks = DATASET_KS.get(config.dataset, (1, 2, 4, 8))
+    timer = StepTimer(device)
+    history: list[dict[str, Any]] = []
+    eval_seconds = 0.0
+    start_epoch = 0
+
+    checkpoint_path = cell_dir / CHECKPOINT_FILE
+    if checkpoint_path.exists():
+        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        if state.get("identity") == identity_hash:
+            learner.load_trainable_state_dict(state["learner"])
+            for o, s in zip(optimizers, state["optimizers"]):
+                o.load_state_dict(s)
+            for sch, s in zip(schedulers, state["schedulers"]):
+                sch.load_state_dict(s)
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            timer.load_state_dict(state["timer"])
+            history = list(state["history"])
+            eval_seconds = float(state["eval_seconds"])
+            start_epoch = int(state["epoch"])
+            set_rng_state(state["rng"])
+
+    emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": start_epoch,
+          "steps": len(sampler)})
+    reset_peak_memory(device)
+    for epoch in range(start_epoch + 1, config.epochs + 1):
+        sampler.set_epoch(epoch)
+        learner.train()
+        epoch_start = time.perf_counter()
+        loss_sum, steps = 0.0, 0
+        for step, (images, labels) in enumerate(train_loader):
+            images = images.to(device, non_blocking=True)
+            labels = labels.to(device, non_blocking=True)
+            with timer.step(step, len(labels)):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    loss = learner.training_loss(images, labels)
+                if not torch.isfinite(loss):
+                    raise CellFailure(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}", history)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
+                (scaler.scale(loss) if scaler else loss).backward()
+                if config.grad_clip:
+                    if scaler:
+                        scaler.unscale_(optimizers[0])
+                    torch.nn.utils.clip_grad_norm_(
+                        [p for p in learner.parameters() if p.requires_grad and p.grad is not None
+                         and not p.grad.is_sparse], config.grad_clip)
+                for o in optimizers:
+                    scaler.step(o) if scaler else o.step()
+                if scaler:
+                    scaler.update()
+            loss_value = loss.item()
+            loss_sum += loss_value
+            steps += 1
+            emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": len(sampler), "loss": loss_value})
+        train_seconds = time.perf_counter() - epoch_start
+        timer.add_epoch(steps * config.batch_size, train_seconds)
+        lr = optimizers[0].param_groups[0]["lr"]
+        for sch in schedulers:
+            sch.step()
+
+        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "lr": lr,
+                                  "time_s": train_seconds, "val": None, "test": None}
+        if epoch % config.eval_every == 0 or epoch == config.epochs:
+            eval_start = time.perf_counter()
+            record["val"] = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
+            record["test"] = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)
+            eval_seconds += time.perf_counter() - eval_start
+        history.append(record)
+        save_checkpoint(checkpoint_path, {
+            "identity": identity_hash, "epoch": epoch, "learner": learner.trainable_state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers],
+            "schedulers": [s.state_dict() for s in schedulers],
+            "scaler": scaler.state_dict() if scaler else None,
+            "timer": timer.state_dict(), "history": history, "eval_seconds": eval_seconds, "rng": rng_state(),
+        })
+        emit({"event": "epoch_end", "epoch": epoch, "train_loss": record["train_loss"],
+              "test": record["test"], "val": record["val"]})
+
+    memory, memory_kind = peak_memory(device)
+    measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
+                    **timer.summary(), "eval_time_s": eval_seconds, "device": device_name(device),
+                    "resumed_from_epoch": start_epoch}
+    final, oracle = select_epochs(history, config.selection_rule)
+    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner)
+
+
+def select_epochs(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """The reported epoch (last, or best validation R@1) and the oracle (best test R@1)."""
+    evaluated = [h for h in history if h["test"] is not None]
+    if not evaluated:
+        raise CellFailure("no evaluated epoch", history)
+    if rule == "val":
+        chosen = max((h for h in evaluated if h["val"]), key=lambda h: h["val"]["recall@1"])
+    else:
+        chosen = evaluated[-1]
+    best = max(evaluated, key=lambda h: h["test"]["recall@1"])
+    final = {"epoch": chosen["epoch"], "selection": rule, "test": chosen["test"], "val": chosen["val"]}
+    oracle = {"epoch": best["epoch"], "test": best["test"]}
+    return final, oracle
