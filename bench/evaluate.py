@@ -1,0 +1,571 @@
+"""Retrieval evaluation: exact inner-product kNN, Recall@K and MAP@R (SPEC section 3).
+
+This module knows nothing about methods or backbones: a model is anything that maps a batch of
+images to a batch of embeddings. Scoring works on plain arrays so that saved embeddings can be
+re-scored with ``run_suite.py evaluate`` without a model.
+
+Conventions, fixed here once so that every number in the suite means the same thing:
+
+* similarity is the inner product of L2-normalised embeddings (cosine);
+* neighbours are ranked by similarity, descending, and exact ties by the lower gallery index,
+  with every backend (faiss, torch) and every chunk size;
+* in self-retrieval mode (no gallery) the query itself is excluded *by index*, so that a
+  duplicate embedding of the query still counts as a neighbour;
+* a "lone" query (no other sample of its class to find) is left out of every metric and
+  counted in ``num_lone_queries``; ``num_queries`` counts the queries that were scored. This
+  is what pytorch-metric-learning's ``AccuracyCalculator`` does too.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from bench.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported only where needed: `evaluate` on .npy files can skip it
+    import torch
+
+DATASET_KS: dict[str, tuple[int, ...]] = {
+    "cub200": (1, 2, 4, 8),
+    "cars196": (1, 2, 4, 8),
+    "synthetic": (1, 2, 4, 8),
+    "sop": (1, 10, 100, 1000),
+    "inshop": (1, 10, 20, 30, 40, 50),
+    "inaturalist": (1, 4, 16, 32),
+}
+
+BACKENDS = ("auto", "faiss", "torch")
+
+# One chunk of queries x the whole gallery, as float32, stays under this many bytes.
+CHUNK_BYTES = 256 * 2**20
+
+# faiss GPU indexes cannot return more neighbours than this (GPU k-selection limit).
+FAISS_GPU_MAX_K = 2048
+
+
+class EvaluationError(UserError, ValueError):
+    """Embeddings, labels or K values that cannot be scored; the message says which and why."""
+
+
+class EmbeddingFileError(UserError):
+    """A saved embeddings or labels file that is missing or unreadable; the message names it."""
+
+
+# --------------------------------------------------------------------------------------------
+# Input checking
+# --------------------------------------------------------------------------------------------
+
+def _as_numpy(array: Any) -> np.ndarray:
+    """Accepts NumPy arrays, torch tensors (any device) and nested lists."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _check_embeddings(array: Any, name: str) -> np.ndarray:
+    """A C-contiguous float32 (N, D) array with finite values, or an EvaluationError."""
+    array = _as_numpy(array)
+    if array.ndim != 2:
+        raise EvaluationError(f"{name} must have shape (N, D), got shape {array.shape}")
+    if array.shape[0] == 0 or array.shape[1] == 0:
+        raise EvaluationError(f"{name} is empty (shape {array.shape})")
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise EvaluationError(f"{name} must be real numbers, got dtype {array.dtype}")
+    array = np.ascontiguousarray(array, dtype=np.float32)
+    finite = np.isfinite(array).all(axis=1)
+    if not finite.all():
+        bad = np.flatnonzero(~finite)
+        raise EvaluationError(
+            f"{name} has {len(bad)} row(s) with NaN or infinite values (first: row {bad[0]}); "
+            "the model probably diverged"
+        )
+    return array
+
+
+def _check_labels(array: Any, name: str, expected_length: int, embeddings_name: str) -> np.ndarray:
+    array = _as_numpy(array)
+    if array.ndim != 1:
+        raise EvaluationError(f"{name} must have shape (N,), got shape {array.shape}")
+    if len(array) != expected_length:
+        raise EvaluationError(
+            f"{name} has {len(array)} entries but {embeddings_name} has {expected_length} rows"
+        )
+    return array
+
+
+def _check_ks(ks: Sequence[int] | int) -> tuple[int, ...]:
+    ks = (ks,) if isinstance(ks, (int, np.integer)) else tuple(ks)
+    if not ks:
+        raise EvaluationError("no K given for recall@K")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise EvaluationError(f"K for recall@K must be a positive integer, got {k!r}")
+    return tuple(sorted({int(k) for k in ks}))
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise EvaluationError(f"unknown kNN backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+def _l2_normalise(embeddings: np.ndarray) -> np.ndarray:
+    # A zero vector stays zero (similarity 0 to everything) rather than becoming NaN.
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    return embeddings / np.maximum(norms, np.float32(1e-12))
+
+
+def _encode_labels(query_labels: np.ndarray, gallery_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels of any dtype (ints, strings) -> dense int64 codes shared by query and gallery."""
+    try:
+        _, codes = np.unique(np.concatenate([query_labels, gallery_labels]), return_inverse=True)
+    except TypeError as e:
+        raise EvaluationError(
+            f"query labels ({query_labels.dtype}) and gallery labels ({gallery_labels.dtype}) "
+            f"cannot be compared: {e}"
+        ) from None
+    codes = codes.reshape(-1).astype(np.int64)
+    return codes[: len(query_labels)], codes[len(query_labels):]
+
+
+# --------------------------------------------------------------------------------------------
+# Exact kNN
+# --------------------------------------------------------------------------------------------
+
+def _default_chunk_rows(gallery_size: int) -> int:
+    return max(1, CHUNK_BYTES // (4 * gallery_size))
+
+
+def _faiss_or_none():
+    try:
+        import faiss
+    except ImportError:
+        return None
+    return faiss
+
+
+def _faiss_has_gpu(faiss) -> bool:
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() < 1:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _resolve_backend(backend: str, k_search: int) -> str:
+    """'faiss-gpu', 'faiss-cpu', 'torch-cuda' or 'torch-cpu' for this search.
+
+    "auto" takes the fastest exact search available: faiss on the GPU, else torch on the GPU
+    (a CUDA machine with faiss-cpu would otherwise search on the CPU), else faiss, else torch.
+    """
+    _check_backend(backend)
+    faiss = _faiss_or_none() if backend in ("auto", "faiss") else None
+    if backend == "faiss" and faiss is None:
+        raise EvaluationError("kNN backend 'faiss' requested but faiss is not installed "
+                              "(pip install faiss-cpu, or use backend 'torch')")
+    gpu_faiss = faiss is not None and _faiss_has_gpu(faiss) and k_search <= FAISS_GPU_MAX_K
+    if backend == "faiss":
+        return "faiss-gpu" if gpu_faiss else "faiss-cpu"
+    if backend == "torch":
+        return "torch-cuda" if _cuda_available() else "torch-cpu"
+    if gpu_faiss:
+        return "faiss-gpu"
+    if _cuda_available():
+        return "torch-cuda"
+    return "faiss-cpu" if faiss is not None else "torch-cpu"
+
+
+def _lowest_index_topk(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k of full rows where a tie at the k-th value keeps the lowest indices.
+
+    Used only for rows where a backend's own top-k may have picked arbitrary members of a tie
+    that straddles rank k, so its cost (a few passes over each row) does not matter.
+    """
+    kth_value = -np.partition(-similarities, k - 1, axis=1)[:, k - 1 : k]
+    above = similarities > kth_value
+    at = similarities == kth_value
+    slots_left = k - above.sum(axis=1, keepdims=True)
+    keep = above | (at & (np.cumsum(at, axis=1) <= slots_left))
+    indices = np.nonzero(keep)[1].reshape(len(similarities), k)  # ascending within each row
+    return np.take_along_axis(similarities, indices, axis=1), indices
+
+
+def _order_by_similarity_then_index(similarities: np.ndarray, indices: np.ndarray):
+    order = np.lexsort((indices, -similarities), axis=1)
+    return (np.take_along_axis(similarities, order, axis=1).astype(np.float32, copy=False),
+            np.take_along_axis(indices, order, axis=1).astype(np.int64, copy=False))
+
+
+def _drop_self(similarities: np.ndarray, indices: np.ndarray, self_indices: np.ndarray):
+    """Removes each row's own index, or its last neighbour when the own index was not found.
+
+    Self is missing when it ties with neighbours of lower index at the end of the list.
+    """
+    is_self = indices == self_indices[:, None]
+    is_self[~is_self.any(axis=1), -1] = True
+    rows, width = indices.shape
+    return (similarities[~is_self].reshape(rows, width - 1),
+            indices[~is_self].reshape(rows, width - 1))
+
+
+def _repair_straddling_ties(similarities, indices, k, exact_rows):
+    """Keeps k columns; rows whose value at rank k equals the one at rank k+1 are recomputed.
+
+    ``similarities``/``indices`` hold the top k+1 candidates (any order within ties) or exactly
+    k columns when the gallery has no more. Only a tie across the cut can make the *set* of k
+    neighbours depend on the backend; ``exact_rows(rows)`` returns those rows' full similarity
+    rows (self at -inf) to settle it by lowest index.
+    """
+    if similarities.shape[1] > k:
+        straddling = np.flatnonzero(similarities[:, k - 1] == similarities[:, k])
+        similarities, indices = similarities[:, :k].copy(), indices[:, :k].copy()
+        if len(straddling):
+            similarities[straddling], indices[straddling] = _lowest_index_topk(exact_rows(straddling), k)
+    return _order_by_similarity_then_index(similarities, indices)
+
+
+class _FaissSearcher:
+    def __init__(self, gallery: np.ndarray, use_gpu: bool):
+        import faiss
+
+        self.gallery = gallery
+        index = faiss.IndexFlatIP(gallery.shape[1])
+        if use_gpu:
+            index = faiss.index_cpu_to_gpu(_faiss_gpu_resources(), 0, index)
+        index.add(gallery)
+        self.index = index
+
+    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int):
+        gallery_size = len(self.gallery)
+        extra = 0 if self_indices is None else 1
+        # one candidate beyond k (and beyond self) shows whether a tie crosses the cut
+        width = min(k + 1 + extra, gallery_size)
+        similarities, indices = self.index.search(queries, width)
+        if self_indices is not None:
+            similarities, indices = _drop_self(similarities, indices, self_indices)
+
+        def exact_rows(rows):
+            full = queries[rows] @ self.gallery.T
+            if self_indices is not None:
+                full[np.arange(len(rows)), self_indices[rows]] = -np.inf
+            return full
+
+        return _repair_straddling_ties(similarities, indices, k, exact_rows)
+
+
+_FAISS_GPU_RESOURCES = None
+
+
+def _faiss_gpu_resources():
+    # Creating GPU resources reserves scratch memory: do it once per process.
+    global _FAISS_GPU_RESOURCES
+    if _FAISS_GPU_RESOURCES is None:
+        import faiss
+
+        _FAISS_GPU_RESOURCES = faiss.StandardGpuResources()
+    return _FAISS_GPU_RESOURCES
+
+
+class _TorchSearcher:
+    def __init__(self, gallery: np.ndarray, device: str):
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.gallery = torch.from_numpy(gallery).to(self.device)
+
+    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int):
+        torch = self.torch
+        with torch.no_grad():
+            block = torch.from_numpy(queries).to(self.device) @ self.gallery.T
+            if self_indices is not None:
+                rows = torch.arange(len(queries), device=self.device)
+                block[rows, torch.from_numpy(self_indices).to(self.device)] = -torch.inf
+            # a masked self sits at -inf and so is never the (k+1)-th *finite* candidate
+            width = min(k + 1, block.shape[1])
+            similarities, indices = block.topk(width, dim=1)
+            similarities, indices = similarities.cpu().numpy(), indices.cpu().numpy()
+            return _repair_straddling_ties(
+                similarities, indices, k, lambda rows: block[torch.from_numpy(rows).to(self.device)].cpu().numpy()
+            )
+
+
+def _make_searcher(kind: str, gallery: np.ndarray):
+    if kind.startswith("faiss"):
+        return _FaissSearcher(gallery, use_gpu=kind == "faiss-gpu")
+    return _TorchSearcher(gallery, device="cuda" if kind == "torch-cuda" else "cpu")
+
+
+def _iter_neighbours(
+    query: np.ndarray,
+    query_rows: np.ndarray,
+    gallery: np.ndarray,
+    k: int,
+    *,
+    self_search: bool,
+    backend: str,
+    chunk_size: int | None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Yields (rows, similarities [c, k], indices [c, k]) for the given query rows, in order.
+
+    In self-search mode ``gallery is query`` and each row is excluded from its own neighbours.
+    Only one chunk of rows x the gallery exists at a time, never an N x N matrix.
+    """
+    if chunk_size is None:
+        chunk_size = _default_chunk_rows(len(gallery))
+    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise EvaluationError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    searcher = _make_searcher(_resolve_backend(backend, k + 2), gallery)
+    for start in range(0, len(query_rows), chunk_size):
+        rows = query_rows[start : start + chunk_size]
+        similarities, indices = searcher.search(query[rows], rows if self_search else None, k)
+        yield rows, similarities, indices
+
+
+def knn(
+    query: Any,
+    gallery: Any = None,
+    k: int = 10,
+    *,
+    exclude_self: bool,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact k nearest neighbours by inner product (no normalisation is applied here).
+
+    Returns (similarities float32 [Nq, k], indices int64 [Nq, k]), best first; exact ties are
+    ordered by lower gallery index with every backend. With ``gallery=None`` the query set is its
+    own gallery and ``exclude_self=True`` removes each query's own row by index. ``chunk_size``
+    is the number of queries searched at once (default: a chunk x gallery block of ~256 MB).
+    """
+    _check_backend(backend)
+    query = _check_embeddings(query, "query embeddings")
+    if gallery is None:
+        gallery_array = query
+    else:
+        if exclude_self:
+            raise EvaluationError("exclude_self=True needs gallery=None (the query set searching itself)")
+        gallery_array = _check_embeddings(gallery, "gallery embeddings")
+        if gallery_array.shape[1] != query.shape[1]:
+            raise EvaluationError(
+                f"query embeddings have dimension {query.shape[1]} but gallery embeddings have "
+                f"dimension {gallery_array.shape[1]}"
+            )
+    available = len(gallery_array) - int(exclude_self)
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+        raise EvaluationError(f"k must be a positive integer, got {k!r}")
+    if k > available:
+        raise EvaluationError(f"k={k} neighbours requested but the gallery has only {available} candidates")
+    similarities = np.empty((len(query), k), dtype=np.float32)
+    indices = np.empty((len(query), k), dtype=np.int64)
+    chunks = _iter_neighbours(query, np.arange(len(query)), gallery_array, int(k),
+                              self_search=exclude_self, backend=backend, chunk_size=chunk_size)
+    for rows, chunk_similarities, chunk_indices in chunks:
+        similarities[rows], indices[rows] = chunk_similarities, chunk_indices
+    return similarities, indices
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+def _first_hit_ranks(same_class: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's first same-class neighbour; the row length when none."""
+    found = same_class.any(axis=1)
+    return np.where(found, same_class.argmax(axis=1), same_class.shape[1])
+
+
+def _average_precision_at_r(same_class: np.ndarray, r: np.ndarray) -> np.ndarray:
+    """(1/R) * sum_{i<=R} P(i) rel(i) per row, with R per row (all R >= 1)."""
+    width = int(r.max())
+    ranks = np.arange(1, width + 1)
+    relevant = same_class[:, :width] & (ranks <= r[:, None])
+    hits_so_far = np.cumsum(relevant, axis=1, dtype=np.int64)
+    return (hits_so_far * relevant / ranks).sum(axis=1) / r
+
+
+def retrieval_metrics(
+    embeddings: Any,
+    labels: Any,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    *,
+    gallery_embeddings: Any = None,
+    gallery_labels: Any = None,
+    backend: str = "auto",
+    normalize: bool = True,
+    chunk_size: int | None = None,
+) -> dict[str, float | int]:
+    """Recall@K for each K and MAP@R (SPEC section 3).
+
+    Without a gallery every embedding is a query against all the others (CUB, Cars, SOP,
+    iNaturalist); with one, queries search the gallery only (In-Shop). R is the number of
+    *other* samples of the query's class in the gallery. Queries with R = 0 are left out and
+    counted in ``num_lone_queries``; ``num_queries`` is the number of queries scored.
+
+    Returns ``{"recall@K": ..., "map@r": ..., "num_queries": ..., "num_lone_queries": ...}``.
+    """
+    _check_backend(backend)
+    ks = _check_ks(ks)
+    query = _check_embeddings(embeddings, "embeddings")
+    query_labels = _check_labels(labels, "labels", len(query), "embeddings")
+    self_search = gallery_embeddings is None
+    if self_search:
+        if gallery_labels is not None:
+            raise EvaluationError("gallery labels given without gallery embeddings")
+        gallery, gallery_labels = query, query_labels
+    else:
+        if gallery_labels is None:
+            raise EvaluationError("gallery embeddings given without gallery labels")
+        gallery = _check_embeddings(gallery_embeddings, "gallery embeddings")
+        gallery_labels = _check_labels(gallery_labels, "gallery labels", len(gallery), "gallery embeddings")
+        if gallery.shape[1] != query.shape[1]:
+            raise EvaluationError(
+                f"embeddings have dimension {query.shape[1]} but gallery embeddings have "
+                f"dimension {gallery.shape[1]}"
+            )
+    if normalize:
+        query = _l2_normalise(query)
+        gallery = query if self_search else _l2_normalise(gallery)
+
+    candidates = len(gallery) - int(self_search)
+    if ks[-1] > candidates:
+        where = "other embeddings" if self_search else "gallery embeddings"
+        raise EvaluationError(f"recall@{ks[-1]} asked for, but there are only {candidates} {where}")
+
+    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels)
+    class_sizes = np.bincount(gallery_codes, minlength=int(query_codes.max()) + 1)
+    r_per_query = class_sizes[query_codes] - int(self_search)
+    scored = np.flatnonzero(r_per_query > 0)
+    if len(scored) == 0:
+        raise EvaluationError(
+            f"none of the {len(query)} queries has another sample of its class "
+            f"{'in the set' if self_search else 'in the gallery'}: nothing to score"
+        )
+
+    k = min(max(ks[-1], int(r_per_query[scored].max())), candidates)
+    hits = dict.fromkeys(ks, 0)
+    ap_sum = 0.0
+    chunks = _iter_neighbours(query, scored, gallery, k, self_search=self_search,
+                              backend=backend, chunk_size=chunk_size)
+    for rows, _, neighbours in chunks:
+        same_class = gallery_codes[neighbours] == query_codes[rows, None]
+        first_hit = _first_hit_ranks(same_class)
+        for kk in ks:
+            hits[kk] += int((first_hit < kk).sum())
+        ap_sum += float(_average_precision_at_r(same_class, r_per_query[rows]).sum())
+
+    num_queries = len(scored)
+    metrics: dict[str, float | int] = {f"recall@{kk}": hits[kk] / num_queries for kk in ks}
+    metrics["map@r"] = ap_sum / num_queries
+    metrics["num_queries"] = num_queries
+    metrics["num_lone_queries"] = len(query) - num_queries
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Embeddings from a model
+# --------------------------------------------------------------------------------------------
+
+def compute_embeddings(
+    model: "torch.nn.Module",
+    loader,
+    device: "str | torch.device",
+    amp_dtype: "torch.dtype | None" = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs ``model(images)`` over ``loader`` (batches of (images, labels)) in eval mode.
+
+    Returns (embeddings float32 [N, D], labels int64 [N]) on the CPU. Each submodule's
+    train/eval flag is restored afterwards: PEFT methods often keep a frozen backbone in eval
+    mode while training, and a blanket ``model.train()`` would undo that.
+    """
+    import torch
+
+    device = torch.device(device)
+    previous_modes = [(module, module.training) for module in model.modules()]
+    embeddings, labels = [], []
+    model.eval()
+    try:
+        with torch.no_grad():
+            for images, batch_labels in loader:
+                images = images.to(device, non_blocking=True)
+                if amp_dtype is None:
+                    output = model(images)
+                else:
+                    with torch.autocast(device_type=device.type, dtype=amp_dtype):
+                        output = model(images)
+                if not isinstance(output, torch.Tensor) or output.ndim != 2:
+                    raise TypeError(
+                        f"model(images) must return a (batch, dim) tensor of embeddings, got "
+                        f"{type(output).__name__}{tuple(output.shape) if hasattr(output, 'shape') else ''}"
+                    )
+                embeddings.append(output.float().cpu())
+                labels.append(torch.as_tensor(batch_labels).reshape(-1).cpu())
+    finally:
+        for module, was_training in previous_modes:
+            module.training = was_training
+    if not embeddings:
+        raise EvaluationError("the evaluation loader yielded no batches (empty split?)")
+    return (torch.cat(embeddings).numpy().astype(np.float32, copy=False),
+            torch.cat(labels).numpy().astype(np.int64, copy=False))
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: run_suite.py evaluate
+# --------------------------------------------------------------------------------------------
+
+def _load_npy(path: str, what: str) -> np.ndarray:
+    file = Path(path)
+    if not file.is_file():
+        raise EmbeddingFileError(f"{what} file not found: {path}")
+    try:
+        return np.load(file, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise EmbeddingFileError(f"cannot read {what} file {path} as a .npy array: {e}") from None
+
+
+def _print_table(metrics: dict[str, float | int], title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    Console().print(table)
+
+
+def cmd_evaluate(args) -> int:
+    """``run_suite.py evaluate EMB.npy LABELS.npy [--gallery-emb G --gallery-labels GL] ...``"""
+    if (args.gallery_emb is None) != (args.gallery_labels is None):
+        raise EvaluationError("--gallery-emb and --gallery-labels must be given together")
+    embeddings = _load_npy(args.embeddings, "embeddings")
+    labels = _load_npy(args.labels, "labels")
+    gallery = gallery_labels = None
+    if args.gallery_emb is not None:
+        gallery = _load_npy(args.gallery_emb, "gallery embeddings")
+        gallery_labels = _load_npy(args.gallery_labels, "gallery labels")
+    metrics = retrieval_metrics(
+        embeddings, labels, args.k,
+        gallery_embeddings=gallery, gallery_labels=gallery_labels,
+        backend=args.backend, normalize=not args.no_normalize,
+    )
+    if args.json:
+        json.dump(metrics, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        mode = "query vs gallery" if gallery is not None else "each embedding vs all others"
+        _print_table(metrics, f"{args.embeddings} ({mode})")
+    return 0
