@@ -32,7 +32,8 @@ class ProxyAnchorLoss(nn.Module):
                 proxies: torch.Tensor | None = None) -> torch.Tensor:
         proxies = self.proxies if proxies is None else proxies
         # fp32 even under autocast: exp(32 * 1.1) overflows half precision
-        cos = F.normalize(embeddings.float(), dim=1) @ F.normalize(proxies.float(), dim=1).T  # [B, C]
+        dtype = torch.promote_types(torch.promote_types(embeddings.dtype, proxies.dtype), torch.float32)
+        cos = F.normalize(embeddings.to(dtype), dim=1) @ F.normalize(proxies.to(dtype), dim=1).T  # [B, C]
         is_positive = F.one_hot(labels, num_classes=proxies.shape[0]).bool()
 
         pos_logits = torch.where(is_positive, -self.alpha * (cos - self.delta), _NEG)

@@ -126,5 +126,7 @@ class MetricLearner(nn.Module):
                 current[name].copy_(value)
 
 
-def count(params) -> int:
-    return sum(p.numel() for p in params)
+def set_reference(owner: nn.Module, name: str, value) -> None:
+    """Point ``owner.name`` at a module without making it a child: the module belongs to
+    ``MetricLearner.extras``, and a second registration would duplicate it in state dicts."""
+    owner.__dict__[name] = value

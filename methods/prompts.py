@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from bench.model import set_reference
 from methods.base import Component, MethodError
 
 
@@ -59,7 +60,7 @@ class ShallowPrompts(Component):
         backbone = learner.model.backbone
         prompts = PromptTokens([self.num_prompts], backbone.embed_dim, prompt_init_bound(backbone), shallow=True)
         learner.extras["prompts"] = prompts
-        learner.model.prompts = prompts
+        set_reference(learner.model, "prompts", prompts)
 
 
 class DeepPrompts(Component):
@@ -79,4 +80,4 @@ class DeepPrompts(Component):
         counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
         prompts = PromptTokens(counts, backbone.embed_dim, prompt_init_bound(backbone))
         learner.extras["prompts"] = prompts
-        learner.model.prompts = prompts
+        set_reference(learner.model, "prompts", prompts)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench.model import set_reference
 from methods.base import Component, MethodError
 from methods.prompts import prompt_counts, prompt_init_bound
 
@@ -176,7 +177,7 @@ class SemanticProxies(Component):
             learner.num_classes, backbone.embed_dim, learner.embedding_size, counts, prompt_init_bound(backbone),
             self.accumulator, self.ema_keep, self.proxy_bias_ratio, self.gru_dropout, offload)
         learner.extras["semantic_proxies"] = module
-        learner.proxy_source = module
+        set_reference(learner, "proxy_source", module)
         with torch.no_grad():  # the bias proxies, initialised as the reference does
             nn.init.xavier_uniform_(learner.criterion.proxies)
             learner.criterion.proxies.div_(8)

@@ -1,0 +1,325 @@
+"""Contract tests over every registered method (a new method gets them for free), plus the
+specifics of prompts and semantic proxies."""
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import nn
+
+from bench.backbones import create_backbone
+from bench.config import CellConfig
+from bench.losses import ProxyAnchorLoss
+from bench.model import EmbeddingModel, MetricLearner
+from bench.train import build_optimizers
+from methods import METHODS, MethodError, build_method, method_arguments
+from methods.semantic_proxies import SemanticProxyModule
+
+NUM_CLASSES = 4
+EMBEDDING = 16
+# The tiny test ViT has 3 blocks: depth-type arguments are scaled down to it.
+SMALL_ARGS = {"prompt_depth": 3, "class_prompt_depth": 3, "adapter_blocks": 2, "num_prompts": 4,
+              "num_class_prompts": 2}
+CASES = list(METHODS) + ["vptsp_g+bitfit", "adapter+bitfit", "vpt_deep+bitfit"]
+
+
+def small_args(name: str) -> dict:
+    accepted = method_arguments(name)
+    return {k: v for k, v in SMALL_ARGS.items() if k in accepted}
+
+
+def make_learner(name: str, seed: int = 0, **extra) -> MetricLearner:
+    torch.manual_seed(seed)
+    model = EmbeddingModel(create_backbone("vit_test"), EMBEDDING)
+    learner = MetricLearner(model, ProxyAnchorLoss(NUM_CLASSES, EMBEDDING))
+    return build_method(name, {**small_args(name), **extra}).apply(learner)
+
+
+def fixed_batch(seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(8, 3, 32, 32, generator=g)
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    return images, labels
+
+
+def train_steps(learner: MetricLearner, steps: int, lr: float = 1e-2) -> list[float]:
+    config = CellConfig(optimizer="adamw", lr=lr, proxy_lr=lr, weight_decay=0.0)
+    optimizers = build_optimizers(learner, config)
+    images, labels = fixed_batch()
+    losses = []
+    learner.train()
+    for _ in range(steps):
+        loss = learner.training_loss(images, labels)
+        for o in optimizers:
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_output_is_l2_normalised_embedding(name):
+    learner = make_learner(name).eval()
+    images, _ = fixed_batch()
+    with torch.no_grad():
+        out = learner(images)
+    assert out.shape == (8, EMBEDDING)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(8))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_steps_change_exactly_the_trainable_tensors(name):
+    learner = make_learner(name)
+    before = {n: p.detach().clone() for n, p in learner.named_parameters()}
+    trainable = {n for n, p in learner.named_parameters() if p.requires_grad}
+    assert {"model.head.1.weight", "criterion.proxies"} <= trainable
+    train_steps(learner, steps=3)
+    for n, p in learner.named_parameters():
+        if n in trainable:
+            assert not torch.equal(p, before[n]), f"{name}: trainable {n} did not change"
+        else:
+            assert torch.equal(p, before[n]), f"{name}: frozen {n} changed"
+    frozen_backbone = [n for n, p in learner.model.backbone.named_parameters() if not p.requires_grad]
+    if name == "full_ft":
+        assert frozen_backbone == []
+    else:
+        assert frozen_backbone, f"{name} froze nothing in the backbone"
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_saved_trainable_state_reproduces_embeddings(name):
+    learner = make_learner(name)
+    train_steps(learner, steps=2)
+    blob = save_safetensors({k: v.contiguous() for k, v in learner.trainable_state_dict().items()})
+    restored = make_learner(name)  # same pretrained (here: seeded random) backbone
+    restored.load_trainable_state_dict(load_safetensors(blob))
+    images, _ = fixed_batch(seed=5)
+    learner.eval(), restored.eval()
+    with torch.no_grad():
+        assert torch.equal(learner(images), restored(images))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_evaluation_needs_no_labels_and_skips_the_proxy_pass(name):
+    learner = make_learner(name).eval()
+    calls = []
+    original = learner.model.features
+
+    def counting_features(images, prompts="default"):
+        calls.append(prompts)
+        return original(images, prompts)
+
+    learner.model.features = counting_features
+    learner.proxy_source = lambda *a: pytest.fail("proxy pass ran during evaluation")
+    images, _ = fixed_batch()
+    with torch.no_grad():
+        learner(images)
+    assert calls == ["default"]
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_loss_falls_on_synthetic_data(name, synthetic_batch):
+    images, labels = synthetic_batch
+    learner = make_learner(name)
+    config = CellConfig(optimizer="adamw", lr=1e-3, proxy_lr=1e-2, weight_decay=0.0)
+    optimizers = build_optimizers(learner, config)
+    losses = []
+    for _ in range(30):
+        loss = learner.training_loss(images, labels)
+        for o in optimizers:
+            o.zero_grad()
+        loss.backward()
+        for o in optimizers:
+            o.step()
+        losses.append(loss.item())
+    assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, f"{name}: {losses[:3]} ... {losses[-3:]}"
+
+
+@pytest.fixture(scope="module")
+def synthetic_batch(tmp_path_factory):
+    from bench.data import ImageDataset, build_transforms, load_dataset, make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    make_synthetic_dataset(root / "synthetic", num_classes=8, images_per_class=4, image_size=40, seed=0)
+    splits = load_dataset("synthetic", root)
+    dataset = ImageDataset(splits.train, build_transforms(32, (0.5,) * 3, (0.5,) * 3, train=False))
+    items = [dataset[i] for i in range(len(dataset))]
+    images = torch.stack([x for x, _ in items])
+    labels = torch.tensor([y for _, y in items])
+    assert int(labels.max()) + 1 == NUM_CLASSES
+    return images, labels
+
+
+# ---- parameter counts (paper Table 1 arithmetic, ViT-S/16 random init, 100 classes, emb 384) ----
+
+@pytest.fixture(scope="module")
+def vit_small_counts():
+    from bench.measure import parameter_counts
+
+    def count(name, **args):
+        torch.manual_seed(0)
+        model = EmbeddingModel(create_backbone("vit_small_patch16_224.augreg_in21k", weights=None), 384)
+        learner = build_method(name, args).apply(MetricLearner(model, ProxyAnchorLoss(100, 384)))
+        return parameter_counts(learner)
+
+    return count
+
+
+def test_paper_table1_parameter_arithmetic(vit_small_counts):
+    assert vit_small_counts("linear_probe")["params_trainable"] == 187_008
+    assert vit_small_counts("vpt_deep", num_prompts=10, prompt_depth=12)["params_trainable"] == 233_088
+    adapter = vit_small_counts("adapter", adapter_blocks=7, adapter_width=256)["params_trainable"]
+    assert adapter == 1_573_120  # paper: 1.57M
+    full = vit_small_counts("full_ft")
+    assert full["params_backbone"] == 21_665_664  # timm ViT-S/16, not the paper's 30.2M
+
+
+# ---- where prompts enter ----
+
+class RecordInput(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.block(x)
+
+
+def recorded(learner):
+    blocks = learner.model.backbone.blocks
+    for i in range(len(blocks)):
+        blocks[i] = RecordInput(blocks[i])
+    images, _ = fixed_batch()
+    with torch.no_grad():
+        learner.eval()(images)
+    return [b.inputs[0] for b in blocks]
+
+
+def test_shallow_prompts_enter_once_and_stay():
+    learner = make_learner("vpt_shallow", num_prompts=5)
+    inputs = recorded(learner)
+    patches = learner.model.backbone.patch_embed.num_patches
+    assert [x.shape[1] for x in inputs] == [1 + 5 + patches] * 3
+    prompts = learner.extras["prompts"].tokens[0]
+    assert torch.equal(inputs[0][0, 1:6], prompts.detach())
+    assert not torch.equal(inputs[1][0, 1:6], prompts.detach())  # carried through block 1, not replaced
+
+
+def test_deep_prompts_replace_previous_outputs_and_decrease():
+    learner = make_learner("vpt_deep", num_prompts=5, prompt_depth=3, prompt_decrease=2)
+    inputs = recorded(learner)
+    patches = learner.model.backbone.patch_embed.num_patches
+    assert [x.shape[1] for x in inputs] == [1 + 5 + patches, 1 + 3 + patches, 1 + 1 + patches]
+    tokens = learner.extras["prompts"].tokens
+    for i, n in enumerate([5, 3, 1]):
+        assert torch.equal(inputs[i][0, 1:1 + n], tokens[i].detach())
+
+
+def test_deep_prompts_past_depth_are_carried():
+    learner = make_learner("vpt_deep", num_prompts=4, prompt_depth=1)
+    inputs = recorded(learner)
+    patches = learner.model.backbone.patch_embed.num_patches
+    assert [x.shape[1] for x in inputs] == [1 + 4 + patches] * 3
+
+
+def test_bad_method_arguments_are_named():
+    with pytest.raises(MethodError, match="num_promts.*did you mean 'num_prompts'"):
+        build_method("vpt_deep", {"num_promts": 3})
+    with pytest.raises(MethodError, match="unknown method 'vpt_dep'"):
+        build_method("vpt_dep")
+    with pytest.raises(MethodError, match="cannot be used together"):
+        build_method("vpt_shallow+vpt_deep")
+    with pytest.raises(MethodError, match="prompt_depth=12 but the backbone has 3 blocks"):
+        make_learner("vpt_deep", prompt_depth=12)
+
+
+# ---- semantic proxies ----
+
+def semantic(learner) -> SemanticProxyModule:
+    return learner.extras["semantic_proxies"]
+
+
+def test_ema_update_equals_spec():
+    learner = make_learner("vptsp_e", ema_keep=0.8, proxy_bias_ratio=0.3)
+    module = semantic(learner)
+    memory_before = module.memory.clone()
+    images, labels = fixed_batch()
+    vectors = module.semantic_vectors(learner, images, labels).detach()
+    module.semantic_vectors = lambda *a: vectors  # same vectors as the forward will see
+    proxies = module(learner, images, labels)
+    expected = memory_before.clone()
+    for c in range(NUM_CLASSES):
+        expected[c] = 0.8 * memory_before[c] + 0.2 * vectors[labels == c].mean(0)
+    torch.testing.assert_close(module.memory, expected)
+    bias = learner.criterion.proxies.detach()
+    torch.testing.assert_close(proxies.detach(), 0.3 * bias + 0.7 * expected)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_gru_update_equals_spec_in_batch_order(activation):
+    learner = make_learner("vptsp_g", accumulator=f"gru_{activation}", proxy_bias_ratio=0.5)
+    module = semantic(learner)
+    act = torch.relu if activation == "relu" else torch.tanh
+    # classes interleaved and of uneven counts: order within a class is batch order
+    labels = torch.tensor([2, 0, 2, 1, 2, 0])
+    vectors = F.normalize(torch.randn(6, EMBEDDING), dim=1)
+    memory_before = module.memory.clone()
+    classes, rows = module.accumulate(vectors, labels)
+    gru = module.gru
+    wi, wh, b = gru.weight_input.detach(), gru.weight_hidden.detach(), gru.bias.detach()
+    for c, row in zip(classes.tolist(), rows):
+        h = memory_before[c]
+        for v in vectors[labels == c]:
+            z = torch.sigmoid(v @ wi[0] + h @ wh[0] + b[0])
+            r = torch.sigmoid(v @ wi[1] + h @ wh[1] + b[1])
+            n = act(v @ wi[2] + r * (h @ wh[2]) + b[2])
+            h = (1 - z) * n + z * h
+        torch.testing.assert_close(row.detach(), h)
+
+
+def test_memory_is_detached_and_gradients_reach_prompts_head_and_gru():
+    learner = make_learner("vptsp_g")
+    module = semantic(learner)
+    images = fixed_batch()[0][:4]
+    labels = torch.tensor([1, 1, 3, 3])  # classes 0 and 2 absent
+    loss = learner.training_loss(images, labels)
+    assert module.memory.grad_fn is None and not module.memory.requires_grad
+    loss.backward()
+    prompt_grad = module.class_prompts.table.weight.grad.to_dense()
+    assert prompt_grad[[1, 3]].abs().sum() > 0
+    assert prompt_grad[[0, 2]].abs().sum() == 0
+    for p in list(module.head.parameters()) + list(module.gru.parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+
+
+def test_absent_classes_keep_their_memory_and_mix_by_ratio():
+    learner = make_learner("vptsp_g", proxy_bias_ratio=0.25)
+    module = semantic(learner)
+    before = module.memory.clone()
+    images = fixed_batch()[0][:4]
+    proxies = module(learner, images, torch.tensor([1, 1, 3, 3]))
+    bias = learner.criterion.proxies.detach()
+    for c in (0, 2):
+        torch.testing.assert_close(module.memory[c], before[c])
+        torch.testing.assert_close(proxies[c].detach(), 0.25 * bias[c] + 0.75 * before[c])
+    for c in (1, 3):
+        assert not torch.equal(module.memory[c], before[c])
+        torch.testing.assert_close(proxies[c].detach(), 0.25 * bias[c] + 0.75 * module.memory[c])
+
+
+def test_class_prompt_table_is_sparse_and_offload_keeps_it_on_cpu():
+    learner = make_learner("vptsp_g", class_prompt_offload="cpu")
+    table = semantic(learner).class_prompts.table
+    assert table.sparse
+    optimizers = build_optimizers(learner, CellConfig(optimizer="adamw"))
+    assert any(isinstance(o, torch.optim.SparseAdam) for o in optimizers)
+    learner.to("meta")  # any device move: the offloaded table must not follow
+    assert table.weight.device.type == "cpu"
