@@ -1,0 +1,41 @@
+"""Datasets, transforms and samplers for deep metric learning (SPEC section 2).
+
+Public API::
+
+    load_dataset(name, data_root, *, val_fraction=0.0, seed=0, skip_corrupt=False) -> DatasetSplits
+    ImageDataset(split, transform)            # item: (tensor, int label)
+    build_transforms(image_size, mean, std, *, train, interpolation="bilinear")
+    ClassBalancedBatchSampler(labels, batch_size, samples_per_class, *, seed, num_batches=None)
+    make_synthetic_dataset(root, *, num_classes, images_per_class, image_size=48, seed=0,
+                           class_offset=0, family_seed=0) -> Path
+    verify_images(paths) -> list of paths that do not decode
+"""
+from bench.data.datasets import DATASET_NAMES, DatasetSplits, Split, load_dataset
+from bench.data.errors import DataError
+from bench.data.images import ImageDataset, load_image, verify_images
+from bench.data.sampler import ClassBalancedBatchSampler
+from bench.data.transforms import build_transforms
+
+__all__ = [
+    "DATASET_NAMES",
+    "ClassBalancedBatchSampler",
+    "DataError",
+    "DatasetSplits",
+    "ImageDataset",
+    "Split",
+    "build_transforms",
+    "load_dataset",
+    "load_image",
+    "make_synthetic_dataset",
+    "verify_images",
+]
+
+
+def __getattr__(name):
+    # Imported on first use: importing bench.data.synthetic here would make
+    # `python -m bench.data.synthetic` run a module that is already imported (runpy warns).
+    if name == "make_synthetic_dataset":
+        from bench.data.synthetic import make_synthetic_dataset
+
+        return make_synthetic_dataset
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,64 @@
+"""Reading images: one place that turns a bad file into a ``DataError`` naming it."""
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import torch.utils.data
+from PIL import Image
+
+from bench.data.errors import DataError
+
+# What PIL raises for files that are not images or are cut short (UnidentifiedImageError and
+# "image file is truncated" are OSErrors; some broken headers surface as SyntaxError or
+# ValueError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+
+
+def load_image(path: str) -> Image.Image:
+    """The fully decoded image in RGB."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except _DECODE_ERRORS as error:
+        raise DataError(f"{path}: cannot read image ({error}); delete or replace the file, or "
+                        "load the dataset with skip_corrupt=True to leave such files out") from error
+
+
+def is_readable_image(path: str) -> bool:
+    try:
+        with Image.open(path) as image:
+            image.load()
+        return True
+    except _DECODE_ERRORS:
+        return False
+
+
+def verify_images(paths, num_threads: int | None = None) -> list[str]:
+    """The paths that do not decode, in input order (full decode of every image: slow)."""
+    paths = list(paths)
+    # Decoding releases the GIL, so threads give real parallelism without worker processes.
+    num_threads = num_threads or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=num_threads) as pool:
+        readable = list(pool.map(is_readable_image, paths))
+    return [path for path, ok in zip(paths, readable) if not ok]
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """``(transform(image), label)`` for each image of a ``Split``.
+
+    Without a transform the item is the PIL image itself.
+    """
+
+    def __init__(self, split, transform=None):
+        self.split = split
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.split.paths)
+
+    def __getitem__(self, index: int):
+        image = load_image(self.split.paths[index])
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.split.labels[index])
