@@ -323,3 +323,22 @@ def test_class_prompt_table_is_sparse_and_offload_keeps_it_on_cpu():
     assert any(isinstance(o, torch.optim.SparseAdam) for o in optimizers)
     learner.to("meta")  # any device move: the offloaded table must not follow
     assert table.weight.device.type == "cpu"
+
+
+def test_describe_counts_without_downloading():
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "run_suite.py"), "describe", "--method", "linear_probe",
+                           "vpt_deep", "adapter", "--method-arg", "adapter_blocks=7", "--method-arg",
+                           "adapter_width=256", "--json"], capture_output=True, text=True, timeout=120,
+                          env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["method"]: r for r in json.loads(proc.stdout)}
+    assert rows["linear_probe"]["params_trainable"] == 187_008
+    assert rows["vpt_deep"]["params_trainable"] == 233_088
+    assert rows["adapter"]["params_trainable"] == 1_573_120
+    assert rows["adapter"]["params_trainable_no_head"] == 1_386_112
