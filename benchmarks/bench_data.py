@@ -1,0 +1,48 @@
+"""Data pipeline throughput: JPEG decode + RandomResizedCrop(224) + flip + normalise, in img/s,
+through the real loader (ImageDataset + class-balanced sampler + DataLoader) per worker count."""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from torch.utils.data import DataLoader  # noqa: E402
+
+from bench.data import (ClassBalancedBatchSampler, ImageDataset, build_transforms, load_dataset,  # noqa: E402
+                        make_synthetic_dataset)
+
+
+def throughput(data_root: Path, workers: int, batches: int, batch_size: int = 64, image_size: int = 224) -> float:
+    splits = load_dataset("synthetic", data_root)
+    transform = build_transforms(image_size, (0.5,) * 3, (0.5,) * 3, train=True)
+    sampler = ClassBalancedBatchSampler(splits.train.labels, batch_size, 2, seed=0, num_batches=batches)
+    loader = DataLoader(ImageDataset(splits.train, transform), batch_sampler=sampler, num_workers=workers)
+    iterator = iter(loader)
+    next(iterator)  # worker start-up is not throughput
+    start = time.perf_counter()
+    count = sum(len(labels) for _, labels in iterator)
+    return count / (time.perf_counter() - start)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--source-size", type=int, default=320, help="JPEG side, like CUB's ~300-500 px images")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        make_synthetic_dataset(root / "synthetic", num_classes=64, images_per_class=12, image_size=args.source_size)
+        print("| workers | img/s | img/s per worker |\n|---|---|---|")
+        for workers in args.workers:
+            rate = throughput(root, workers, args.batches)
+            print(f"| {workers} | {rate:.0f} | {rate / max(workers, 1):.0f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,116 @@
+"""Training-step latency, throughput and peak memory of each method on one backbone.
+
+Shared by `make bench` (CPU, small ViT) and `make bench-gpu` (ViT-S/16 and ViT-B/16 at 224).
+Needs torch and timm only: no faiss, no submitit, no network (random-init weights: the cost of a
+step does not depend on the weights' values).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from bench.backbones import create_backbone
+from bench.config import CellConfig
+from bench.losses import ProxyAnchorLoss
+from bench.measure import device_name, peak_memory, reset_peak_memory
+from bench.model import EmbeddingModel, MetricLearner
+from bench.train import build_optimizers
+from methods import build_method, method_arguments
+
+# The paper's Table 1 / Table 10 configurations, scaled down where the backbone is shallower.
+PAPER_ARGS = {"num_prompts": 10, "prompt_depth": 12, "num_class_prompts": 3, "class_prompt_depth": 12,
+              "adapter_blocks": 7, "adapter_width": 256}
+DEFAULT_METHODS = ["full_ft", "linear_probe", "bitfit", "adapter", "vpt_shallow", "vpt_deep", "vpt_deep+bitfit",
+                   "vptsp_e", "vptsp_g", "vptsp_g+bitfit", "lora"]
+
+
+def method_args_for(name: str, depth: int) -> dict[str, Any]:
+    accepted = method_arguments(name)
+    args = {k: v for k, v in PAPER_ARGS.items() if k in accepted}
+    for key in ("prompt_depth", "class_prompt_depth", "adapter_blocks"):
+        if key in args:
+            args[key] = min(args[key], depth)
+    return args
+
+
+def measure(backbone: str, method: str, *, batch_size: int, num_classes: int, embedding_size: int,
+            device: torch.device, amp: bool, steps: int, warmup: int, compile_model: bool = False,
+            image_size: int | None = None, grad_checkpointing: bool = False) -> dict[str, Any]:
+    torch.manual_seed(0)
+    model = EmbeddingModel(create_backbone(backbone, weights=None, image_size=image_size), embedding_size)
+    model.grad_checkpointing = grad_checkpointing
+    learner = MetricLearner(model, ProxyAnchorLoss(num_classes, embedding_size))
+    build_method(method, method_args_for(method, model.num_blocks)).apply(learner)
+    learner.to(device).train()
+    optimizers = build_optimizers(learner, CellConfig(optimizer="adamw", lr=1e-4, proxy_lr=1e-2))
+    size = image_size or model.backbone.patch_embed.img_size[0]
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.arange(batch_size, device=device) // 2 % num_classes  # 2 per class, like the paper
+    dtype = torch.bfloat16 if amp and device.type == "cuda" else None
+    step_fn = learner.training_loss
+    if compile_model:
+        step_fn = torch.compile(learner.training_loss)
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = step_fn(images, labels)
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        for o in optimizers:
+            o.step()
+
+    for _ in range(warmup):
+        step()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    reset_peak_memory(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        sync()
+        times.append(time.perf_counter() - start)
+    memory, kind = peak_memory(device)
+    median = statistics.median(times)
+    trainable = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+    return {"backbone": backbone, "method": method, "batch_size": batch_size, "device": device_name(device),
+            "step_ms": 1000 * median, "img_s": batch_size / median, "peak_memory_gib": memory / 2 ** 30,
+            "memory_kind": kind, "trainable_params": trainable, "compiled": compile_model}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--backbone", default="demo_vit")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    args = parser.parse_args(argv)
+    rows = [measure(args.backbone, m, batch_size=args.batch_size, num_classes=100, embedding_size=128,
+                    device=torch.device("cpu"), amp=False, steps=args.steps, warmup=args.warmup)
+            for m in args.methods]
+    print(markdown(rows))
+    return 0
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    base = {(r["backbone"], r["batch_size"]): r["step_ms"] for r in rows if r["method"] == "linear_probe"}
+    lines = ["| backbone | method | batch | step ms | x linear probe | img/s | peak mem GiB | trainable |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ref = base.get((r["backbone"], r["batch_size"]))
+        ratio = f"{r['step_ms'] / ref:.2f}" if ref else "-"
+        # on CPU the only peak is the whole process's RSS, which says nothing about one method
+        memory = f"{r['peak_memory_gib']:.2f}" if r["memory_kind"] == "cuda_max_allocated" else "-"
+        lines.append(f"| {r['backbone']} | {r['method']} | {r['batch_size']} | {r['step_ms']:.1f} | {ratio} | "
+                     f"{r['img_s']:.0f} | {memory} | {r['trainable_params']:,} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
