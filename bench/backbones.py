@@ -78,9 +78,6 @@ def create_backbone(name: str, weights: str | None = None, image_size: int | Non
     path = Path(weights).expanduser()
     if path.is_dir():
         return _create_from_hf_cache(name, path, kwargs)
-    if not path.is_file():
-        raise BackboneError(f"weights: file not found: {path} (expected 'hub', 'none', a weights file "
-                            "or a Hugging Face cache directory)")
     model = timm.create_model(name, pretrained=False, **kwargs)
     load_weights_file(model, path, name)
     return model
@@ -103,28 +100,38 @@ def _create_small(name: str, weights: str | None) -> nn.Module:
     return model
 
 
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
 def _create_from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    if _hub_offline():
+        return _create_from_hf_cache(name, None, kwargs)
     try:
         return timm.create_model(name, pretrained=True, **kwargs)
-    except Exception as e:  # network or cache failures come in many types
-        offline = os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True")
-        hint = ("HF_HUB_OFFLINE is set and the weights are not in the local Hugging Face cache"
-                if offline else "no network? download once on a login node, or pass a local weights file")
-        raise BackboneError(f"weights: cannot load pretrained {name} from the hub ({hint}): {e}") from e
+    except Exception as e:  # network failures come in many types
+        raise BackboneError(f"weights: cannot load pretrained {name} from the hub (no network? download once "
+                            f"on a login node, then set HF_HUB_OFFLINE=1, or pass a local weights file): {e}") from e
 
 
-def _create_from_hf_cache(name: str, cache_dir: Path, kwargs: dict[str, Any]) -> nn.Module:
-    saved = {k: os.environ.get(k) for k in ("HF_HUB_CACHE", "HF_HUB_OFFLINE")}
-    os.environ["HF_HUB_CACHE"] = str(cache_dir)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        return _create_from_hub(name, kwargs)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+def _create_from_hf_cache(name: str, cache_dir: Path | None, kwargs: dict[str, Any]) -> nn.Module:
+    """Offline: the weights timm would download, read straight from a Hugging Face cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    cfg = timm.models.get_pretrained_cfg(name)
+    repo_id = getattr(cfg, "hf_hub_id", None) if cfg else None
+    if not repo_id:
+        raise BackboneError(f"weights: {name} has no Hugging Face hub id; pass a local weights file")
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(repo_id, filename, cache_dir=str(cache_dir) if cache_dir else None)
+        if isinstance(found, str):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+            load_weights_file(model, Path(found), name)
+            return model
+    where = cache_dir or os.environ.get("HF_HUB_CACHE") or "the default Hugging Face cache"
+    raise BackboneError(f"weights: {repo_id} is not in {where} (offline: HF_HUB_OFFLINE is set or a cache "
+                        "directory was given); download it once where there is network, e.g. "
+                        f"`python -c \"import timm; timm.create_model('{name}', pretrained=True)\"`")
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
@@ -146,6 +153,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_weights_file(model: nn.Module, path: Path, name: str) -> None:
+    if not path.is_file():
+        raise BackboneError(f"weights: file not found: {path} (expected 'hub', 'none', a weights file "
+                            "or a Hugging Face cache directory)")
     if path.suffix == ".npz":  # Google AugReg checkpoints, as timm's own loader reads them
         from timm.models.vision_transformer import _load_weights
 
