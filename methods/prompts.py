@@ -4,7 +4,8 @@
   they stay in the sequence through every block.
 - deep: fresh tokens before each of the first ``prompt_depth`` blocks, replacing the previous
   block's prompt outputs; block i gets ``num_prompts - prompt_decrease * i`` tokens (the
-  paper's decrease step). Past the depth the last prompt outputs are carried along.
+  paper's decrease step). Past the depth the prompt outputs are dropped and the remaining blocks
+  see the plain sequence, as in the VPTSP reference implementation.
 """
 from __future__ import annotations
 
@@ -42,9 +43,12 @@ class PromptTokens(nn.Module):
             self.tokens.append(p)
 
     def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
-        if index >= len(self.tokens):
-            return None
-        return self.tokens[index].unsqueeze(0).expand(batch_size, -1, -1)
+        if index < len(self.tokens):
+            return self.tokens[index].unsqueeze(0).expand(batch_size, -1, -1)
+        if self.shallow or index > len(self.tokens):
+            return None  # shallow: carried through every block
+        first = self.tokens[0]
+        return first.new_zeros(batch_size, 0, first.shape[1])  # deep, past the depth: drop them
 
 
 class ShallowPrompts(Component):

@@ -5,9 +5,10 @@ Training step, on top of the ordinary sample branch:
    (``num_class_prompts`` tokens before each of the first ``class_prompt_depth`` blocks, VPT-deep
    style, no dataset prompts), then through a separate LayerNorm + Linear head: one semantic
    vector per image;
-2. a per-class memory (a buffer, not a parameter) accumulates these vectors, class by class in
-   batch order, by EMA (``m <- keep m + (1 - keep) mean(v)``) or by a GRU cell whose candidate
-   activation is ReLU (the paper's choice) or tanh;
+2. a per-class memory (a buffer, not a parameter, rows on the unit sphere) accumulates these
+   vectors, class by class in batch order, by EMA (``m <- keep m + (1 - keep) mean(v)``) or by a
+   GRU cell whose candidate activation is ReLU (the paper's choice) or tanh (``gru_dropout`` on
+   its output, as the reference); the updated rows are L2-normalised, as the reference does;
 3. proxies = ``proxy_bias_ratio * bias + (1 - proxy_bias_ratio) * memory``, with ``bias`` the
    loss's own learnable proxies (re-initialised Xavier-uniform / 8). In-batch classes use the
    freshly updated memory, so gradients reach the class prompts, the proxy head and the GRU;
@@ -65,7 +66,11 @@ class PerImagePrompts:
         self.blocks = blocks
 
     def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
-        return self.blocks[index] if index < len(self.blocks) else None
+        if index < len(self.blocks):
+            return self.blocks[index]
+        if index == len(self.blocks):  # past the depth the class prompts' outputs are dropped
+            return self.blocks[0][:, :0]
+        return None
 
 
 class GRUAccumulatorCell(nn.Module):
@@ -108,15 +113,15 @@ class SemanticProxyModule(nn.Module):
         return F.normalize(self.head(features), dim=-1)
 
     def accumulate(self, vectors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Updated memory rows of the batch's classes: ``(classes, rows)``, rows with autograd."""
+        """Updated, L2-normalised memory rows of the batch's classes: ``(classes, rows)``, with
+        autograd. The memory stays on the unit sphere, as in the reference implementation."""
         classes, inverse = torch.unique(labels, return_inverse=True)
         membership = F.one_hot(inverse, classes.shape[0])  # [B, U]
         h = self.memory[classes].to(vectors.dtype)
         if self.gru is None:
             counts = membership.sum(0, keepdim=True).T.to(vectors.dtype)
             mean = (membership.T.to(vectors.dtype) @ vectors) / counts
-            return classes, self.ema_keep * h + (1 - self.ema_keep) * mean
-        vectors = self.dropout(vectors)
+            return classes, F.normalize(self.ema_keep * h + (1 - self.ema_keep) * mean, dim=1)
         rank = (membership.cumsum(0) - 1).gather(1, inverse[:, None]).squeeze(1)  # order within class
         for step in range(int(rank.max()) + 1):
             at_step = rank == step
@@ -124,8 +129,8 @@ class SemanticProxyModule(nn.Module):
             inputs = torch.zeros_like(h).index_copy(0, owners, vectors[at_step])
             active = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
             active[owners] = True
-            h = torch.where(active[:, None], self.gru(inputs, h), h)
-        return classes, h
+            h = torch.where(active[:, None], self.dropout(self.gru(inputs, h)), h)
+        return classes, F.normalize(h, dim=1)
 
     def forward(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         vectors = self.semantic_vectors(learner, images, labels).float()
