@@ -1,0 +1,512 @@
+"""Suite files: a named grid of cells (dataset x backbone x method x seed x ...) in YAML.
+
+A suite file (``suites/NAME.yaml``)::
+
+    name: table2                      # results go to results/<name>/ (default: the file name)
+    description: one line
+    grid:                             # axes, each a list; the cells are their product
+      dataset: [cub200, cars196]
+      backbone: [vit_s16]             # short names of BACKBONES, or a full timm name
+      method:                         # a registry name, or {name, label, args}
+        - full_ft
+        - {name: vpt_deep+bitfit, label: "VPT (B)", args: {num_prompts: 10}}
+      seed: [0, 1, 2]
+      proxy_bias_ratio: [0.2, 0.5]    # any other config field or method argument
+    # grid may also be a list of such mappings: the union of the sub-grids
+    defaults: {epochs: 15, lr: 5e-3, num_prompts: 10}    # config fields and method arguments
+    overrides:                        # applied in order to the cells that match `when`
+      - when: {dataset: cars196, backbone: vit_s16}       # a value or a list of values
+        set: {optimizer: adamw, lr: 5e-4}
+    exclude:                          # partial keys: matching cells are dropped
+      - {dataset: inaturalist, backbone: vit_s16}
+    protocol: {val_fraction: 0.0, selection: last}
+    resources: {gpus_per_node: 1, cpus_per_task: 8, mem_gb: 32, timeout_min: 1440}
+    report: {table: table2}           # read by the reporter only
+
+Precedence, least to most specific: CellConfig defaults, ``defaults``, ``protocol``, the
+command line's ``--data-root``, matching ``overrides`` in order, then the cell's own grid
+values (a method entry's ``args`` included). An override may not set a grid axis or a key field:
+the cell's key would then no longer describe what it runs.
+
+A name that is not a ``CellConfig`` field is a method argument (bare or under ``method_args``).
+Loading checks method names and that every method argument is accepted by at least one of the
+suite's methods; whether *this* cell's method accepts it is checked when the cell runs, and a
+mismatch fails that cell only.
+
+This module imports no torch: ``status`` loads suites with ``check_methods=False``.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench.config import DATASETS, CellConfig, closest
+from bench.errors import UserError
+from bench.results import check_name, make_cell_id
+
+SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+
+# Short backbone names used in suites and cell ids -> (timm name, the paper's embedding size).
+# The embedding size applies unless the suite sets `embedding_size` itself.
+BACKBONES: dict[str, tuple[str, int]] = {
+    "vit_s16": ("vit_small_patch16_224.augreg_in21k", 384),
+    "vit_b16": ("vit_base_patch16_224.augreg_in21k", 512),
+}
+# Small ViTs the project builds itself (bench.backbones): names used as they are.
+SMALL_BACKBONES = ("vit_test", "demo_vit")
+
+TOP_LEVEL = ("name", "description", "grid", "defaults", "overrides", "exclude", "protocol",
+             "resources", "report")
+KEY_FIELDS = ("dataset", "backbone", "method", "label", "seed")  # always in a cell's key
+PROTOCOL_FIELDS = ("val_fraction", "selection")
+# resources -> (type, what submitit calls it); see bench.dispatch.make_executor
+RESOURCES: dict[str, type | tuple[type, ...]] = {
+    "partition": str, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": (int, float),
+    "timeout_min": int, "array_parallelism": int, "signal_delay_s": int, "max_num_timeout": int,
+    "additional_parameters": dict, "setup": list,
+}
+METHOD_ENTRY_KEYS = ("name", "label", "args")
+CONFIG_FIELDS = set(CellConfig.field_names())
+
+
+class SuiteError(UserError, ValueError):
+    """A suite file that cannot be used; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    name: str
+    label: str | None = None
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Override:
+    when: dict[str, list[Any]]  # key name -> accepted values
+    fields: dict[str, Any]  # config fields
+    method_args: dict[str, Any]
+
+
+@dataclass
+class Cell:
+    suite: str
+    key: dict[str, Any]
+    config: CellConfig
+    cell_id: str
+
+
+@dataclass
+class Suite:
+    name: str
+    path: Path
+    description: str
+    grids: list[dict[str, list[Any]]]  # axis -> values; the method axis holds MethodEntry
+    defaults: dict[str, Any]  # config fields, method_args merged in under "method_args"
+    overrides: list[Override]
+    exclude: list[dict[str, list[Any]]]
+    protocol: dict[str, Any]
+    resources: dict[str, Any]
+    report: dict[str, Any]
+
+    def fail(self, where: str, message: str) -> SuiteError:
+        return SuiteError(f"{self.path}: {where}: {message}")
+
+    @property
+    def axes(self) -> list[str]:
+        names = [axis for grid in self.grids for axis in grid]
+        return list(dict.fromkeys(names))
+
+    def cells(self, data_root: str | None = None, only: list[str] | None = None) -> list[Cell]:
+        """Every cell of the suite, resolved and validated; `only` keeps cells matching KEY=VALUE."""
+        cells: dict[str, Cell] = {}
+        for key, axis_values in self._keys():
+            if any(_matches(rule, key) for rule in self.exclude):
+                continue
+            config = self._resolve(key, axis_values, data_root)
+            cell_id = make_cell_id(key, config.identity())
+            cells.setdefault(cell_id, Cell(self.name, key, config, cell_id))  # sub-grids may overlap
+        if not cells:
+            raise self.fail("exclude", "removes every cell of the grid")
+        selected = list(cells.values())
+        if only:
+            selected = self._select(selected, only)
+        return selected
+
+    def _keys(self):
+        """(key, {axis: value}) for every point of every sub-grid, in file order."""
+        base = {name: self.defaults.get(name, getattr(CellConfig, name, None))
+                for name in ("dataset", "backbone", "method", "seed")}
+        for grid in self.grids:
+            axes = list(grid)
+            for values in itertools.product(*(grid[a] for a in axes)):
+                axis_values = dict(zip(axes, values))
+                key = dict(base)
+                for axis, value in axis_values.items():
+                    if isinstance(value, MethodEntry):
+                        key["method"] = value.name
+                        if value.label:
+                            key["label"] = value.label
+                    else:
+                        key[axis] = value
+                ordered = {k: key[k] for k in KEY_FIELDS if k in key}
+                ordered.update({k: v for k, v in key.items() if k not in KEY_FIELDS})
+                yield ordered, axis_values
+
+    def _resolve(self, key: dict[str, Any], axis_values: dict[str, Any], data_root: str | None) -> CellConfig:
+        merged = {k: v for k, v in self.defaults.items() if k != "method_args"}
+        method_args = dict(self.defaults.get("method_args", {}))
+        merged.update(self.protocol)
+        if data_root is not None:
+            merged["data_root"] = str(data_root)
+        for override in self.overrides:
+            if _matches(override.when, key):
+                merged.update(override.fields)
+                method_args.update(override.method_args)
+        for axis, value in axis_values.items():
+            if isinstance(value, MethodEntry):
+                merged["method"] = value.name
+                merged["label"] = value.label
+                method_args.update(value.args)
+            elif axis in CONFIG_FIELDS:
+                merged[axis] = value
+            else:
+                method_args[axis] = value
+        backbone = merged.get("backbone")
+        if backbone in BACKBONES:
+            merged["backbone"], embedding_size = BACKBONES[backbone]
+            merged.setdefault("embedding_size", embedding_size)
+        merged["method_args"] = method_args
+        merged["suite"] = self.name
+        where = f"{self.path}: cell {_describe(key)}"
+        try:
+            return CellConfig.from_dict(merged, where=where)
+        except UserError as e:
+            message = str(e)
+            raise SuiteError(message if message.startswith(where) else f"{where}: {message}") from None
+
+    def _select(self, cells: list[Cell], only: list[str]) -> list[Cell]:
+        """--only KEY=VALUE: values of one key are alternatives, different keys must all match."""
+        wanted: dict[str, list[str]] = {}
+        for item in only:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SuiteError(f"--only {item!r}: expected KEY=VALUE, e.g. dataset=cub200")
+            names = list(dict.fromkeys(k for c in cells for k in c.key))
+            if name not in names:
+                raise SuiteError(f"--only {item!r}: {self.name} has no key {name!r}{closest(name, names)}; "
+                                 f"keys: {', '.join(names)}")
+            wanted.setdefault(name, []).append(value)
+        kept = [c for c in cells
+                if all(_key_text(c.key, name) & set(values) for name, values in wanted.items())]
+        if not kept:
+            choices = {name: sorted({t for c in cells for t in _key_text(c.key, name)}) for name in wanted}
+            detail = "; ".join(f"{n}: {', '.join(v)}" for n, v in choices.items())
+            raise SuiteError(f"--only {' '.join(only)} matches no cell of {self.name} ({detail})")
+        return kept
+
+
+def _key_text(key: dict[str, Any], name: str) -> set[str]:
+    """A key value as the command line spells it; the method also answers to its label."""
+    texts = {str(key.get(name))}
+    if name == "method" and key.get("label"):
+        texts.add(str(key["label"]))
+    return texts
+
+
+def _matches(rule: dict[str, list[Any]], key: dict[str, Any]) -> bool:
+    for name, values in rule.items():
+        if name == "method" and key.get("label") in values:
+            continue
+        if key.get(name) not in values:
+            return False
+    return True
+
+
+def _describe(key: dict[str, Any]) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in key.items()) + "}"
+
+
+# ---------------------------------------------------------------------------------------------
+# loading and validation
+
+
+def suite_path(name_or_path: str | Path) -> Path:
+    """A path to a YAML file, or the name of a shipped suite (suites/NAME.yaml)."""
+    text = str(name_or_path)
+    if text.endswith((".yaml", ".yml")) or "/" in text:
+        path = Path(text)
+        if not path.is_file():
+            raise SuiteError(f"{path}: no such suite file")
+        return path
+    check_name(text, "suite name")
+    path = SUITES_DIR / f"{text}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in SUITES_DIR.glob("*.yaml"))
+        raise SuiteError(f"unknown suite {text!r}{closest(text, shipped)}; shipped suites: "
+                         f"{', '.join(shipped)} (or give a path to a YAML file)")
+    return path
+
+
+def load_suite(name_or_path: str | Path, *, check_methods: bool = True) -> Suite:
+    """Parse and validate a suite; every cell is resolved once so that errors surface here."""
+    path = suite_path(name_or_path)
+    suite = _parse(path, _read_yaml(path))
+    if check_methods:
+        _check_methods(suite)
+    suite.cells()
+    return suite
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise SuiteError(f"{where}: not valid YAML: {problem}") from None
+    except OSError as e:
+        raise SuiteError(f"{path}: cannot read suite file: {e}") from None
+    if not isinstance(data, dict):
+        raise SuiteError(f"{path}: a suite file is a mapping with keys {', '.join(TOP_LEVEL)}; "
+                         f"got {type(data).__name__}")
+    return data
+
+
+def _parse(path: Path, data: dict[str, Any]) -> Suite:
+    def fail(where: str, message: str) -> SuiteError:
+        return SuiteError(f"{path}: {where}: {message}")
+
+    for name in data:
+        if name not in TOP_LEVEL:
+            raise fail(str(name), f"unknown key{closest(name, TOP_LEVEL)}; allowed: {', '.join(TOP_LEVEL)}")
+
+    name = data.get("name", path.stem)
+    try:
+        check_name(name, "suite name")
+    except UserError as e:
+        raise fail("name", str(e)) from None
+    description = data.get("description") or ""
+    if not isinstance(description, str):
+        raise fail("description", f"must be a string, got {type(description).__name__}")
+
+    defaults = _settings(_mapping(data, "defaults", fail), "defaults", fail)
+    protocol = _mapping(data, "protocol", fail)
+    for k in protocol:
+        if k not in PROTOCOL_FIELDS:
+            raise fail(f"protocol.{k}", f"unknown key{closest(k, PROTOCOL_FIELDS)}; "
+                                        f"allowed: {', '.join(PROTOCOL_FIELDS)}")
+    resources = _resources(_mapping(data, "resources", fail), fail)
+    report = _mapping(data, "report", fail)
+
+    grids = _grids(data.get("grid"), fail)
+    axes = list(dict.fromkeys(a for g in grids for a in g))
+    key_values = _key_values(grids, defaults)
+
+    overrides = []
+    for i, item in enumerate(_list(data, "overrides", fail)):
+        where = f"overrides[{i}]"
+        if not isinstance(item, dict) or set(item) - {"when", "set"} or "set" not in item:
+            raise fail(where, "must be a mapping {when: {...}, set: {...}}")
+        # no `when`: every cell (rarely useful beside `defaults`, but not wrong)
+        when = _rule(item["when"], f"{where}.when", key_values, fail) if item.get("when") else {}
+        settings = _settings(item["set"], f"{where}.set", fail)
+        for k in settings:
+            if k in axes or k in KEY_FIELDS:
+                raise fail(f"{where}.set.{k}", f"{k!r} is a grid axis or key field; the cell's own "
+                                               "value would be overwritten: make it an axis value instead")
+        method_args = settings.pop("method_args", {})
+        overrides.append(Override(when, settings, method_args))
+
+    exclude = [_rule(item, f"exclude[{i}]", key_values, fail)
+               for i, item in enumerate(_list(data, "exclude", fail))]
+
+    return Suite(name=name, path=path, description=description, grids=grids, defaults=defaults,
+                 overrides=overrides, exclude=exclude, protocol=protocol, resources=resources,
+                 report=report)
+
+
+def _mapping(data: dict[str, Any], name: str, fail) -> dict[str, Any]:
+    value = data.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise fail(name, f"must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def _list(data: dict[str, Any], name: str, fail) -> list[Any]:
+    value = data.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise fail(name, f"must be a list, got {type(value).__name__}")
+    return value
+
+
+def _settings(raw: Any, where: str, fail) -> dict[str, Any]:
+    """Config fields as they are, bare method arguments gathered under 'method_args'."""
+    if not isinstance(raw, dict):
+        raise fail(where, f"must be a mapping, got {type(raw).__name__}")
+    fields: dict[str, Any] = {}
+    method_args: dict[str, Any] = {}
+    for k, v in raw.items():
+        if k == "method_args":
+            if not isinstance(v, dict):
+                raise fail(f"{where}.method_args", f"must be a mapping, got {type(v).__name__}")
+            method_args.update(v)
+        elif k in ("suite", "label"):
+            raise fail(f"{where}.{k}", "is set by the suite (its name, the method entry's label)")
+        elif k in CONFIG_FIELDS:
+            _check_value(k, v, f"{where}.{k}", fail)
+            fields[k] = v
+        else:
+            method_args[k] = v
+    if method_args:
+        fields["method_args"] = method_args
+    return fields
+
+
+def _check_value(name: str, value: Any, where: str, fail) -> None:
+    """Names the file and field for a bad dataset or backbone; types are CellConfig's job."""
+    if name == "dataset" and value not in DATASETS:
+        raise fail(where, f"unknown dataset {value!r}{closest(value, DATASETS)}; "
+                          f"choose one of {', '.join(DATASETS)}")
+    if name == "backbone":
+        known = [*BACKBONES, *SMALL_BACKBONES, *(timm for timm, _ in BACKBONES.values())]
+        # any other timm model needs its pretrained tag, e.g. vit_small_patch16_224.dino
+        if value not in known and not (isinstance(value, str) and "." in value):
+            raise fail(where, f"unknown backbone {value!r}{closest(value, known)}; use one of "
+                              f"{', '.join(known)} or a full timm name 'architecture.pretrained_tag'")
+
+
+def _resources(raw: dict[str, Any], fail) -> dict[str, Any]:
+    for k, v in raw.items():
+        if k not in RESOURCES:
+            raise fail(f"resources.{k}", f"unknown key{closest(k, RESOURCES)}; allowed: {', '.join(RESOURCES)}")
+        expected = RESOURCES[k]
+        if isinstance(v, bool) or not isinstance(v, expected):
+            names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
+            raise fail(f"resources.{k}", f"must be {names}, got {v!r} ({type(v).__name__})")
+    if not all(isinstance(line, str) for line in raw.get("setup", [])):
+        raise fail("resources.setup", "must be a list of shell lines (strings)")
+    return raw
+
+
+def _grids(raw: Any, fail) -> list[dict[str, list[Any]]]:
+    if raw is None or raw == {} or raw == []:
+        raise fail("grid", "is empty: a suite needs at least one cell")
+    items = raw if isinstance(raw, list) else [raw]
+    grids = []
+    for i, item in enumerate(items):
+        where = f"grid[{i}]" if isinstance(raw, list) else "grid"
+        if not isinstance(item, dict) or not item:
+            raise fail(where, "must be a non-empty mapping of axis -> list of values")
+        grid = {}
+        for axis, values in item.items():
+            axis_where = f"{where}.{axis}"
+            if not isinstance(values, list):
+                raise fail(axis_where, f"must be a list of values, got {values!r} ({type(values).__name__})")
+            if not values:
+                raise fail(axis_where, "is an empty list: the grid has no cells")
+            if axis in ("suite", "label", "method_args"):
+                raise fail(axis_where, "cannot be a grid axis (use method entries {name, label, args})")
+            if axis == "method":
+                values = [_method_entry(v, f"{axis_where}[{j}]", fail) for j, v in enumerate(values)]
+            elif axis in CONFIG_FIELDS:
+                for j, v in enumerate(values):
+                    _check_value(axis, v, f"{axis_where}[{j}]", fail)
+            grid[axis] = values
+        grids.append(grid)
+    return grids
+
+
+def _method_entry(value: Any, where: str, fail) -> MethodEntry:
+    if isinstance(value, str):
+        return MethodEntry(value)
+    if not isinstance(value, dict):
+        raise fail(where, f"must be a method name or {{name, label, args}}, got {type(value).__name__}")
+    for k in value:
+        if k not in METHOD_ENTRY_KEYS:
+            raise fail(f"{where}.{k}", f"unknown key{closest(k, METHOD_ENTRY_KEYS)}; "
+                                       f"allowed: {', '.join(METHOD_ENTRY_KEYS)}")
+    name, label, args = value.get("name"), value.get("label"), value.get("args") or {}
+    if not isinstance(name, str) or not name:
+        raise fail(f"{where}.name", "a method entry needs a name (e.g. vpt_deep+bitfit)")
+    if label is not None and not isinstance(label, str):
+        raise fail(f"{where}.label", f"must be a string, got {type(label).__name__}")
+    if not isinstance(args, dict):
+        raise fail(f"{where}.args", f"must be a mapping of method arguments, got {type(args).__name__}")
+    return MethodEntry(name, label, dict(args))
+
+
+def _key_values(grids: list[dict[str, list[Any]]], defaults: dict[str, Any]) -> dict[str, list[Any]]:
+    """Every value each key name can take: what `when`, `exclude` and --only may refer to."""
+    values: dict[str, list[Any]] = {}
+    for name in ("dataset", "backbone", "method", "seed"):
+        if not all(name in grid for grid in grids):  # some cells take it from the defaults
+            values[name] = [defaults.get(name, getattr(CellConfig, name))]
+    for grid in grids:
+        for axis, axis_values in grid.items():
+            if axis == "method":
+                values.setdefault("method", []).extend(e.name for e in axis_values)
+                values.setdefault("label", []).extend(e.label for e in axis_values if e.label)
+            else:
+                values.setdefault(axis, []).extend(axis_values)
+    return values
+
+
+def _rule(raw: Any, where: str, key_values: dict[str, list[Any]], fail) -> dict[str, list[Any]]:
+    """A partial key ({dataset: cub200, backbone: [vit_s16, vit_b16]}) whose values must exist."""
+    if not isinstance(raw, dict) or not raw:
+        raise fail(where, "must be a non-empty mapping of key -> value (or list of values)")
+    rule = {}
+    for name, value in raw.items():
+        if name not in key_values:
+            raise fail(f"{where}.{name}", f"not a key of this suite{closest(name, key_values)}; "
+                                          f"keys: {', '.join(key_values)}")
+        wanted = value if isinstance(value, list) else [value]
+        known = key_values[name] + (key_values.get("label", []) if name == "method" else [])
+        for v in wanted:
+            if v not in known:
+                shown = ", ".join(str(k) for k in dict.fromkeys(known))
+                raise fail(f"{where}.{name}", f"{v!r} is not a value of the grid{closest(v, known)}; "
+                                              f"values: {shown}")
+        rule[name] = wanted
+    return rule
+
+
+def _check_methods(suite: Suite) -> None:
+    """Method names exist; each method argument is accepted by at least one of the methods."""
+    import methods  # imports torch: only when a suite is about to run
+
+    names = {e.name for g in suite.grids for e in g.get("method", [])}
+    if not all("method" in g for g in suite.grids):
+        names.add(suite.defaults.get("method", CellConfig.method))
+    accepted: set[str] = set()
+    for name in sorted(names):
+        try:
+            methods.validate_method(name)
+        except UserError as e:
+            where = "grid.method" if any("method" in g for g in suite.grids) else "defaults.method"
+            raise suite.fail(where, str(e)) from None
+        accepted.update(methods.method_arguments(name))
+
+    def check(args: dict[str, Any], where: str) -> None:
+        for arg in args:
+            if arg not in accepted:
+                raise suite.fail(f"{where}.{arg}", f"neither a config field nor an argument of the suite's "
+                                                   f"methods{closest(arg, sorted(accepted | CONFIG_FIELDS))}")
+
+    check(suite.defaults.get("method_args", {}), "defaults")
+    for i, override in enumerate(suite.overrides):
+        check(override.method_args, f"overrides[{i}].set")
+    for i, grid in enumerate(suite.grids):
+        where = f"grid[{i}]" if len(suite.grids) > 1 else "grid"
+        check({a: None for a in grid if a not in CONFIG_FIELDS and a != "method"}, where)
+        for j, entry in enumerate(grid.get("method", [])):
+            check(entry.args, f"{where}.method[{j}].args")
