@@ -134,7 +134,8 @@ class CellConfig:
         unknown = [k for k in data if k not in names]
         if unknown:
             k = unknown[0]
-            raise ConfigError(f"{where}: unknown field {k!r}{closest(k, names)}")
+            hint = closest(k, names) or f"; fields: {', '.join(names)}"
+            raise ConfigError(f"{where}: unknown field {k!r}{hint}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         clean = {}
         for k, v in data.items():

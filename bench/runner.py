@@ -235,6 +235,7 @@ def _progress_bar(console):
 
 
 def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
+    console.soft_wrap = True  # paths and reasons must stay copyable, never folded mid-word
     if result["status"] != "ok":
         console.print(f"[red]failed[/]: {result['reason']}")
         console.print(f"result: {cell_dir / RESULT_FILE}")
