@@ -1,0 +1,36 @@
+"""Reports from result files: tables (LaTeX, Markdown, CSV), figures and a summary page.
+
+Public API (imported lazily, so ``import report`` stays cheap):
+
+- ``build_report(suite_dir, out_dir=None, table=None, oracle=False) -> dict[str, Path]``
+- ``load_suite(suite_dir) -> SuiteResults`` (``.cells``, ``.epochs``: tidy DataFrames)
+- ``build_table(results, kind, oracle=False) -> Table`` and ``KINDS``
+- ``make_figures(results, kind) -> dict[str, Figure]``
+- ``print_summary(frame, console)``
+- ``cmd_report(args)``: the ``run_suite.py report`` subcommand
+
+Never imports torch, timm or faiss: results are often read on a laptop.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+_EXPORTS = {
+    "build_report": "report.cli",
+    "cmd_report": "report.cli",
+    "load_suite": "report.load",
+    "SuiteResults": "report.load",
+    "ReportError": "report.load",
+    "build_table": "report.tables",
+    "KINDS": "report.tables",
+    "make_figures": "report.plots",
+    "print_summary": "report.summary",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'report' has no attribute {name!r}")

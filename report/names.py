@@ -1,0 +1,262 @@
+"""Display names and orderings: registry names in result files -> what a paper table prints."""
+from __future__ import annotations
+
+import difflib
+import re
+from typing import Any, Iterable
+
+import pandas as pd
+
+METHOD_NAMES = {
+    "full_ft": "Full fine-tuning",
+    "linear_probe": "Linear probing",
+    "bitfit": "BitFit",
+    "adapter": "Adapter",
+    "vpt_shallow": "VPT-shallow",
+    "vpt_deep": "VPT-deep",
+    "vptsp_e": "VPTSP-M (EMA)",
+    "vptsp_g": "VPTSP-G",
+    "lora": "LoRA",
+}
+# Paper order (Table 1): cheapest baselines first, the proposed method last.
+METHOD_ORDER = ("full_ft", "linear_probe", "bitfit", "adapter", "lora", "vpt_shallow", "vpt_deep",
+                "vptsp_e", "vptsp_g")
+
+# Names other sessions might reasonably use for the same method.
+METHOD_ALIASES = {"full_finetune": "full_ft", "full": "full_ft", "linear": "linear_probe", "vpt": "vpt_deep"}
+
+# The accumulator a method uses when its arguments do not name one (methods/__init__.py presets).
+DEFAULT_ACCUMULATORS = {"vptsp_e": "ema", "vptsp_g": "gru_relu"}
+
+DATASET_NAMES = {
+    "cub200": "CUB-200",
+    "cars196": "Cars-196",
+    "sop": "SOP",
+    "inshop": "In-Shop",
+    "inaturalist": "iNaturalist",
+    "synthetic": "Synthetic",
+}
+DATASET_ORDER = ("cub200", "cars196", "sop", "inshop", "inaturalist", "synthetic")
+
+# The recall triple each dataset reports in the paper's Table 2 / Table 3.
+RECALL_KS = {
+    "cub200": (1, 2, 4),
+    "cars196": (1, 2, 4),
+    "sop": (1, 10, 100),
+    "inshop": (1, 10, 20),
+    "inaturalist": (1, 4, 16),
+}
+
+ACCUMULATOR_NAMES = {
+    "gru_relu": "GRU + ReLU",
+    "gru_tanh": "GRU + tanh",
+    "lstm": "LSTM",
+    "rnn": "Vanilla RNN",
+    "cross_attention": "Cross-attention",
+    "ema": "EMA",
+}
+ACCUMULATOR_ALIASES = {"gru": "gru_tanh", "vanilla_rnn": "rnn", "attention": "cross_attention",
+                       "cross_attn": "cross_attention", "crossattention": "cross_attention"}
+
+# Grid axes the report knows, with the names a suite might give them (suffix-matched, so a
+# flattened "method_args.num_prompts" is found too) and an axis label with its meaning.
+AXES = {
+    "proxy_bias_ratio": (("proxy_bias_ratio", "alpha", "bias_ratio"), "proxy-bias ratio α"),
+    "num_prompts": (("num_prompts", "prompts"), "prompts per layer N"),
+    "prompt_depth": (("prompt_depth", "depth"), "layers with prompts L"),
+    "accumulator": (("accumulator", "proxy_accumulator", "rnn_type"), "accumulator"),
+    "num_p_prompt": (("num_p_prompt", "num_class_prompts"), "class prompts per class m"),
+    "p_prompt_depth": (("p_prompt_depth", "class_prompt_depth"), "layers with class prompts"),
+    "batch_size": (("batch_size",), "batch size"),
+    "embedding_size": (("embedding_size",), "embedding dimension"),
+}
+
+METRIC_NAMES = {"map@r": "MAP@R"}
+MEMORY_KINDS = {
+    "cuda_max_allocated": "peak CUDA memory allocated",
+    "cpu_peak_rss": "peak CPU RSS of the process",
+}
+
+
+def closest(name: str, choices: Iterable[str]) -> str:
+    """' (did you mean X?)' for a mistyped name, or ''."""
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def is_missing(value: Any) -> bool:
+    """None, NaN, pandas' NA or an empty string (how an absent axis reaches a frame)."""
+    if isinstance(value, str):
+        return value == ""
+    return value is None or (pd.api.types.is_scalar(value) and bool(pd.isna(value)))
+
+
+def method_components(method: Any) -> tuple[str, ...]:
+    if is_missing(method):
+        return ()
+    parts = [p.strip().lower() for p in str(method).split("+") if p.strip()]
+    return tuple(METHOD_ALIASES.get(p, p) for p in parts)
+
+
+def canonical_method(method: Any) -> frozenset[str]:
+    """The set of components a method combines, for matching against the paper's rows.
+
+    BitFit is a component of its own: ``vptsp_g`` is the paper's "VPTSP-G (GRU)" and
+    ``vptsp_g+bitfit`` its "VPTSP-G (B)" (methods/__init__.py).
+    """
+    return frozenset(method_components(method))
+
+
+def default_accumulator(method: Any) -> str | None:
+    for part in method_components(method):
+        if part in DEFAULT_ACCUMULATORS:
+            return DEFAULT_ACCUMULATORS[part]
+    return None
+
+
+def method_display(method: Any, label: Any = None) -> str:
+    """``key.label`` when the suite gave one, else a name built from the registry name."""
+    if not is_missing(label):
+        return str(label)
+    parts = method_components(method)
+    if not parts:
+        return "?"
+    with_bitfit = "bitfit" in parts and len(parts) > 1
+    rest = [p for p in parts if p != "bitfit"] if with_bitfit else list(parts)
+    name = " + ".join(METHOD_NAMES.get(p, p) for p in rest)
+    return f"{name} (B)" if with_bitfit else name
+
+
+def method_rank(method: Any) -> tuple[int, int]:
+    """Sort key: paper order of the main component; a '+bitfit' variant right after its base."""
+    parts = method_components(method)
+    main = [p for p in parts if p != "bitfit"] or list(parts)
+    rank = METHOD_ORDER.index(main[0]) if main and main[0] in METHOD_ORDER else len(METHOD_ORDER)
+    return rank, len(parts)
+
+
+_VIT = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch(\d+)")
+_VIT_SIZES = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
+# the suites' short names (bench/backbones.py ALIASES): "vit_s16" = ViT-S/16
+_VIT_ALIAS = re.compile(r"^vit_([tsblhg])(\d+)$")
+_ALIAS_SIZES = {v.lower(): k for k, v in _VIT_SIZES.items()}
+
+
+def _vit_parts(backbone: Any) -> tuple[str, int] | None:
+    """('small', 16) for 'vit_small_patch16_224.augreg_in21k' and for 'vit_s16'."""
+    text = str(backbone)
+    m = _VIT.match(text)
+    if m:
+        return m.group(1), int(m.group(2))
+    m = _VIT_ALIAS.match(text)
+    if m:
+        return _ALIAS_SIZES[m.group(1)], int(m.group(2))
+    return None
+
+
+def backbone_family(backbone: Any) -> str | None:
+    """'vit_small_patch16_224.augreg_in21k' -> 'vit_s16' (what the paper's rows are keyed by)."""
+    if is_missing(backbone):
+        return None
+    parts = _vit_parts(backbone)
+    return f"vit_{_VIT_SIZES[parts[0]].lower()}{parts[1]}" if parts else str(backbone)
+
+
+def backbone_rank(backbone: Any) -> tuple[int, int, str]:
+    """ViTs by size (S before B, as the paper lists them), then anything else by name."""
+    parts = _vit_parts(backbone)
+    if not parts:
+        return (len(_VIT_SIZES), 0, str(backbone))
+    return (list(_VIT_SIZES).index(parts[0]), parts[1], str(backbone))
+
+
+def backbone_display(backbone: Any) -> str:
+    if is_missing(backbone):
+        return "?"
+    parts = _vit_parts(backbone)
+    return f"ViT-{_VIT_SIZES[parts[0]]}/{parts[1]}" if parts else str(backbone)
+
+
+def family_display(family: str) -> str:
+    """'vit_s16' -> 'ViT-S/16'."""
+    m = re.match(r"^vit_([a-z])(\d+)$", family)
+    return f"ViT-{m.group(1).upper()}/{m.group(2)}" if m else family
+
+
+def dataset_display(dataset: Any) -> str:
+    return "?" if is_missing(dataset) else DATASET_NAMES.get(str(dataset), str(dataset))
+
+
+def dataset_rank(dataset: Any) -> tuple[int, str]:
+    d = str(dataset)
+    return (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d)
+
+
+def metric_display(metric: str) -> str:
+    """'recall@4' -> 'R@4', 'map@r' -> 'MAP@R'."""
+    if metric in METRIC_NAMES:
+        return METRIC_NAMES[metric]
+    m = re.fullmatch(r"recall@(\d+)", metric)
+    return f"R@{m.group(1)}" if m else metric
+
+
+def recall_k(metric: str) -> int | None:
+    m = re.fullmatch(r"recall@(\d+)", metric)
+    return int(m.group(1)) if m else None
+
+
+def canonical_accumulator(value: Any) -> str:
+    v = re.sub(r"[\s\-+]+", "_", str(value).strip().lower())
+    return ACCUMULATOR_ALIASES.get(v, v)
+
+
+def accumulator_display(value: Any) -> str:
+    return ACCUMULATOR_NAMES.get(canonical_accumulator(value), str(value))
+
+
+def find_axis(columns: Iterable[str], axis: str) -> str | None:
+    """The column holding a known axis: exact name first, then a flattened 'x.name' suffix."""
+    columns = list(columns)
+    aliases = AXES[axis][0] if axis in AXES else (axis,)
+    for alias in aliases:
+        if alias in columns:
+            return alias
+    for alias in aliases:
+        for col in columns:
+            if col.endswith("." + alias):
+                return col
+    return None
+
+
+def axis_canonical(column: str) -> str:
+    """Inverse of find_axis: 'method_args.alpha' -> 'proxy_bias_ratio' (or the name itself)."""
+    leaf = column.rsplit(".", 1)[-1]
+    for axis, (aliases, _) in AXES.items():
+        if leaf in aliases:
+            return axis
+    return column
+
+
+def axis_display(column: str) -> str:
+    axis = axis_canonical(column)
+    return AXES[axis][1] if axis in AXES else column
+
+
+def value_display(column: str, value: Any) -> str:
+    if is_missing(value):
+        return "-"
+    if axis_canonical(column) == "accumulator":
+        return accumulator_display(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def value_sort_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order before strings; missing last."""
+    if is_missing(value):
+        return (2, 0.0, "")
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))

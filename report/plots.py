@@ -1,0 +1,405 @@
+"""Figures from the tidy frames: each function returns a matplotlib Figure (saved separately).
+
+Figures are built with ``matplotlib.figure.Figure`` directly, not pyplot, so nothing needs a
+display and nothing accumulates in pyplot's global figure list. Error bars and bands are the
+sample std over seeds. Functions return None when the data does not support the figure.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import matplotlib as mpl
+import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+from report import names, published
+from report.load import SuiteResults
+
+# seaborn's paper look without touching global rcParams (rc_context around building/saving)
+STYLE = {
+    **sns.axes_style("whitegrid"),
+    **sns.plotting_context("paper", font_scale=1.35),
+    "axes.titleweight": "bold",
+    "legend.frameon": True,
+    "legend.framealpha": 0.9,
+    "pdf.fonttype": 42,  # TrueType in PDFs: editable text, accepted by publishers
+    "ps.fonttype": 42,
+    "savefig.dpi": 200,
+}
+PALETTE = "colorblind"
+MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "*", "p")
+PANEL = (5.2, 3.9)  # inches per panel
+
+
+def _text(value: Any) -> str:
+    return "" if names.is_missing(value) else str(value)
+
+
+def row_labels(frame: pd.DataFrame, grid_axes: Iterable[str], skip: Iterable[str] = ()) -> pd.Series:
+    """Legend names: method, plus backbone and grid-axis values where they vary."""
+    skip = set(skip)
+    parts = [frame["method_name"].astype(str)]
+    if "backbone_name" in frame and frame["backbone_name"].nunique() > 1 and "backbone" not in skip:
+        parts.append(frame["backbone_name"].astype(str))
+    label = parts[0] + ((", " + parts[1]) if len(parts) > 1 else "")
+    extras = [a for a in grid_axes if a in frame and a not in skip and frame[a].map(_text).nunique() > 1]
+    for axis in extras:
+        label = label + f", {names.axis_canonical(axis)}=" + frame[axis].map(lambda v, a=axis: names.value_display(a, v))
+    return label
+
+
+def summarize(ok: pd.DataFrame, by: list[str], values: dict[str, tuple[str, float]]) -> pd.DataFrame:
+    """Mean, sample std and count per group; ``values`` maps output name -> (column, scale)."""
+    frame = ok.copy()
+    for column in by:
+        frame[column] = frame[column].map(_text)
+    out = []
+    for key, group in frame.groupby(by, sort=False, dropna=False):
+        key = key if isinstance(key, tuple) else (key,)
+        record = dict(zip(by, key))
+        for name, (column, scale) in values.items():
+            series = pd.to_numeric(group[column], errors="coerce").dropna() * scale if column in group else pd.Series(dtype=float)
+            record[f"{name}_mean"] = series.mean() if len(series) else math.nan
+            record[f"{name}_std"] = series.std(ddof=1) if len(series) > 1 else 0.0
+            record[f"{name}_n"] = len(series)
+        out.append(record)
+    return pd.DataFrame(out)
+
+
+def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Indices of points no other point beats (lower x and higher y), ordered by x."""
+    order = sorted(range(len(x)), key=lambda i: (x[i], -y[i]))
+    front, best = [], -math.inf
+    for i in order:
+        if y[i] > best:
+            front.append(i)
+            best = y[i]
+    return np.array(front, dtype=int)
+
+
+def _palette(labels: list[str]) -> dict[str, Any]:
+    colors = sns.color_palette(PALETTE, n_colors=max(len(labels), 1))
+    return dict(zip(labels, colors))
+
+
+def _figure(panels: int, rows: int = 1) -> tuple[Figure, list[Any]]:
+    cols = math.ceil(panels / rows)
+    fig = Figure(figsize=(PANEL[0] * cols, PANEL[1] * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for extra in axes[panels:]:
+        extra.set_visible(False)
+    return fig, axes[:panels]
+
+
+def _legend(fig: Figure, axes: list[Any], title: str | None = None) -> None:
+    """One legend for the figure, below the panels (clear of the titles), no duplicates."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    # our series first, references (paper values, Pareto front) after them
+    order = sorted(handles, key=lambda label: label.startswith(("paper", "Pareto")))
+    if order:
+        fig.legend([handles[k] for k in order], order, loc="outside lower center",
+                   ncols=_legend_columns(fig, order), title=title)
+
+
+def _legend_columns(fig: Figure, labels: list[str]) -> int:
+    """As many columns as fit the figure's width for the longest label (none cut off)."""
+    size = mpl.font_manager.FontProperties(size=mpl.rcParams["legend.fontsize"]).get_size_in_points()
+    entry = (max(len(label) for label in labels) * 0.6 + 4) * size  # text + handle, in points
+    return max(1, min(len(labels), int(fig.get_figwidth() * 72 // entry)))
+
+
+def _ok(results: SuiteResults) -> pd.DataFrame:
+    """Finished cells in the tables' order (paper order of methods), so colours follow it too."""
+    ok = results.ok.copy()
+    ok["_rank"] = [(names.method_rank(m), names.backbone_rank(b)) for m, b in zip(ok["method"], ok["backbone"])]
+    ok = ok.sort_values(["_rank", "method_name"], kind="stable").drop(columns="_rank")
+    ok["row_label"] = row_labels(ok, results.grid_axes)
+    return ok
+
+
+# --- accuracy vs cost ----------------------------------------------------------------------
+
+COSTS = {
+    "params": ("params_trainable", 1e-6, "Trainable parameters (M, log scale)", True, "trainable parameters"),
+    "memory": ("peak_memory_bytes", 1 / 2**30, "Peak memory (GiB)", False, "peak memory"),
+}
+
+
+MEMORY_SHORT = {"cuda_max_allocated": "CUDA memory allocated", "cpu_peak_rss": "CPU memory (RSS)"}
+
+
+def fig_accuracy_vs_cost(results: SuiteResults, cost: str) -> Figure | None:
+    """R@1 against trainable parameters or peak memory, a panel per dataset, Pareto front marked."""
+    column, scale, xlabel, log, what = COSTS[cost]
+    ok = _ok(results)
+    if cost == "memory" and "memory_kind" in ok and ok["memory_kind"].nunique() == 1:
+        xlabel = f"Peak {MEMORY_SHORT.get(ok['memory_kind'].iloc[0], 'memory')} (GiB)"
+    if column not in ok or ok[column].isna().all() or ok["method_name"].nunique() < 2:
+        return None
+    stats = summarize(ok, ["dataset", "dataset_name", "row_label"],
+                      {"r1": ("recall@1", 100.0), "cost": (column, scale)})
+    stats = stats.dropna(subset=["r1_mean", "cost_mean"])
+    stats = stats[stats["cost_mean"] > 0] if log else stats
+    if stats.empty:
+        return None
+    datasets = sorted(stats["dataset"].unique(), key=names.dataset_rank)
+    labels = list(dict.fromkeys(ok["row_label"]))
+    colors = _palette(labels)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(datasets))
+        for ax, dataset in zip(axes, datasets):
+            part = stats[stats["dataset"] == dataset].reset_index(drop=True)
+            for i, row in part.iterrows():
+                ax.errorbar(row["cost_mean"], row["r1_mean"], yerr=row["r1_std"], fmt=MARKERS[labels.index(row["row_label"]) % len(MARKERS)],
+                            color=colors[row["row_label"]], markersize=8, capsize=3, label=row["row_label"],
+                            markeredgecolor="black", markeredgewidth=0.5, zorder=3)
+            front = pareto_front(part["cost_mean"].to_numpy(), part["r1_mean"].to_numpy())
+            ax.plot(part["cost_mean"].iloc[front], part["r1_mean"].iloc[front], ls="--", color="0.35",
+                    lw=1.2, zorder=2, label="Pareto front")
+            ax.scatter(part["cost_mean"].iloc[front], part["r1_mean"].iloc[front], s=220, facecolors="none",
+                       edgecolors="0.35", linewidths=1.2, zorder=2)
+            if log:
+                ax.set_xscale("log")
+                # parameter counts read better as 0.2 / 0.5 / 1 / 2 than as powers of ten, and
+                # 1-2-5 steps still label a range narrower than a decade
+                ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+                ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+                ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.margins(x=0.12, y=0.12)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("R@1 (%)")
+            ax.set_title(f"R@1 vs {what}, {names.dataset_display(dataset)}" if len(datasets) == 1
+                         else names.dataset_display(dataset))
+        if len(datasets) > 1:
+            fig.suptitle(f"R@1 vs {what}")
+        _legend(fig, axes)
+    return fig
+
+
+# --- training curves -----------------------------------------------------------------------
+
+def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
+    """Test R@1 and MAP@R per epoch, mean over seeds with a ±1 std band, one line per row."""
+    epochs = results.epochs
+    if epochs.empty or "test/recall@1" not in epochs:
+        return None
+    part = epochs[(epochs["status"] == "ok") & (epochs["dataset"].map(_text) == _text(dataset))].copy()
+    part = part.dropna(subset=["test/recall@1"])
+    if part.empty or part["epoch"].nunique() < 2:
+        return None
+    part["row_label"] = row_labels(part, results.grid_axes)
+    metrics = [("test/recall@1", "R@1 (%)"), ("test/map@r", "MAP@R (%)")]
+    metrics = [(m, lab) for m, lab in metrics if m in part and part[m].notna().any()]
+    labels = list(dict.fromkeys(part["row_label"]))
+    colors = _palette(labels)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(metrics))
+        for ax, (metric, ylabel) in zip(axes, metrics):
+            for label in labels:
+                line = part[part["row_label"] == label].groupby("epoch")[metric].agg(["mean", "std"]) * 100
+                line["std"] = line["std"].fillna(0.0)
+                ax.plot(line.index, line["mean"], marker="o", markersize=3.5, color=colors[label], label=label)
+                ax.fill_between(line.index, line["mean"] - line["std"], line["mean"] + line["std"],
+                                color=colors[label], alpha=0.18, linewidth=0)
+            ax.set_xlabel("Epoch")
+            ax.set_ylabel(f"Test {ylabel}")
+            ax.set_title(f"Test {ylabel.split(' ')[0]} per epoch")
+            ax.xaxis.get_major_locator().set_params(integer=True)
+        fig.suptitle(f"Training curves on {names.dataset_display(dataset)} (mean ± std over seeds)")
+        _legend(fig, axes)
+    return fig
+
+
+# --- latency -------------------------------------------------------------------------------
+
+def fig_latency(results: SuiteResults) -> Figure | None:
+    """Median step latency per method, a bar per batch size."""
+    ok = _ok(results)
+    column = "step_latency_ms_median"
+    if column not in ok or ok[column].isna().all() or "batch_size" not in ok:
+        return None
+    ok = ok.assign(row_label=row_labels(ok, results.grid_axes, skip=("batch_size",)))
+    stats = summarize(ok, ["row_label", "batch_size"], {"ms": (column, 1.0)}).dropna(subset=["ms_mean"])
+    # bars per method: a sweep of one method over other axes is not what this figure compares
+    if ok["method_name"].nunique() < 2 and stats["batch_size"].nunique() < 2:
+        return None
+    labels = list(dict.fromkeys(ok["row_label"]))
+    sizes = sorted(stats["batch_size"].unique(), key=names.value_sort_key)
+    colors = sns.color_palette(PALETTE, n_colors=len(sizes))
+    width = 0.8 / len(sizes)
+    with mpl.rc_context(STYLE):
+        fig, (ax,) = _figure(1)
+        # room for rotated method names below and the legend under them
+        fig.set_size_inches(max(PANEL[0], 1.1 * len(labels) + 2), PANEL[1] + 1.0)
+        x = np.arange(len(labels))
+        for j, size in enumerate(sizes):
+            part = stats[stats["batch_size"] == size].set_index("row_label").reindex(labels)
+            ax.bar(x + (j - (len(sizes) - 1) / 2) * width, part["ms_mean"], width, yerr=part["ms_std"],
+                   capsize=3, color=colors[j], edgecolor="black", linewidth=0.5,
+                   label=names.value_display("batch_size", size))
+        ax.set_xticks(x, labels, rotation=20, ha="right")
+        ax.set_xlabel("Method")
+        ax.set_ylabel("Step latency (ms)")
+        ax.set_title("Training step latency (median, fwd + bwd)")
+        _legend(fig, [ax], title="Batch size")
+    return fig
+
+
+# --- ablations -----------------------------------------------------------------------------
+
+def _is_numeric(values: pd.Series) -> bool:
+    return pd.to_numeric(values, errors="coerce").notna().all()
+
+
+def fig_ablation(results: SuiteResults, axis: str, xlabel: str | None = None,
+                 paper_axis: str | None = None) -> Figure | None:
+    """R@1 and MAP@R against a swept grid axis: lines for numbers, bars for categories.
+
+    The paper's values for the same sweep (Fig. 3, Table 7) are drawn dashed / as markers on
+    the bars, for orientation. ``axis`` may be ``method_name`` (method entries as categories,
+    e.g. one labelled entry per accumulator); ``paper_axis`` then names what they vary.
+    """
+    ok = _ok(results)
+    if axis not in ok or ok[axis].map(_text).nunique() < 2:
+        return None
+    if axis == "method_name":  # the categories are the methods: a series per dataset
+        ok = ok.assign(series=ok["dataset_name"] + ", " + ok["backbone_name"])
+    else:
+        ok = ok.assign(series=row_labels(ok, results.grid_axes, skip=(axis,)))
+        if ok["dataset_name"].nunique() > 1:
+            ok["series"] = ok["dataset_name"] + (", " + ok["series"] if ok["series"].nunique() > 1 else "")
+    ok = ok.sort_values("dataset", key=lambda c: c.map(names.dataset_rank), kind="stable")
+    stats = summarize(ok, ["series", "dataset", axis], {"r1": ("recall@1", 100.0), "map": ("map@r", 100.0)})
+    numeric = axis != "method_name" and _is_numeric(stats[axis])
+    series = list(dict.fromkeys(ok["series"]))
+    colors = _palette(series)
+    dataset_colors = {d: colors[s] for s, d in zip(stats["series"], stats["dataset"])}
+    paper = _paper_sweep_records(results, paper_axis or axis)
+    xlabel = xlabel or names.axis_display(axis)
+    if axis == "method_name":  # the table's order: paper order of methods, then name
+        ranked = ok.assign(rank=ok["method"].map(names.method_rank)).sort_values(["rank", "method_name"])
+        values = list(dict.fromkeys(ranked["method_name"]))
+    else:
+        values = sorted(stats[axis].unique(), key=names.value_sort_key)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(2)
+        for ax, (metric, paper_metric, ylabel) in zip(axes, (("r1", "recall@1", "R@1 (%)"),
+                                                            ("map", "map@r", "MAP@R (%)"))):
+            if numeric:
+                _ablation_lines(ax, stats, axis, metric, series, colors)
+                _paper_lines(ax, paper, paper_metric, dataset_colors)
+            else:
+                _ablation_bars(ax, stats, axis, metric, series, colors, values)
+                _paper_marks(ax, paper, paper_metric, values)
+            ax.set_xlabel(xlabel[0].upper() + xlabel[1:])
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{ylabel.split(' ')[0]} vs {xlabel}")
+        fig.suptitle(f"Ablation: {xlabel} (mean ± std over seeds)")
+        _legend(fig, axes)
+    return fig
+
+
+def _ablation_lines(ax, stats, axis, metric, series, colors) -> None:
+    for i, name in enumerate(series):
+        part = stats[stats["series"] == name].copy()
+        part["x"] = pd.to_numeric(part[axis])
+        part = part.sort_values("x")
+        ax.errorbar(part["x"], part[f"{metric}_mean"], yerr=part[f"{metric}_std"], marker=MARKERS[i % len(MARKERS)],
+                    capsize=3, color=colors[name], label=name, zorder=3)
+
+
+def _ablation_bars(ax, stats, axis, metric, series, colors, values) -> None:
+    x = np.arange(len(values))
+    width = 0.8 / len(series)
+    for j, name in enumerate(series):
+        part = stats[stats["series"] == name].set_index(axis).reindex(values)
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, part[f"{metric}_mean"], width,
+               yerr=part[f"{metric}_std"], capsize=3, color=colors[name], edgecolor="black", linewidth=0.5,
+               label=name)
+    ax.set_xticks(x, [names.value_display(axis, v) for v in values], rotation=15, ha="right")
+    # close accuracies: start the axis near the data, not at 0 (the bars are labelled with values' scale)
+    low, high = stats[f"{metric}_mean"].min(), stats[f"{metric}_mean"].max()
+    pad = max(1.0, (high - low) * 0.5, 2 * stats[f"{metric}_std"].max())
+    ax.set_ylim(max(0.0, low - pad), high + pad)
+
+
+def _paper_sweep_records(results: SuiteResults, axis: str) -> list[published.PaperResult]:
+    """The paper's values for the same sweep (matching datasets and backbone)."""
+    canonical = names.axis_canonical(axis)
+    ok = results.ok
+    records = published.records_for(f"ablation_{canonical}", ok["dataset"], ok["backbone"], [canonical])
+    return [r for r in records if r.setting and r.setting[0][0] == canonical]
+
+
+def _paper_lines(ax, records, metric, dataset_colors) -> None:
+    for dataset in sorted({r.dataset for r in records}, key=names.dataset_rank):
+        points = sorted((float(r.setting[0][1]), r.metrics[metric]) for r in records
+                        if r.dataset == dataset and metric in r.metrics)
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        ax.plot(xs, ys, ls="--", lw=1.2, color=dataset_colors.get(dataset, "0.5"), alpha=0.75, marker="o",
+                markersize=4, markerfacecolor="white", zorder=2,
+                label=f"paper, {names.dataset_display(dataset)} ({records[0].source})")
+
+
+def _paper_marks(ax, records, metric, values) -> None:
+    positions = {names.canonical_accumulator(v): i for i, v in enumerate(values)}
+    for j, dataset in enumerate(sorted({r.dataset for r in records}, key=names.dataset_rank)):
+        points = [(positions[r.setting[0][1]], r.metrics[metric]) for r in records
+                  if r.dataset == dataset and metric in r.metrics and r.setting[0][1] in positions]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        # white with a black edge: visible on top of any bar colour
+        ax.scatter(xs, ys, marker=("D", "s", "^", "o")[j % 4], s=45, facecolors="white", edgecolors="black",
+                   linewidths=1.2, zorder=4, label=f"paper, {names.dataset_display(dataset)} ({records[0].source})")
+
+
+# --- all of them ---------------------------------------------------------------------------
+
+def make_figures(results: SuiteResults, kind: str) -> dict[str, Figure]:
+    """Every figure the data supports, by file stem."""
+    from report.tables import ABLATION_AXES, swept_axes  # tables imports nothing from plots
+
+    if kind == "latency":  # short timing runs: their accuracy means nothing
+        fig = fig_latency(results)
+        return {"latency": fig} if fig is not None else {}
+    figures: dict[str, Figure | None] = {
+        "acc_vs_params": fig_accuracy_vs_cost(results, "params"),
+        "acc_vs_memory": fig_accuracy_vs_cost(results, "memory"),
+    }
+    for dataset in sorted(results.ok["dataset"].dropna().unique(), key=names.dataset_rank):
+        figures[f"curves_{dataset}"] = fig_epoch_curves(results, dataset)
+    figures["latency"] = fig_latency(results)
+    if kind != "latency":
+        records = results.cells.to_dict("records")
+        swept = swept_axes(results, records, kind)
+        for axis in swept:
+            figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(results, axis)
+        named = ABLATION_AXES.get(kind, ())
+        if not swept and named:
+            # the ablation's rows are method entries (labels): compare those
+            figures[f"ablation_{named[0]}"] = fig_ablation(results, "method_name", names.axis_display(named[0]),
+                                                           paper_axis=named[0])
+    return {name: fig for name, fig in figures.items() if fig is not None}
+
+
+def save_figure(fig: Figure, stem: Path) -> list[Path]:
+    """``stem.png`` and ``stem.pdf``."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    with mpl.rc_context(STYLE):
+        for ext in ("png", "pdf"):
+            path = stem.with_suffix(f".{ext}")
+            fig.savefig(path)
+            paths.append(path)
+    return paths
