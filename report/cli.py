@@ -87,7 +87,22 @@ def write_report(results: SuiteResults, out_dir: Path, table: str | None = None,
         for path in figures[stem]:
             written[f"figures/{path.name}"] = path
     written["index.md"] = summary.write_index(out_dir, results, built, written, figures)
+    remove_stale_outputs(out_dir, set(written.values()))
     return {_relative(name, path, out_dir): path for name, path in written.items()}
+
+
+OWNED = {"tables": (".tex", ".md", ".csv"), "figures": (".png", ".pdf")}
+
+
+def remove_stale_outputs(out_dir: Path, written: set[Path]) -> None:
+    """A figure the data no longer supports (or another --table) must not linger beside the
+    new report; only our own subfolders and file types are touched."""
+    for folder, suffixes in OWNED.items():
+        if not (out_dir / folder).is_dir():
+            continue
+        for path in (out_dir / folder).iterdir():
+            if path.is_file() and path.suffix in suffixes and path not in written:
+                path.unlink()
 
 
 def _relative(name: str, path: Path, out_dir: Path) -> str:

@@ -34,6 +34,7 @@ STYLE = {
 PALETTE = "colorblind"
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "*", "p")
 PANEL = (5.2, 3.9)  # inches per panel
+MAX_CURVES = 10  # more lines per panel are unreadable (and the palette repeats)
 
 
 def _text(value: Any) -> str:
@@ -116,11 +117,19 @@ def _legend_columns(fig: Figure, labels: list[str]) -> int:
     return max(1, min(len(labels), int(fig.get_figwidth() * 72 // entry)))
 
 
+def _in_table_order(frame: pd.DataFrame, grid_axes: list[str]) -> pd.DataFrame:
+    """The tables' row order (paper order of methods, sweeps numerically): colours follow it."""
+    frame = frame.copy()
+    frame["_rank"] = [
+        (names.method_rank(r["method"]), names.backbone_rank(r["backbone"]), str(r["method_name"]),
+         *(names.value_sort_key(r.get(a)) for a in grid_axes))
+        for r in frame.to_dict("records")
+    ]
+    return frame.sort_values("_rank", kind="stable").drop(columns="_rank")
+
+
 def _ok(results: SuiteResults) -> pd.DataFrame:
-    """Finished cells in the tables' order (paper order of methods), so colours follow it too."""
-    ok = results.ok.copy()
-    ok["_rank"] = [(names.method_rank(m), names.backbone_rank(b)) for m, b in zip(ok["method"], ok["backbone"])]
-    ok = ok.sort_values(["_rank", "method_name"], kind="stable").drop(columns="_rank")
+    ok = _in_table_order(results.ok, results.grid_axes)
     ok["row_label"] = row_labels(ok, results.grid_axes)
     return ok
 
@@ -195,10 +204,13 @@ def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
     part = part.dropna(subset=["test/recall@1"])
     if part.empty or part["epoch"].nunique() < 2:
         return None
+    part = _in_table_order(part, results.grid_axes)
     part["row_label"] = row_labels(part, results.grid_axes)
+    labels = list(dict.fromkeys(part["row_label"]))
+    if len(labels) > MAX_CURVES:
+        return None
     metrics = [("test/recall@1", "R@1 (%)"), ("test/map@r", "MAP@R (%)")]
     metrics = [(m, lab) for m, lab in metrics if m in part and part[m].notna().any()]
-    labels = list(dict.fromkeys(part["row_label"]))
     colors = _palette(labels)
     with mpl.rc_context(STYLE):
         fig, axes = _figure(len(metrics))
@@ -260,14 +272,16 @@ def _is_numeric(values: pd.Series) -> bool:
 
 
 def fig_ablation(results: SuiteResults, axis: str, xlabel: str | None = None,
-                 paper_axis: str | None = None) -> Figure | None:
+                 paper_axis: str | None = None, others: Iterable[str] = ()) -> Figure | None:
     """R@1 and MAP@R against a swept grid axis: lines for numbers, bars for categories.
 
     The paper's values for the same sweep (Fig. 3, Table 7) are drawn dashed / as markers on
     the bars, for orientation. ``axis`` may be ``method_name`` (method entries as categories,
     e.g. one labelled entry per accumulator); ``paper_axis`` then names what they vary.
+    ``others``: further swept axes, held at their most common value, so that a union of
+    one-axis sweeps (N at L=12 and L at N=10) plots each sweep on its own.
     """
-    ok = _ok(results)
+    ok = _hold_fixed(_ok(results), axis, others)
     if axis not in ok or ok[axis].map(_text).nunique() < 2:
         return None
     if axis == "method_name":  # the categories are the methods: a series per dataset
@@ -305,6 +319,17 @@ def fig_ablation(results: SuiteResults, axis: str, xlabel: str | None = None,
         fig.suptitle(f"Ablation: {xlabel} (mean ± std over seeds)")
         _legend(fig, axes)
     return fig
+
+
+def _hold_fixed(ok: pd.DataFrame, axis: str, others: Iterable[str]) -> pd.DataFrame:
+    for other in others:
+        if other == axis or other not in ok:
+            continue
+        texts = ok[other].map(_text)
+        held = ok[texts == texts[texts != ""].mode().iloc[0]] if (texts != "").any() else ok
+        if held[axis].map(_text).nunique() >= 2:  # only when the sweep survives it
+            ok = held
+    return ok
 
 
 def _ablation_lines(ax, stats, axis, metric, series, colors) -> None:
@@ -384,7 +409,8 @@ def make_figures(results: SuiteResults, kind: str) -> dict[str, Figure]:
         records = results.cells.to_dict("records")
         swept = swept_axes(results, records, kind)
         for axis in swept:
-            figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(results, axis)
+            figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(
+                results, axis, others=swept)
         named = ABLATION_AXES.get(kind, ())
         if not swept and named:
             # the ablation's rows are method entries (labels): compare those

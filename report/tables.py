@@ -278,7 +278,6 @@ class Layout:
     sort_fn: Callable[[dict], tuple]
     specs: list[Spec]
     lead: str
-    swept: list[str] = field(default_factory=list)  # frame columns swept (ablations)
     datasets: list[Any] = field(default_factory=list)  # column groups with a delta column
 
 
@@ -468,7 +467,7 @@ def layout_ablation(results: SuiteResults, records: list[dict], kind: str, oracl
         section_fn=lambda r: "",
         stub_fn=stub,
         sort_fn=lambda r: (_method_sort(r), names.backbone_rank(r.get("backbone")), _extras_sort(r, swept)),
-        specs=specs, datasets=datasets, swept=swept, lead=f"Ablation over {what}",
+        specs=specs, datasets=datasets, lead=f"Ablation over {what}",
     )
 
 

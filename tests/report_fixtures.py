@@ -165,3 +165,16 @@ def make_accumulator_suite(root: Path, suite: str = "ablation_accumulator") -> P
         key = {"dataset": "cub200", "backbone": VIT_S, "method": method, "label": label, "seed": 0}
         write(suite_dir, result(key, r1, r1 - 0.34, method_args=args))
     return suite_dir
+
+
+def make_prompts_suite(root: Path, suite: str = "ablation_prompts") -> Path:
+    """Like suites/ablation_prompts.yaml: N swept at L=12 and L swept at N=10 (shared (10, 12))."""
+    suite_dir = root / suite
+    points = {(n, 12) for n in (0, 20, 40, 60, 80, 100)} | {(10, depth) for depth in (2, 4, 6, 8, 10, 12)}
+    for n, depth in sorted(points):
+        for seed in range(2):
+            key = {"dataset": "cub200", "backbone": VIT_S, "method": "vptsp_g+bitfit", "seed": seed,
+                   "num_prompts": n, "prompt_depth": depth}
+            r1 = 0.86 - abs(n - 20) * 0.0004 + depth * 0.0005 + 0.002 * seed
+            write(suite_dir, result(key, r1, r1 - 0.34))
+    return suite_dir

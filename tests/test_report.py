@@ -20,7 +20,7 @@ from rich.console import Console
 
 from bench.errors import UserError
 from report import names, published
-from report.cli import build_report, resolve_suite_dir, suite_table
+from report.cli import build_report, remove_stale_outputs, resolve_suite_dir, suite_table
 from report.load import ReportError, load_suite
 from report.plots import make_figures, pareto_front
 from report.render import tex, to_latex, to_markdown, write_table
@@ -399,6 +399,15 @@ def test_pareto_front():
 
 
 # --- summary page and terminal --------------------------------------------------------------
+
+def test_stale_outputs_are_removed(tmp_path):
+    for name in ("tables/generic.md", "tables/table1.md", "figures/old.png", "figures/notes.txt", "mine.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    remove_stale_outputs(tmp_path, {tmp_path / "tables" / "table1.md"})
+    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
+    assert left == ["figures/notes.txt", "mine.png", "tables/table1.md"]  # only our own kinds of file
+
 
 def test_index_links_every_output(report):
     index = report["index.md"]
