@@ -131,10 +131,7 @@ class Suite:
             cells.setdefault(cell_id, Cell(self.name, key, config, cell_id))  # sub-grids may overlap
         if not cells:
             raise self.fail("exclude", "removes every cell of the grid")
-        selected = list(cells.values())
-        if only:
-            selected = self._select(selected, only)
-        return selected
+        return self.select(list(cells.values()), only) if only else list(cells.values())
 
     def _keys(self):
         """(key, {axis: value}) for every point of every sub-grid, in file order."""
@@ -188,7 +185,7 @@ class Suite:
             message = str(e)
             raise SuiteError(message if message.startswith(where) else f"{where}: {message}") from None
 
-    def _select(self, cells: list[Cell], only: list[str]) -> list[Cell]:
+    def select(self, cells: list[Cell], only: list[str]) -> list[Cell]:
         """--only KEY=VALUE: values of one key are alternatives, different keys must all match."""
         wanted: dict[str, list[str]] = {}
         for item in only:

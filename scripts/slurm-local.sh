@@ -73,7 +73,8 @@ write_config() {
   cat >"$tmp" <<EOF
 $MARKER; rerun it instead of editing
 ClusterName=local
-SlurmctldHost=$NODE
+# addresses given explicitly: a container's hostname may not resolve
+SlurmctldHost=$NODE(127.0.0.1)
 SlurmUser=root
 AuthType=auth/munge
 # a requeued job waits cred_expire seconds before it may start again (default 120)
@@ -107,7 +108,7 @@ SlurmctldPidFile=$CTLD_PID
 SlurmdPidFile=$SLURMD_PID
 SlurmctldLogFile=$LOG_DIR/slurmctld.log
 SlurmdLogFile=$LOG_DIR/slurmd.log
-NodeName=$NODE CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
+NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
 EOF
   if [ -f "$CONF" ] && ! grep -qF "$MARKER" "$CONF"; then
@@ -157,15 +158,20 @@ cmd_up() {
   if write_config; then
     stop_daemons  # a changed config needs fresh daemons
   fi
+  local started=0
   if ! pid_alive "$CTLD_PID"; then
     slurmctld -f "$CONF"
+    started=1
   fi
   if ! pid_alive "$SLURMD_PID"; then
     slurmd -f "$CONF" -N "$NODE"
+    started=1
   fi
   wait_until_idle
-  # make sure a job really runs, not just that the daemons answer
-  timeout 60 srun -N1 -n1 -t 1 hostname >/dev/null || die "srun hostname failed; see $LOG_DIR/"
+  if [ $started -eq 1 ]; then
+    # a fresh start: make sure a job really runs, not just that the daemons answer
+    timeout 60 srun -N1 -n1 -t 1 hostname >/dev/null || die "srun hostname failed; see $LOG_DIR/"
+  fi
   log "up: partition debug on $NODE"
 }
 
