@@ -193,7 +193,7 @@ def wait_for_log(log: Path, pattern: str, timeout_s: float) -> str:
         text = log.read_text() if log.exists() else ""
         if re.search(pattern, text):
             return text
-        time.sleep(0.5)
+        time.sleep(0.2)
     raise AssertionError(f"{pattern!r} not in {log} after {timeout_s} s:\n{text}")
 
 
@@ -212,7 +212,7 @@ def assert_resumed_and_complete(suite_dir: Path, epochs: int) -> str:
 @pytest.mark.slurm
 def test_preempted_cell_is_requeued_and_resumes_from_its_last_epoch(slurm_cluster, fast_wait, tmp_path,
                                                                      synthetic_root, capsys):
-    epochs = 6
+    epochs = 16  # the signal must find the job still training: ~0.3-1.5 s per epoch here
     path = one_cell_suite(tmp_path, "preempt", epochs, steps=10)
     out, suite_dir = tmp_path / "results", tmp_path / "results" / "preempt"
     code, _ = run(capsys, path, "--executor", "slurm", "--data-root", synthetic_root, "--out", out)
