@@ -115,11 +115,6 @@ class Suite:
     def fail(self, where: str, message: str) -> SuiteError:
         return SuiteError(f"{self.path}: {where}: {message}")
 
-    @property
-    def axes(self) -> list[str]:
-        names = [axis for grid in self.grids for axis in grid]
-        return list(dict.fromkeys(names))
-
     def cells(self, data_root: str | None = None, only: list[str] | None = None) -> list[Cell]:
         """Every cell of the suite, resolved and validated; `only` keeps cells matching KEY=VALUE."""
         cells: dict[str, Cell] = {}
