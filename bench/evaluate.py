@@ -164,11 +164,20 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _resolve_backend(backend: str, k_search: int) -> str:
-    """'faiss-gpu', 'faiss-cpu', 'torch-cuda' or 'torch-cpu' for this search.
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _resolve_backend(backend: str, k_search: int, prefer_counting: bool = False) -> str:
+    """Which engine runs this search: 'faiss-gpu', 'faiss-cpu', 'torch-cuda', 'torch-cpu', 'blas-cpu'.
 
     "auto" takes the fastest exact search available: faiss on the GPU, else torch on the GPU
-    (a CUDA machine with faiss-cpu would otherwise search on the CPU), else faiss, else torch.
+    (a CUDA machine with faiss-cpu would otherwise search on the CPU), else on the CPU faiss,
+    or NumPy's BLAS when ``prefer_counting`` (see ``_counting_pays``), else torch.
     """
     _check_backend(backend)
     faiss = _faiss_or_none() if backend in ("auto", "faiss") else None
@@ -184,7 +193,19 @@ def _resolve_backend(backend: str, k_search: int) -> str:
         return "faiss-gpu"
     if _cuda_available():
         return "torch-cuda"
+    if prefer_counting and _torch_importable():
+        return "blas-cpu"
     return "faiss-cpu" if faiss is not None else "torch-cpu"
+
+
+def _counting_pays(deepest_k: int, list_length_for_map: int) -> bool:
+    """Whether R@K should come from counting (a CPU block engine) rather than a top-K list.
+
+    Keeping the top 1000 of every row (SOP's R@1000) costs about a third of the matrix product
+    itself, while counting the gallery items that beat the best positive costs two cheap
+    passes over the block. It pays when K is deep and far beyond the R that MAP@R needs.
+    """
+    return deepest_k >= 64 and deepest_k > 2 * list_length_for_map
 
 
 def _lowest_index_topk(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -204,8 +225,7 @@ def _lowest_index_topk(similarities: np.ndarray, k: int) -> tuple[np.ndarray, np
 
 def _order_by_similarity_then_index(similarities: np.ndarray, indices: np.ndarray):
     order = np.lexsort((indices, -similarities), axis=1)
-    return (np.take_along_axis(similarities, order, axis=1).astype(np.float32, copy=False),
-            np.take_along_axis(indices, order, axis=1).astype(np.int64, copy=False))
+    return np.take_along_axis(similarities, order, axis=1), np.take_along_axis(indices, order, axis=1)
 
 
 def _drop_self(similarities: np.ndarray, indices: np.ndarray, self_indices: np.ndarray):
@@ -228,15 +248,49 @@ def _repair_straddling_ties(similarities, indices, k, exact_rows):
     neighbours depend on the backend; ``exact_rows(rows)`` returns those rows' full similarity
     rows (self at -inf) to settle it by lowest index.
     """
+    straddling = np.empty(0, dtype=np.int64)
     if similarities.shape[1] > k:
         straddling = np.flatnonzero(similarities[:, k - 1] == similarities[:, k])
-        similarities, indices = similarities[:, :k].copy(), indices[:, :k].copy()
-        if len(straddling):
-            similarities[straddling], indices[straddling] = _lowest_index_topk(exact_rows(straddling), k)
-    return _order_by_similarity_then_index(similarities, indices)
+    similarities = similarities[:, :k].astype(np.float32)  # copies: the inputs may be views
+    indices = indices[:, :k].astype(np.int64)
+    # Rows arrive sorted by similarity; only rows with equal neighbours (and the repaired rows,
+    # which come in index order) need sorting, which saves a full sort of every row.
+    has_equal_neighbours = (similarities[:, 1:] == similarities[:, :-1]).any(axis=1)
+    if len(straddling):
+        similarities[straddling], indices[straddling] = _lowest_index_topk(exact_rows(straddling), k)
+        has_equal_neighbours[straddling] = True
+    rows = np.flatnonzero(has_equal_neighbours)
+    if len(rows):
+        similarities[rows], indices[rows] = _order_by_similarity_then_index(similarities[rows], indices[rows])
+    return similarities, indices
+
+
+def _first_positive_ranks(block: np.ndarray, positives: np.ndarray) -> np.ndarray:
+    """0-based rank of each row's best positive in the (similarity desc, index asc) order.
+
+    ``block`` holds full similarity rows with self at -inf; ``positives`` the columns of each
+    row's class, padded with -1. The rank is the number of columns that come first: those more
+    similar, and those exactly as similar with a lower index.
+    """
+    padding = positives < 0
+    values = np.take_along_axis(block, np.where(padding, 0, positives), axis=1)
+    values[padding] = -np.inf
+    best = values.max(axis=1, keepdims=True)
+    best_column = np.where(values == best, positives, block.shape[1]).min(axis=1)
+    ranks = np.count_nonzero(block > best, axis=1)
+    at_or_above = np.count_nonzero(block >= best, axis=1)
+    tied = np.flatnonzero(at_or_above - ranks > 1)  # more than the best positive itself
+    if len(tied):
+        lower_index = np.arange(block.shape[1]) < best_column[tied, None]
+        ranks[tied] += np.count_nonzero((block[tied] == best[tied]) & lower_index, axis=1)
+    return ranks
 
 
 class _FaissSearcher:
+    """faiss's exact inner-product index; returns top-k lists only."""
+
+    can_count = False
+
     def __init__(self, gallery: np.ndarray, use_gpu: bool):
         import faiss
 
@@ -247,7 +301,7 @@ class _FaissSearcher:
         index.add(gallery)
         self.index = index
 
-    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int):
+    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int, positives=None):
         gallery_size = len(self.gallery)
         extra = 0 if self_indices is None else 1
         # one candidate beyond k (and beyond self) shows whether a tie crosses the cut
@@ -262,7 +316,7 @@ class _FaissSearcher:
                 full[np.arange(len(rows)), self_indices[rows]] = -np.inf
             return full
 
-        return _repair_straddling_ties(similarities, indices, k, exact_rows)
+        return _repair_straddling_ties(similarities, indices, k, exact_rows), None
 
 
 _FAISS_GPU_RESOURCES = None
@@ -278,60 +332,90 @@ def _faiss_gpu_resources():
     return _FAISS_GPU_RESOURCES
 
 
-class _TorchSearcher:
-    def __init__(self, gallery: np.ndarray, device: str):
+class _BlockSearcher:
+    """Materialises one chunk x gallery similarity block at a time, then selects top-k.
+
+    The product runs in torch (CPU or CUDA) or, for 'blas-cpu', in NumPy, whose BLAS was
+    measurably faster than torch's on the AMD CPUs this suite was benchmarked on. Blocks on the
+    CPU can also answer "where does the best positive rank?" by counting.
+    """
+
+    def __init__(self, gallery: np.ndarray, kind: str):
         import torch
 
         self.torch = torch
-        self.device = torch.device(device)
-        self.gallery = torch.from_numpy(gallery).to(self.device)
+        self.use_numpy = kind == "blas-cpu"
+        self.device = torch.device("cuda" if kind == "torch-cuda" else "cpu")
+        self.can_count = self.device.type == "cpu"
+        self.gallery = gallery if self.use_numpy else torch.from_numpy(gallery).to(self.device)
+        self._buffer = None  # reused product output: fresh pages per chunk cost time
 
-    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int):
+    def _block(self, queries: np.ndarray, self_indices: np.ndarray | None):
+        torch = self.torch
+        if self.use_numpy:
+            shape = (len(queries), len(self.gallery))
+            if self._buffer is None or self._buffer.shape[0] < shape[0]:
+                self._buffer = np.empty(shape, dtype=np.float32)
+            block = torch.from_numpy(np.matmul(queries, self.gallery.T, out=self._buffer[: shape[0]]))
+        else:
+            block = torch.from_numpy(queries).to(self.device) @ self.gallery.T
+        if self_indices is not None:
+            rows = torch.arange(len(queries), device=self.device)
+            block[rows, torch.from_numpy(self_indices).to(self.device)] = -torch.inf
+        return block
+
+    def search(self, queries: np.ndarray, self_indices: np.ndarray | None, k: int, positives=None):
         torch = self.torch
         with torch.no_grad():
-            block = torch.from_numpy(queries).to(self.device) @ self.gallery.T
-            if self_indices is not None:
-                rows = torch.arange(len(queries), device=self.device)
-                block[rows, torch.from_numpy(self_indices).to(self.device)] = -torch.inf
-            # a masked self sits at -inf and so is never the (k+1)-th *finite* candidate
-            width = min(k + 1, block.shape[1])
-            similarities, indices = block.topk(width, dim=1)
-            similarities, indices = similarities.cpu().numpy(), indices.cpu().numpy()
-            return _repair_straddling_ties(
-                similarities, indices, k, lambda rows: block[torch.from_numpy(rows).to(self.device)].cpu().numpy()
+            block = self._block(queries, self_indices)
+            # a masked self (-inf) can never tie with the finite k-th value, so it never
+            # looks like a tie across the cut
+            similarities, indices = block.topk(min(k + 1, block.shape[1]), dim=1)
+            neighbours = _repair_straddling_ties(
+                similarities.cpu().numpy(), indices.cpu().numpy(), k,
+                lambda rows: block[torch.from_numpy(rows).to(self.device)].cpu().numpy(),
             )
+            ranks = None if positives is None else _first_positive_ranks(block.numpy(), positives)
+        return neighbours, ranks
 
 
 def _make_searcher(kind: str, gallery: np.ndarray):
     if kind.startswith("faiss"):
         return _FaissSearcher(gallery, use_gpu=kind == "faiss-gpu")
-    return _TorchSearcher(gallery, device="cuda" if kind == "torch-cuda" else "cpu")
+    return _BlockSearcher(gallery, kind)
+
+
+def _chunk_rows(chunk_size: int | None, gallery_size: int) -> int:
+    if chunk_size is None:
+        return _default_chunk_rows(gallery_size)
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise EvaluationError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    return int(chunk_size)
 
 
 def _iter_neighbours(
+    searcher,
     query: np.ndarray,
     query_rows: np.ndarray,
-    gallery: np.ndarray,
     k: int,
     *,
     self_search: bool,
-    backend: str,
-    chunk_size: int | None,
-) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Yields (rows, similarities [c, k], indices [c, k]) for the given query rows, in order.
+    chunk_size: int,
+    positives_of=None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]]:
+    """Yields (rows, similarities [c, k], indices [c, k], best-positive ranks or None) in order.
 
-    In self-search mode ``gallery is query`` and each row is excluded from its own neighbours.
-    Only one chunk of rows x the gallery exists at a time, never an N x N matrix.
+    In self-search mode the searcher's gallery is ``query`` and each row is excluded from its
+    own neighbours. Only one chunk of rows x the gallery exists at a time, never N x N.
+    ``positives_of(rows)`` (padded gallery columns of each row's class) asks for ranks.
     """
-    if chunk_size is None:
-        chunk_size = _default_chunk_rows(len(gallery))
-    elif isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise EvaluationError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    searcher = _make_searcher(_resolve_backend(backend, k + 2), gallery)
     for start in range(0, len(query_rows), chunk_size):
         rows = query_rows[start : start + chunk_size]
-        similarities, indices = searcher.search(query[rows], rows if self_search else None, k)
-        yield rows, similarities, indices
+        positives = None if positives_of is None else positives_of(rows)
+        (similarities, indices), ranks = searcher.search(
+            query[rows], rows if self_search else None, k, positives
+        )
+        yield rows, similarities, indices, ranks
 
 
 def knn(
@@ -370,9 +454,11 @@ def knn(
         raise EvaluationError(f"k={k} neighbours requested but the gallery has only {available} candidates")
     similarities = np.empty((len(query), k), dtype=np.float32)
     indices = np.empty((len(query), k), dtype=np.int64)
-    chunks = _iter_neighbours(query, np.arange(len(query)), gallery_array, int(k),
-                              self_search=exclude_self, backend=backend, chunk_size=chunk_size)
-    for rows, chunk_similarities, chunk_indices in chunks:
+    rows_per_chunk = _chunk_rows(chunk_size, len(gallery_array))
+    searcher = _make_searcher(_resolve_backend(backend, k + 2), gallery_array)
+    chunks = _iter_neighbours(searcher, query, np.arange(len(query)), int(k),
+                              self_search=exclude_self, chunk_size=rows_per_chunk)
+    for rows, chunk_similarities, chunk_indices, _ in chunks:
         similarities[rows], indices[rows] = chunk_similarities, chunk_indices
     return similarities, indices
 
@@ -385,6 +471,16 @@ def _first_hit_ranks(same_class: np.ndarray) -> np.ndarray:
     """0-based rank of each row's first same-class neighbour; the row length when none."""
     found = same_class.any(axis=1)
     return np.where(found, same_class.argmax(axis=1), same_class.shape[1])
+
+
+def _class_members(codes: np.ndarray, num_classes: int) -> np.ndarray:
+    """Gallery indices of each class, one row per class, padded with -1 to the largest class."""
+    sizes = np.bincount(codes, minlength=num_classes)
+    order = np.argsort(codes, kind="stable")
+    position_in_class = np.arange(len(codes)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    members = np.full((num_classes, max(int(sizes.max()), 1)), -1, dtype=np.int64)
+    members[codes[order], position_in_class] = order
+    return members
 
 
 def _average_precision_at_r(same_class: np.ndarray, r: np.ndarray) -> np.ndarray:
@@ -454,14 +550,26 @@ def retrieval_metrics(
             f"{'in the set' if self_search else 'in the gallery'}: nothing to score"
         )
 
-    k = min(max(ks[-1], int(r_per_query[scored].max())), candidates)
+    # MAP@R needs each query's top R; R@K needs where its first positive ranks, read from a
+    # top-K list or, for deep K on the CPU, counted (see _counting_pays).
+    r_max = int(r_per_query[scored].max())
+    prefer_counting = _counting_pays(ks[-1], r_max)
+    list_length = min(max(ks[-1], r_max), candidates)
+    rows_per_chunk = _chunk_rows(chunk_size, len(gallery))
+    searcher = _make_searcher(_resolve_backend(backend, list_length + 2, prefer_counting), gallery)
+    positives_of = None
+    if prefer_counting and searcher.can_count:
+        list_length = min(r_max, candidates)
+        members = _class_members(gallery_codes, len(class_sizes))
+        positives_of = lambda rows: members[query_codes[rows]]  # noqa: E731
+
     hits = dict.fromkeys(ks, 0)
     ap_sum = 0.0
-    chunks = _iter_neighbours(query, scored, gallery, k, self_search=self_search,
-                              backend=backend, chunk_size=chunk_size)
-    for rows, _, neighbours in chunks:
+    chunks = _iter_neighbours(searcher, query, scored, list_length, self_search=self_search,
+                              chunk_size=rows_per_chunk, positives_of=positives_of)
+    for rows, _, neighbours, counted_ranks in chunks:
         same_class = gallery_codes[neighbours] == query_codes[rows, None]
-        first_hit = _first_hit_ranks(same_class)
+        first_hit = _first_hit_ranks(same_class) if counted_ranks is None else counted_ranks
         for kk in ks:
             hits[kk] += int((first_hit < kk).sum())
         ap_sum += float(_average_precision_at_r(same_class, r_per_query[rows]).sum())

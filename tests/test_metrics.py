@@ -96,6 +96,25 @@ def assert_no_near_ties(sims_sorted, width):
     assert gaps.min() > 2e-6, "test data has near-ties; pick another seed"
 
 
+def assert_best_positive_stands_clear(query, query_labels, gallery=None, gallery_labels=None):
+    """The premise for deep R@K: nothing is within 2e-6 of a query's best positive similarity."""
+    self_search = gallery is None
+    if self_search:
+        gallery, gallery_labels = query, query_labels
+    sims = normalised(query).astype(np.float64) @ normalised(gallery).astype(np.float64).T
+    if self_search:
+        np.fill_diagonal(sims, -np.inf)
+    positive = query_labels[:, None] == gallery_labels[None, :]
+    if self_search:
+        np.fill_diagonal(positive, False)
+    scored = positive.any(axis=1)
+    sims, positive = sims[scored], positive[scored]
+    best = np.where(positive, sims, -np.inf).max(axis=1, keepdims=True)
+    distance = np.abs(sims - best)
+    distance[sims == best] = np.inf  # the best positive itself
+    assert distance.min() > 2e-6, "test data has near-ties; pick another seed"
+
+
 def search_width(labels, ks, gallery_labels=None):
     """How many neighbours the metrics look at: max(K, R)."""
     counts = np.unique(labels if gallery_labels is None else gallery_labels, return_counts=True)[1]
@@ -150,11 +169,11 @@ def test_knn_query_vs_gallery_matches_brute_force(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("chunk_size", [None, 1, 7])
+@pytest.mark.parametrize("chunk_size", [None, 1, 37])
 def test_knn_ties_are_broken_by_lower_index(backend, chunk_size):
-    # 5^4 = 625 possible vectors for 700 rows: duplicates and tied similarities everywhere,
+    # 5^4 = 625 possible vectors for 400 rows: duplicates and tied similarities everywhere,
     # including ties that straddle rank k, where a backend's own top-k picks arbitrarily.
-    x = integer_data(2, 700)
+    x = integer_data(2, 400)
     ref_sims, ref_idx = brute_force_ranking(x)
     sims, idx = knn(x, k=15, exclude_self=True, backend=backend, chunk_size=chunk_size)
     np.testing.assert_array_equal(idx, ref_idx[:, :15])
@@ -191,6 +210,40 @@ def test_knn_k_can_be_the_whole_gallery():
         _, idx = knn(x, k=29, exclude_self=True, backend=backend)
         np.testing.assert_array_equal(np.sort(idx, axis=1)[0], np.arange(1, 30))
         np.testing.assert_array_equal(idx, brute_force_ranking(x)[1])
+
+
+def test_auto_backend_works_without_faiss(monkeypatch):
+    x = normalised(clustered_data(16, 100)[0])
+    expected = knn(x, k=5, exclude_self=True, backend="torch")
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` now raises ImportError
+    result = knn(x, k=5, exclude_self=True, backend="auto")
+    np.testing.assert_array_equal(result[1], expected[1])
+    with pytest.raises(EvaluationError, match="faiss is not installed"):
+        knn(x, k=5, exclude_self=True, backend="faiss")
+
+
+@pytest.mark.parametrize("faiss_gpu, cuda, k, expected", [
+    # (faiss has GPU support, CUDA available, neighbours searched) -> auto, faiss, torch
+    (True, True, 100, ("faiss-gpu", "faiss-gpu", "torch-cuda")),
+    (True, True, 5000, ("torch-cuda", "faiss-cpu", "torch-cuda")),  # over faiss's GPU k limit
+    (False, True, 100, ("torch-cuda", "faiss-cpu", "torch-cuda")),  # faiss-cpu on a GPU box
+    (False, False, 100, ("faiss-cpu", "faiss-cpu", "torch-cpu")),
+])
+def test_backend_resolution(monkeypatch, faiss_gpu, cuda, k, expected):
+    """Which search runs where; the GPU paths themselves need a GPU machine to run."""
+    import types
+
+    import bench.evaluate as evaluate
+
+    fake_faiss = types.SimpleNamespace(get_num_gpus=lambda: int(faiss_gpu))
+    if faiss_gpu:
+        fake_faiss.StandardGpuResources = object
+    monkeypatch.setattr(evaluate, "_faiss_or_none", lambda: fake_faiss)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert tuple(evaluate._resolve_backend(b, k) for b in ("auto", "faiss", "torch")) == expected
+    # deep R@K on the CPU: auto counts on NumPy blocks; GPUs and explicit backends are unchanged
+    counting = tuple(evaluate._resolve_backend(b, k, prefer_counting=True) for b in ("auto", "faiss", "torch"))
+    assert counting == (expected[0] if cuda else "blas-cpu",) + expected[1:]
 
 
 @pytest.mark.parametrize("call, message", [
@@ -239,12 +292,48 @@ def test_metrics_query_vs_gallery_match_brute_force(backend):
     assert_metrics_equal(result, expected)
 
 
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_deep_recall_by_counting_matches_brute_force(backend):
+    """R@100 with classes of <= 8 images: CPU block engines count where the best positive
+    ranks instead of keeping a top-100 list (bench.evaluate._counting_pays)."""
+    import bench.evaluate as evaluate
+
+    x, labels = clustered_data(20, 400, classes=100, lone=5)
+    ks = (1, 10, 100)
+    assert evaluate._counting_pays(max(ks), int(np.bincount(labels).max()))
+    assert_no_near_ties(brute_force_ranking(normalised(x))[0], search_width(labels, (1,)))
+    assert_best_positive_stands_clear(x, labels)
+    assert_best_positive_stands_clear(x[:100], labels[:100], x[100:], labels[100:])
+    expected = brute_force_metrics(x, labels, ks)
+    assert_metrics_equal(retrieval_metrics(x, labels, ks, backend=backend, chunk_size=37), expected)
+
+    query_labels = labels[:100].copy()
+    query_labels[:3] = 5000 + np.arange(3)
+    expected = brute_force_metrics(x[:100], query_labels, ks, x[100:], labels[100:])
+    result = retrieval_metrics(x[:100], query_labels, ks, gallery_embeddings=x[100:],
+                               gallery_labels=labels[100:], backend=backend)
+    assert_metrics_equal(result, expected)
+
+
+def test_counted_ranks_follow_the_tie_rule():
+    # integer data: exact ties everywhere, so counted and listed ranks agree only if both
+    # put equally similar items in index order
+    x = integer_data(21, 500)
+    labels = np.random.default_rng(21).integers(0, 150, 500)
+    listed = retrieval_metrics(x, labels, (1, 5, 80), backend="faiss" if "faiss" in BACKENDS else "torch",
+                               normalize=False, chunk_size=1000)
+    for backend, chunk_size in (("auto", None), ("torch", 33)):
+        counted = retrieval_metrics(x, labels, (1, 5, 80), backend=backend, normalize=False,
+                                    chunk_size=chunk_size)
+        assert counted == listed
+
+
 def test_metrics_with_ties_agree_across_backends_and_chunks():
     # Integer data without normalisation: exact ties, so only a shared tie rule gives equality.
     x = integer_data(8, 600)
     labels = np.random.default_rng(8).integers(0, 50, 600)
     results = [retrieval_metrics(x, labels, (1, 4, 16), backend=b, normalize=False, chunk_size=c)
-               for b in BACKENDS for c in (None, 5)]
+               for b in BACKENDS for c in (None, 45)]
     for result in results[1:]:
         assert result == results[0]
     # duplicated rows with normalisation (ties up to rounding)
