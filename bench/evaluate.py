@@ -9,6 +9,8 @@ Conventions, fixed here once so that every number in the suite means the same th
 * similarity is the inner product of L2-normalised embeddings (cosine);
 * neighbours are ranked by similarity, descending, and exact ties by the lower gallery index,
   with every backend (faiss, torch) and every chunk size;
+* R@K asks where a query's best positive ranks in that order; for deep K (SOP's R@1000) the
+  CPU engines count the items ranked before it instead of keeping a top-K list per query;
 * in self-retrieval mode (no gallery) the query itself is excluded *by index*, so that a
   duplicate embedding of the query still counts as a neighbour;
 * a "lone" query (no other sample of its class to find) is left out of every metric and
@@ -492,6 +494,26 @@ def _average_precision_at_r(same_class: np.ndarray, r: np.ndarray) -> np.ndarray
     return (hits_so_far * relevant / ranks).sum(axis=1) / r
 
 
+def _checked_query_and_gallery(embeddings, labels, gallery_embeddings, gallery_labels):
+    """(query, query labels, gallery, gallery labels); the gallery is the query set when absent."""
+    query = _check_embeddings(embeddings, "embeddings")
+    query_labels = _check_labels(labels, "labels", len(query), "embeddings")
+    if gallery_embeddings is None:
+        if gallery_labels is not None:
+            raise EvaluationError("gallery labels given without gallery embeddings")
+        return query, query_labels, query, query_labels
+    if gallery_labels is None:
+        raise EvaluationError("gallery embeddings given without gallery labels")
+    gallery = _check_embeddings(gallery_embeddings, "gallery embeddings")
+    gallery_labels = _check_labels(gallery_labels, "gallery labels", len(gallery), "gallery embeddings")
+    if gallery.shape[1] != query.shape[1]:
+        raise EvaluationError(
+            f"embeddings have dimension {query.shape[1]} but gallery embeddings have "
+            f"dimension {gallery.shape[1]}"
+        )
+    return query, query_labels, gallery, gallery_labels
+
+
 def retrieval_metrics(
     embeddings: Any,
     labels: Any,
@@ -509,32 +531,18 @@ def retrieval_metrics(
     iNaturalist); with one, queries search the gallery only (In-Shop). R is the number of
     *other* samples of the query's class in the gallery. Queries with R = 0 are left out and
     counted in ``num_lone_queries``; ``num_queries`` is the number of queries scored.
+    ``chunk_size`` is the number of queries searched at once (default: ~256 MB blocks).
 
     Returns ``{"recall@K": ..., "map@r": ..., "num_queries": ..., "num_lone_queries": ...}``.
     """
     _check_backend(backend)
     ks = _check_ks(ks)
-    query = _check_embeddings(embeddings, "embeddings")
-    query_labels = _check_labels(labels, "labels", len(query), "embeddings")
     self_search = gallery_embeddings is None
-    if self_search:
-        if gallery_labels is not None:
-            raise EvaluationError("gallery labels given without gallery embeddings")
-        gallery, gallery_labels = query, query_labels
-    else:
-        if gallery_labels is None:
-            raise EvaluationError("gallery embeddings given without gallery labels")
-        gallery = _check_embeddings(gallery_embeddings, "gallery embeddings")
-        gallery_labels = _check_labels(gallery_labels, "gallery labels", len(gallery), "gallery embeddings")
-        if gallery.shape[1] != query.shape[1]:
-            raise EvaluationError(
-                f"embeddings have dimension {query.shape[1]} but gallery embeddings have "
-                f"dimension {gallery.shape[1]}"
-            )
+    query, query_labels, gallery, gallery_labels = _checked_query_and_gallery(
+        embeddings, labels, gallery_embeddings, gallery_labels)
     if normalize:
         query = _l2_normalise(query)
         gallery = query if self_search else _l2_normalise(gallery)
-
     candidates = len(gallery) - int(self_search)
     if ks[-1] > candidates:
         where = "other embeddings" if self_search else "gallery embeddings"
@@ -555,7 +563,6 @@ def retrieval_metrics(
     r_max = int(r_per_query[scored].max())
     prefer_counting = _counting_pays(ks[-1], r_max)
     list_length = min(max(ks[-1], r_max), candidates)
-    rows_per_chunk = _chunk_rows(chunk_size, len(gallery))
     searcher = _make_searcher(_resolve_backend(backend, list_length + 2, prefer_counting), gallery)
     positives_of = None
     if prefer_counting and searcher.can_count:
@@ -566,19 +573,18 @@ def retrieval_metrics(
     hits = dict.fromkeys(ks, 0)
     ap_sum = 0.0
     chunks = _iter_neighbours(searcher, query, scored, list_length, self_search=self_search,
-                              chunk_size=rows_per_chunk, positives_of=positives_of)
+                              chunk_size=_chunk_rows(chunk_size, len(gallery)), positives_of=positives_of)
     for rows, _, neighbours, counted_ranks in chunks:
         same_class = gallery_codes[neighbours] == query_codes[rows, None]
         first_hit = _first_hit_ranks(same_class) if counted_ranks is None else counted_ranks
-        for kk in ks:
-            hits[kk] += int((first_hit < kk).sum())
+        for k in ks:
+            hits[k] += int(np.count_nonzero(first_hit < k))
         ap_sum += float(_average_precision_at_r(same_class, r_per_query[rows]).sum())
 
-    num_queries = len(scored)
-    metrics: dict[str, float | int] = {f"recall@{kk}": hits[kk] / num_queries for kk in ks}
-    metrics["map@r"] = ap_sum / num_queries
-    metrics["num_queries"] = num_queries
-    metrics["num_lone_queries"] = len(query) - num_queries
+    metrics: dict[str, float | int] = {f"recall@{k}": hits[k] / len(scored) for k in ks}
+    metrics["map@r"] = ap_sum / len(scored)
+    metrics["num_queries"] = len(scored)
+    metrics["num_lone_queries"] = len(query) - len(scored)
     return metrics
 
 
@@ -665,11 +671,15 @@ def cmd_evaluate(args) -> int:
     if args.gallery_emb is not None:
         gallery = _load_npy(args.gallery_emb, "gallery embeddings")
         gallery_labels = _load_npy(args.gallery_labels, "gallery labels")
-    metrics = retrieval_metrics(
-        embeddings, labels, args.k,
-        gallery_embeddings=gallery, gallery_labels=gallery_labels,
-        backend=args.backend, normalize=not args.no_normalize,
-    )
+    try:
+        metrics = retrieval_metrics(
+            embeddings, labels, args.k,
+            gallery_embeddings=gallery, gallery_labels=gallery_labels,
+            backend=args.backend, normalize=not args.no_normalize,
+        )
+    except EvaluationError as e:
+        files = [args.embeddings, args.labels] + ([args.gallery_emb, args.gallery_labels] if gallery is not None else [])
+        raise EvaluationError(f"{e} (files: {', '.join(files)})") from None
     if args.json:
         json.dump(metrics, sys.stdout)
         sys.stdout.write("\n")

@@ -6,7 +6,6 @@ argsort), pytorch-metric-learning's AccuracyCalculator, and tiny cases worked ou
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -365,10 +364,10 @@ def test_metrics_accept_torch_tensors_and_string_labels():
 
 def pml_accuracy(query, query_labels, reference=None, reference_labels=None):
     """AccuracyCalculator with its defaults for lone queries (see the test docstring)."""
-    from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
-
-    calculator = AccuracyCalculator(include=("precision_at_1", "mean_average_precision_at_r"),
-                                    k="max_bin_count", device=torch.device("cpu"))
+    accuracy_calculator = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    calculator = accuracy_calculator.AccuracyCalculator(
+        include=("precision_at_1", "mean_average_precision_at_r"), k="max_bin_count",
+        device=torch.device("cpu"))
     if reference is None:
         return calculator.get_accuracy(query, query_labels, query, query_labels, ref_includes_query=True)
     return calculator.get_accuracy(query, query_labels, reference, reference_labels, ref_includes_query=False)
@@ -629,5 +628,8 @@ def test_cmd_evaluate_file_errors(saved_embeddings):
         cmd_evaluate(cli_args(folder / "emb.npy", folder / "broken.npy"))
     with pytest.raises(EmbeddingFileError, match="obj.npy"):
         cmd_evaluate(cli_args(folder / "obj.npy", folder / "labels.npy"))
+    np.save(folder / "short.npy", np.zeros(3, dtype=np.int64))
+    with pytest.raises(EvaluationError, match=r"3 entries but embeddings has 200 rows .*short\.npy"):
+        cmd_evaluate(cli_args(folder / "emb.npy", folder / "short.npy"))
     with pytest.raises(EvaluationError, match="together"):
         cmd_evaluate(cli_args(folder / "emb.npy", folder / "labels.npy", "--gallery-emb", folder / "emb.npy"))
