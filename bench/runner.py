@@ -27,6 +27,7 @@ from bench.results import (RESULT_FILE, SCHEMA_VERSION, atomic_write_json, check
                            make_cell_id, read_result)
 
 LOCK_FILE = ".lock"
+RUNS_LOG = "runs.log"  # one line per start and end of this cell: requeues and retries stay visible
 WEIGHTS_FILE = "trainable.safetensors"
 PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "numpy", "submitit")
 
@@ -82,7 +83,17 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
                     return existing
             except UserError:
                 pass  # unreadable: run again
-        return _run_locked(config, cell_dir, key, progress)
+        log_run(cell_dir, "start")
+        result = _run_locked(config, cell_dir, key, progress)
+        log_run(cell_dir, f"end {result['status']}")
+        return result
+
+
+def log_run(cell_dir: Path, what: str) -> None:
+    stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    job = os.environ.get("SLURM_JOB_ID", "-")
+    with open(cell_dir / RUNS_LOG, "a") as log:
+        log.write(f"{stamp} {socket.gethostname()} pid={os.getpid()} slurm_job={job} {what}\n")
 
 
 def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], progress) -> dict[str, Any]:
