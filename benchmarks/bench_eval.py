@@ -146,10 +146,16 @@ def run_child(tool: str, data_dir: Path, ks: tuple[int, ...]) -> dict:
             "baseline_rss_mb": baseline, "recall@1": recall_at_1, "map@r": map_at_r}
 
 
-def measure_once(tool: str, data_dir: Path, ks: tuple[int, ...]) -> dict:
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def measure_once(tool: str, data_dir: Path, ks: tuple[int, ...], threads: int | None) -> dict:
     command = [sys.executable, __file__, "--child", tool, "--data", str(data_dir),
                "--ks", *map(str, ks)]
-    done = subprocess.run(command, capture_output=True, text=True)
+    env = dict(os.environ)
+    if threads is not None:  # the same limit for every BLAS / OpenMP pool of every tool
+        env.update({variable: str(threads) for variable in THREAD_VARIABLES})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"tool": tool, "error": done.stderr.strip().splitlines()[-1] if done.stderr else "failed"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -183,9 +189,9 @@ def versions() -> str:
     return ", ".join(found)
 
 
-def measure(tool: str, data_dir: Path, ks: tuple[int, ...], repeat: int) -> dict:
+def measure(tool: str, data_dir: Path, ks: tuple[int, ...], repeat: int, threads: int | None) -> dict:
     """Best (lowest) wall and CPU time over ``repeat`` fresh processes, and the highest RSS."""
-    runs = [measure_once(tool, data_dir, ks) for _ in range(repeat)]
+    runs = [measure_once(tool, data_dir, ks, threads) for _ in range(repeat)]
     failed = [run for run in runs if "error" in run]
     if failed:
         return failed[0]
@@ -250,8 +256,12 @@ def main() -> int:
     parser.add_argument("--tools", nargs="+", choices=TOOLS, default=list(TOOLS))
     parser.add_argument("--quick", action="store_true", help="one tenth of the images and classes")
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool; the best is reported")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="limit every tool to this many threads (default: the libraries' own)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "eval.md"),
                         help="Markdown output ('' to skip writing)")
+    parser.add_argument("--append", action="store_true",
+                        help="add this run's section to --out instead of replacing the file")
     parser.add_argument("--child", choices=TOOLS, help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--ks", type=int, nargs="+", help=argparse.SUPPRESS)
@@ -277,7 +287,7 @@ def main() -> int:
             print(data_lines[-1], flush=True)
             measured = []
             for tool in tools_for(size, labels, args.tools):
-                measured.append({"data": name, **measure(tool, data_dir, size.ks, args.repeat)})
+                measured.append({"data": name, **measure(tool, data_dir, size.ks, args.repeat, args.threads)})
                 print(f"  {measured[-1]}", flush=True)
             compare_with_pml(measured)
             rows.extend(measured)
@@ -289,7 +299,7 @@ def main() -> int:
         f"- date: {started:%Y-%m-%d %H:%M %Z}",
         f"- machine: {machine()}; load average (1 min) {load_before:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end (the machine is shared)",
-        f"- packages: {versions()}",
+        f"- packages: {versions()}; threads per tool: {args.threads or 'library defaults'}",
         *[f"- data: {line}" for line in data_lines],
         "",
         table(rows),
@@ -308,7 +318,10 @@ def main() -> int:
     print()
     print(report)
     if args.out:
-        Path(args.out).write_text(report)
+        out = Path(args.out)
+        if args.append and out.exists():
+            report = out.read_text() + "\n" + report.replace("# Evaluation cost", "## Evaluation cost", 1)
+        out.write_text(report)
         print(f"written to {args.out}")
     return 0
 

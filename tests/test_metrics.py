@@ -387,7 +387,8 @@ def test_metrics_match_pytorch_metric_learning(backend):
     x, labels = clustered_data(31, 500, lone=6)
     x = normalised(x)
     assert_no_near_ties(brute_force_ranking(x)[0], search_width(labels, (1,)))
-    assert_no_near_ties(brute_force_ranking(x[:150], x[150:])[0], search_width(labels[:150], (1,), labels[150:]))
+    assert_no_near_ties(brute_force_ranking(x[:150], x[150:])[0],
+                        search_width(labels[:150], (1,), labels[150:]))
     ours = retrieval_metrics(x, labels, (1,), backend=backend)
     theirs = pml_accuracy(x, labels)
     assert ours["num_lone_queries"] == 6
