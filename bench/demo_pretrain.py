@@ -31,6 +31,7 @@ import dataclasses
 import fcntl
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -147,11 +148,27 @@ def ensure_demo_data(data_root) -> Path:
     ``load_dataset('synthetic', ...)`` splits them), 20 images each, disjoint from the
     pretraining classes. Cheap (a few seconds) and idempotent: a finished dataset is reused.
     """
+    return _generate_once(Path(data_root) / "synthetic", num_classes=DEMO_CLASSES,
+                          images_per_class=DEMO_IMAGES_PER_CLASS, image_size=DEMO_IMAGE_SIZE,
+                          seed=0, class_offset=0, family_seed=0)
+
+
+def _generate_once(root: Path, **arguments) -> Path:
+    """``make_synthetic_dataset`` into a temporary sibling, renamed into place when complete.
+
+    A run killed half-way then leaves no half-written dataset, which the generator would
+    refuse ever after; the lock keeps two processes from writing the same one.
+    """
     from bench.data import make_synthetic_dataset
 
-    return make_synthetic_dataset(Path(data_root) / "synthetic", num_classes=DEMO_CLASSES,
-                                  images_per_class=DEMO_IMAGES_PER_CLASS, image_size=DEMO_IMAGE_SIZE,
-                                  seed=0, class_offset=0, family_seed=0)
+    if not root.exists():
+        with _exclusive_lock(root.parent / f".{root.name}.lock"):
+            if not root.exists():
+                partial = root.parent / f".{root.name}.partial"
+                shutil.rmtree(partial, ignore_errors=True)  # a killed run's; the lock is ours
+                make_synthetic_dataset(partial, **arguments)
+                os.replace(partial, root)
+    return make_synthetic_dataset(root, **arguments)  # checks that the arguments match
 
 
 # --- pretraining -----------------------------------------------------------------------------
@@ -205,12 +222,9 @@ def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None
 
 
 def _source_data(root: Path, recipe: Recipe) -> Path:
-    from bench.data import make_synthetic_dataset
-
-    return make_synthetic_dataset(root, num_classes=recipe.source_classes,
-                                  images_per_class=recipe.images_per_class, image_size=recipe.image_size,
-                                  seed=recipe.data_seed, class_offset=SOURCE_CLASS_OFFSET,
-                                  family_seed=recipe.family_seed)
+    return _generate_once(root, num_classes=recipe.source_classes, images_per_class=recipe.images_per_class,
+                          image_size=recipe.image_size, seed=recipe.data_seed,
+                          class_offset=SOURCE_CLASS_OFFSET, family_seed=recipe.family_seed)
 
 
 def _load_images(root: Path, recipe: Recipe):

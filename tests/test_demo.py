@@ -127,3 +127,11 @@ def test_demo_data_is_generated_once_with_disjoint_train_and_test_classes(tmp_pa
     assert splits.train.num_classes == splits.test.num_classes == demo_pretrain.DEMO_CLASSES // 2
     assert not set(splits.train.class_names) & set(splits.test.class_names)
     assert len(splits.test) == demo_pretrain.DEMO_CLASSES // 2 * demo_pretrain.DEMO_IMAGES_PER_CLASS
+
+
+def test_a_killed_generation_leaves_nothing_that_blocks_the_next(tmp_path):
+    partial = tmp_path / ".synthetic.partial" / "images" / "001.class_0000"
+    partial.mkdir(parents=True)
+    (partial / "half.jpg").write_bytes(b"")  # what a run killed while writing leaves
+    root = ensure_demo_data(tmp_path)
+    assert (root / "README.txt").is_file() and not (tmp_path / ".synthetic.partial").exists()
