@@ -141,6 +141,12 @@ def prepare_demo(data_root) -> Path:
     return root
 
 
+def ensure_synthetic_data(data_root) -> Path:
+    """``<data_root>/synthetic`` as it is when present (any generated dataset), else the demo's."""
+    root = Path(data_root) / "synthetic"
+    return root if root.exists() else ensure_demo_data(data_root)
+
+
 def ensure_demo_data(data_root) -> Path:
     """Write the demo's target dataset into ``<data_root>/synthetic`` unless it is there.
 

@@ -16,6 +16,7 @@ accounting) says whether a submitted job is still queued or running.
 from __future__ import annotations
 
 import datetime as dt
+import importlib
 import json
 import os
 import shutil
@@ -86,6 +87,7 @@ def cmd_run(args) -> int:
         console.print(f"{suite.name}: nothing to run ({totals_line(states)})")
         return 0
 
+    prepare_data(suite, todo, console)
     executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
     if executor == "local":
         failed = run_local(todo, suite_dir, fresh=args.fresh, console=console)
@@ -105,6 +107,20 @@ def cmd_run(args) -> int:
     if args.wait:
         return wait_for_jobs(todo, suite_dir, console)
     return 0
+
+
+def prepare_data(suite: Suite, cells: list[Cell], console: Console) -> None:
+    """The suite's ``prepare`` hook, once per data root (before submitting: on the login node)."""
+    if not suite.prepare:
+        return
+    module_name, function_name = suite.prepare.split(":")
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as e:
+        raise UserError(f"{suite.path}: prepare: cannot import {suite.prepare!r}: {e}") from None
+    for data_root in sorted({c.config.data_root for c in cells}):
+        console.print(f"preparing {data_root} ({suite.prepare})")
+        function(data_root)
 
 
 def cmd_status(args) -> int:

@@ -203,7 +203,7 @@ def cmd_cell(args) -> int:
 
     console = Console()
     fields = parse_assignments(args.set, "--set")
-    fields.update(dataset=args.dataset, data_root=args.data_root, backbone=args.backbone, method=args.method,
+    fields.update(dataset=args.dataset, data_root=os.path.abspath(args.data_root), backbone=args.backbone, method=args.method,
                   seed=args.seed, method_args=parse_assignments(args.method_arg, "--method-arg"))
     if args.weights is not None:
         fields["weights"] = args.weights

@@ -37,6 +37,8 @@ This module imports no torch: ``status`` loads suites with ``check_methods=False
 """
 from __future__ import annotations
 
+import os
+
 import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,10 @@ BACKBONES: dict[str, tuple[str, int]] = {
 SMALL_BACKBONES = ("vit_test", "demo_vit")
 
 TOP_LEVEL = ("name", "description", "grid", "defaults", "overrides", "exclude", "protocol",
-             "resources", "report")
+             "resources", "report", "prepare")
+# `prepare` names a function of the project's own packages that makes a data root ready (e.g.
+# generated data); run once per data root before any cell. Suite files stay data, not code.
+PREPARE_PACKAGES = ("bench.",)
 KEY_FIELDS = ("dataset", "backbone", "method", "label", "seed")  # always in a cell's key
 PROTOCOL_FIELDS = ("val_fraction", "selection")
 # resources -> (type, what submitit calls it); see bench.dispatch.make_executor
@@ -111,6 +116,7 @@ class Suite:
     protocol: dict[str, Any]
     resources: dict[str, Any]
     report: dict[str, Any]
+    prepare: str | None = None  # "module:function", called with each data root before running
 
     def fail(self, where: str, message: str) -> SuiteError:
         return SuiteError(f"{self.path}: {where}: {message}")
@@ -173,6 +179,8 @@ class Suite:
             merged.setdefault("embedding_size", embedding_size)
         merged["method_args"] = method_args
         merged["suite"] = self.name
+        # absolute: SLURM tasks and later shells may run elsewhere (not part of the cell id)
+        merged["data_root"] = os.path.abspath(str(merged.get("data_root", CellConfig.data_root)))
         where = f"{self.path}: cell {_describe(key)}"
         try:
             return CellConfig.from_dict(merged, where=where)
@@ -317,9 +325,15 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
     exclude = [_rule(item, f"exclude[{i}]", key_values, fail)
                for i, item in enumerate(_list(data, "exclude", fail))]
 
+    prepare = data.get("prepare")
+    if prepare is not None and (not isinstance(prepare, str) or prepare.count(":") != 1
+                                or not prepare.startswith(PREPARE_PACKAGES)):
+        raise fail("prepare", f"must be 'module:function' in the project's packages "
+                              f"({', '.join(PREPARE_PACKAGES)}), got {prepare!r}")
+
     return Suite(name=name, path=path, description=description, grids=grids, defaults=defaults,
                  overrides=overrides, exclude=exclude, protocol=protocol, resources=resources,
-                 report=report)
+                 report=report, prepare=prepare)
 
 
 def _mapping(data: dict[str, Any], name: str, fail) -> dict[str, Any]:
