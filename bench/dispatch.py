@@ -85,6 +85,8 @@ def cmd_run(args) -> int:
         console.print(f"{count} cells {reason}")
     if not todo:
         console.print(f"{suite.name}: nothing to run ({totals_line(states)})")
+        if (args.executor or "local") == "local" and not args.no_report:
+            print_suite_summary(suite_dir, console)
         return 0
 
     prepare_data(suite, todo, console)
@@ -365,7 +367,18 @@ def build_report_if_available(suite_dir: Path, table: str | None, console: Conso
     except UserError as e:  # the cells ran: a report problem must not turn the run into an error
         console.print(f"[yellow]report not written[/]: {e}")
         return
-    console.print(f"report: {suite_dir / 'report'} ({len(written)} files)")
+    console.print(f"report: {suite_dir / 'report'} ({len(written)} files; open index.md)")
+    print_suite_summary(suite_dir, console)
+
+
+def print_suite_summary(suite_dir: Path, console: Console) -> None:
+    """Every method's mean R@1 / MAP@R, in the terminal (the tables are in the report)."""
+    try:
+        from report import load_suite as load_results
+        from report.summary import print_summary
+    except ImportError:
+        return
+    print_summary(load_results(suite_dir).cells, console, top=None)
 
 
 # ---------------------------------------------------------------------------------------------

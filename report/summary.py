@@ -106,8 +106,8 @@ def _plain(value: Any) -> str:
     return "" if names.is_missing(value) else str(value)
 
 
-def print_summary(frame: pd.DataFrame, console: Console | None = None) -> None:
-    """Cells ok/failed/missing, and the best rows by R@1 on each dataset."""
+def print_summary(frame: pd.DataFrame, console: Console | None = None, top: int | None = TOP_PER_DATASET) -> None:
+    """Cells ok/failed/missing, and the best rows by R@1 on each dataset (every row: top=None)."""
     console = console or Console()
     counts = status_counts(frame)
     console.print(f"[bold]{len(frame)} cells[/]: [green]{counts['ok']} ok[/], "
@@ -120,7 +120,8 @@ def print_summary(frame: pd.DataFrame, console: Console | None = None) -> None:
         backbone_name=[names.backbone_display(b) for b in ok.get("backbone")],
         dataset_name=[names.dataset_display(d) for d in ok.get("dataset")],
     )
-    table = RichTable(title="Top methods by R@1 (mean over seeds)", title_justify="left")
+    title = "Methods by R@1 (mean over seeds)" if top is None else "Top methods by R@1 (mean over seeds)"
+    table = RichTable(title=title, title_justify="left")
     for title, justify in (("dataset", "left"), ("method", "left"), ("backbone", "left"),
                            ("R@1 %", "right"), ("MAP@R %", "right"), ("seeds", "right")):
         table.add_column(title, justify=justify)
@@ -129,7 +130,7 @@ def print_summary(frame: pd.DataFrame, console: Console | None = None) -> None:
                       n=("recall@1", "count"))
                  .reset_index())
     for dataset, part in grouped.groupby("dataset_name", sort=True):
-        for row in part.sort_values("r1", ascending=False).head(TOP_PER_DATASET).itertuples():
+        for row in part.sort_values("r1", ascending=False).head(top or len(part)).itertuples():
             mapr = f"{100 * row.mapr:.1f}" if "map@r" in ok and pd.notna(row.mapr) else "-"
             table.add_row(dataset, row.method_name, row.backbone_name, f"{100 * row.r1:.1f}", mapr, str(row.n))
     console.print(table)
