@@ -46,10 +46,11 @@ def fixed_batch(seed: int = 1):
     return images, labels
 
 
-def train_steps(learner: MetricLearner, steps: int, lr: float = 1e-2) -> list[float]:
-    config = CellConfig(optimizer="adamw", lr=lr, proxy_lr=lr, weight_decay=0.0)
+def train_steps(learner: MetricLearner, steps: int, lr: float = 1e-2, proxy_lr: float | None = None,
+                batch=None) -> list[float]:
+    config = CellConfig(optimizer="adamw", lr=lr, proxy_lr=proxy_lr or lr, weight_decay=0.0)
     optimizers = build_optimizers(learner, config)
-    images, labels = fixed_batch()
+    images, labels = batch if batch is not None else fixed_batch()
     losses = []
     learner.train()
     for _ in range(steps):
@@ -125,19 +126,7 @@ def test_evaluation_needs_no_labels_and_skips_the_proxy_pass(name):
 
 @pytest.mark.parametrize("name", CASES)
 def test_loss_falls_on_synthetic_data(name, synthetic_batch):
-    images, labels = synthetic_batch
-    learner = make_learner(name)
-    config = CellConfig(optimizer="adamw", lr=1e-3, proxy_lr=1e-2, weight_decay=0.0)
-    optimizers = build_optimizers(learner, config)
-    losses = []
-    for _ in range(30):
-        loss = learner.training_loss(images, labels)
-        for o in optimizers:
-            o.zero_grad()
-        loss.backward()
-        for o in optimizers:
-            o.step()
-        losses.append(loss.item())
+    losses = train_steps(make_learner(name), steps=30, lr=1e-3, proxy_lr=1e-2, batch=synthetic_batch)
     assert sum(losses[-5:]) / 5 < 0.9 * sum(losses[:5]) / 5, f"{name}: {losses[:3]} ... {losses[-3:]}"
 
 
