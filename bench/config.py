@@ -20,7 +20,7 @@ SELECTIONS = ("last", "val", "auto")
 POSITIVE_AVERAGING = ("positive", "all")
 
 # Fields that do not change what is computed: excluded from the cell hash.
-RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label")
+RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads")
 
 
 class ConfigError(UserError, ValueError):
@@ -73,6 +73,9 @@ class CellConfig:
     skip_corrupt_images: bool = False
 
     num_workers: int = 4
+    # CPU threads for torch in this cell; None = torch's default (one per core). On a busy
+    # small machine 1 can be several times faster: two threads wait for each other.
+    torch_threads: int | None = None
     eval_batch_size: int = 256
     device: str = "auto"
     suite: str = "adhoc"

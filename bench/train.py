@@ -186,6 +186,8 @@ def _tuples(x):
 
 def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress: Progress = None) -> Outcome:
     device = select_device(config.device)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     emit = progress or (lambda event: None)
     splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
                                    seed=config.seed, skip_corrupt=config.skip_corrupt_images)
