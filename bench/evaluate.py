@@ -659,11 +659,11 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         raise EmbeddingFileError(f"cannot read {what} file {path} as a .npy array: {e}") from None
 
 
-def _print_table(metrics: dict[str, float | int], title: str) -> None:
+def _print_table(metrics: dict[str, float | int], title: str, caption: str) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
+    table = Table(title=title, caption=caption)
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
@@ -696,6 +696,6 @@ def cmd_evaluate(args) -> int:
         json.dump(metrics, sys.stdout)
         sys.stdout.write("\n")
     else:
-        mode = "query vs gallery" if gallery is not None else "each embedding vs all others"
-        _print_table(metrics, f"{args.embeddings} ({mode})")
+        mode = "queries vs gallery" if gallery is not None else "each embedding vs all others"
+        _print_table(metrics, args.embeddings, mode)
     return 0
