@@ -187,6 +187,18 @@ def one_cell_suite(tmp_path: Path, name: str, epochs: int, steps: int, **resourc
                              "seed": [0]})
 
 
+def seconds_per_epoch(tmp_path: Path, data_root: Path, steps: int) -> float:
+    """Wall seconds of one epoch of `one_cell_suite`'s cell on this machine, now."""
+    from bench.runner import run_cell
+
+    (cell,) = load_suite(one_cell_suite(tmp_path, "calibrate", 2, steps)).cells(data_root=str(data_root))
+    result = run_cell(cell.config, tmp_path / "calibrate-cell", key=cell.key)
+    assert result["status"] == "ok", result["reason"]
+    # training and evaluation only: start-up (imports, data index, model) is paid once per run
+    training = sum(e["time_s"] for e in result["epochs"]) + result["measurements"]["eval_time_s"]
+    return training / len(result["epochs"])
+
+
 def wait_for_log(log: Path, pattern: str, timeout_s: float) -> str:
     deadline = time.time() + timeout_s
     while time.time() < deadline:
@@ -231,12 +243,12 @@ def test_preempted_cell_is_requeued_and_resumes_from_its_last_epoch(slurm_cluste
 @pytest.mark.slow
 def test_cell_longer_than_its_time_limit_is_requeued_until_done(slurm_cluster, fast_wait, tmp_path,
                                                                  synthetic_root, capsys):
-    # 1-3 s per epoch on 2 cores: 50 epochs do not fit in one minute. SLURM checks time limits
-    # every 30 s and signals up to one period ahead: USR2 comes 20-50 s into each run, before
-    # the kill at 60-90 s.
-    epochs = 50
+    # The cell must outlast the 1-minute limit on any machine: time two epochs here first and
+    # ask for ~150 s of training. SLURM checks time limits every 30 s and signals up to one
+    # period ahead: USR2 comes 20-50 s into each run, before the kill at 60-90 s.
+    epochs = max(20, int(150 / seconds_per_epoch(tmp_path, synthetic_root, steps=20)))
     path = one_cell_suite(tmp_path, "time_limit", epochs, steps=20, timeout_min=1, signal_delay_s=10,
-                          max_num_timeout=10)
+                          max_num_timeout=20)
     out, suite_dir = tmp_path / "results", tmp_path / "results" / "time_limit"
     code, text = run(capsys, path, "--executor", "slurm", "--data-root", synthetic_root, "--out", out, "--wait")
     assert code == 0, text
