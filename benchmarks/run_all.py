@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "15", "--warmup", "3"]
     parts = [header,
              run("Training step latency (CPU, demo_vit, batch 32)", ["-m", "benchmarks.step_latency", *steps]),
-             run("Evaluation cost", ["benchmarks/bench_eval.py", *(["--quick"] if args.quick else []),
+             run("Evaluation cost", ["benchmarks/bench_eval.py", "--tools", "ours-auto", "pml",
+                                     *(["--quick"] if args.quick else []),
                                      "--out", str(Path(args.out).with_suffix(".eval.md"))]),
              run("Data pipeline (decode + augment to 224)",
                  ["benchmarks/bench_data.py", *(["--batches", "3"] if args.quick else [])])]
