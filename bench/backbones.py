@@ -186,7 +186,3 @@ def data_config(backbone: nn.Module, image_size: int | None = None) -> DataConfi
     mean = tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225)))
     return DataConfig(image_size=size, mean=mean, std=std)  # type: ignore[arg-type]
-
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -8,7 +8,7 @@ up-projection makes the adapted model start exactly at the pretrained one.
 import torch
 from torch import nn
 
-from methods.base import Component, MethodError
+from methods.base import Component, MethodError, require_blocks
 
 
 class Bottleneck(nn.Module):
@@ -51,9 +51,7 @@ class Adapter(Component):
 
     def apply(self, learner):
         blocks = learner.model.backbone.blocks
-        if self.adapter_blocks > len(blocks):
-            raise MethodError(f"method_args: adapter_blocks={self.adapter_blocks} but the backbone has "
-                              f"{len(blocks)} blocks")
+        require_blocks(learner.model.backbone, "adapter_blocks", self.adapter_blocks)
         for block in list(blocks)[len(blocks) - self.adapter_blocks:]:
             adapter = Bottleneck(learner.model.width, self.adapter_width)
             block.mlp = MLPWithAdapter(block.mlp, adapter, self.adapter_scale)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from bench.config import closest
 from bench.errors import UserError
 from bench.model import MetricLearner
 
@@ -49,6 +48,12 @@ class Component:
 
     def apply(self, learner: MetricLearner) -> None:
         raise NotImplementedError
+
+
+def require_blocks(backbone, argument: str, value: int) -> None:
+    """A depth-like argument (counted in blocks) must fit the backbone."""
+    if value > len(backbone.blocks):
+        raise MethodError(f"method_args: {argument}={value} but the backbone has {len(backbone.blocks)} blocks")
 
 
 def _coerce_arg(component: str, key: str, value: Any, default: Any) -> Any:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from bench.model import set_reference
-from methods.base import Component, MethodError
+from methods.base import Component, MethodError, require_blocks
 
 
 def prompt_counts(num_prompts: int, depth: int, decrease: int = 0) -> list[int]:
@@ -78,9 +78,7 @@ class DeepPrompts(Component):
 
     def apply(self, learner):
         backbone = learner.model.backbone
-        if self.prompt_depth > len(backbone.blocks):
-            raise MethodError(f"method_args: prompt_depth={self.prompt_depth} but the backbone has "
-                              f"{len(backbone.blocks)} blocks")
+        require_blocks(backbone, "prompt_depth", self.prompt_depth)
         counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
         prompts = PromptTokens(counts, backbone.embed_dim, prompt_init_bound(backbone))
         learner.extras["prompts"] = prompts

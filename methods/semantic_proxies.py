@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.model import set_reference
-from methods.base import Component, MethodError
+from methods.base import Component, MethodError, require_blocks
 from methods.prompts import prompt_counts, prompt_init_bound
 
 ACCUMULATORS = ("ema", "gru_relu", "gru_tanh")
@@ -171,9 +171,7 @@ class SemanticProxies(Component):
 
     def apply(self, learner):
         backbone = learner.model.backbone
-        if self.class_prompt_depth > len(backbone.blocks):
-            raise MethodError(f"method_args: class_prompt_depth={self.class_prompt_depth} but the backbone has "
-                              f"{len(backbone.blocks)} blocks")
+        require_blocks(backbone, "class_prompt_depth", self.class_prompt_depth)
         counts = prompt_counts(self.num_class_prompts, self.class_prompt_depth, self.class_prompt_decrease)
         table_bytes = learner.num_classes * sum(counts) * backbone.embed_dim * 4
         offload = {"cpu": True, "device": False}.get(self.class_prompt_offload,
