@@ -20,7 +20,8 @@ SELECTIONS = ("last", "val", "auto")
 POSITIVE_AVERAGING = ("positive", "all")
 
 # Fields that do not change what is computed: excluded from the cell hash.
-RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads")
+RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads",
+                  "compile")
 
 
 class ConfigError(UserError, ValueError):
@@ -62,6 +63,9 @@ class CellConfig:
     grad_clip: float | None = None
     amp: bool = True  # bf16/fp16 autocast on CUDA only; CPU always runs fp32
     grad_checkpointing: bool = False
+    # torch.compile each transformer block (regional compilation): same results up to float
+    # rounding, so it is a runtime choice; whether it pays off depends on the card (BENCHMARKS.md).
+    compile: bool = False
 
     loss_alpha: float = 32.0
     loss_delta: float = 0.1

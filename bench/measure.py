@@ -95,3 +95,35 @@ class StepTimer:
         self.step_seconds = list(state["step_seconds"])
         self.images = int(state["images"])
         self.train_seconds = float(state["train_seconds"])
+
+
+class SavedTensorMeter:
+    """Bytes autograd keeps for backward while inside ``with meter:``: the activation memory of
+    a training step, counted identically on any device (so a CPU can predict how methods compare
+    on a GPU). Each storage counts once, however many views of it are saved; storages of
+    ``exclude`` (the parameters, counted separately) are not counted."""
+
+    def __init__(self, exclude=()):
+        self._excluded = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+        self._storages: dict[tuple, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
+
+    def _pack(self, tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        key = (tensor.device, storage.data_ptr())
+        if key not in self._excluded and key[1] != 0:
+            self._storages[key] = storage.nbytes()
+        # Returned as is, a saved *output* would hold its own grad_fn: a reference cycle through
+        # C++ that keeps the whole graph alive. The detached alias shares storage, not history.
+        return tensor.detach()
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._storages.values())
+
+    def __enter__(self) -> "SavedTensorMeter":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)

@@ -47,10 +47,23 @@ class EmbeddingModel(nn.Module):
     def num_blocks(self) -> int:
         return len(self.backbone.blocks)
 
-    def features(self, images: torch.Tensor, prompts: Prompts | None | str = "default") -> torch.Tensor:
-        """CLS token after the final norm. ``prompts="default"`` uses the model's own prompts."""
+    def compile_blocks(self) -> None:
+        """torch.compile each transformer block in place (regional compilation): the blocks are
+        identical, so they share one compiled graph and compile once; the loop around them, with
+        its prompt concatenation and sparse class-prompt lookups, stays eager. Parameter names
+        do not change, so checkpoints are interchangeable with uncompiled runs."""
+        for block in self.backbone.blocks:
+            block.compile()
+
+    def features(self, images: torch.Tensor, prompts: Prompts | None | str = "default",
+                 checkpointing: bool | None = None) -> torch.Tensor:
+        """CLS token after the final norm. ``prompts="default"`` uses the model's own prompts;
+        ``checkpointing`` (default: ``grad_checkpointing``) recomputes each block in backward
+        instead of keeping its activations."""
         if isinstance(prompts, str):
             prompts = self.prompts
+        if checkpointing is None:
+            checkpointing = self.grad_checkpointing
         vit = self.backbone
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
         prefix = vit.num_prefix_tokens
@@ -61,7 +74,7 @@ class EmbeddingModel(nn.Module):
                 if new is not None:
                     x = torch.cat([x[:, :prefix], new.to(x.dtype), x[:, prefix + num_prompts:]], dim=1)
                     num_prompts = new.shape[1]
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            if checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)

@@ -74,7 +74,10 @@ def build_learner(config: CellConfig, num_classes: int) -> MetricLearner:
     model.grad_checkpointing = config.grad_checkpointing
     criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
                                 config.loss_positive_average)
-    return method.apply(MetricLearner(model, criterion))
+    learner = method.apply(MetricLearner(model, criterion))
+    if config.compile:  # after the method: adapters and LoRA change what the blocks contain
+        model.compile_blocks()
+    return learner
 
 
 def is_sparse_parameter(learner: MetricLearner) -> set[int]:

@@ -61,6 +61,8 @@ def _coerce_arg(component: str, key: str, value: Any, default: Any) -> Any:
     if kind is bool:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
     elif kind is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value

@@ -14,6 +14,11 @@ Training step, on top of the ordinary sample branch:
    freshly updated memory, so gradients reach the class prompts, the proxy head and the GRU;
    the memory keeps only the detached values.
 
+Memory: the proxy pass keeps a second set of activations for backward, as large as the sample
+pass's. ``proxy_checkpointing`` recomputes the proxy pass block by block in backward instead
+(one more forward of it per step; same gradients), which brings VPTSP's activation memory close
+to VPT-deep's (BENCHMARKS.md, activation memory).
+
 Scale: class prompts are one row per class of a sparse ``nn.Embedding``. Only the batch's rows
 are gathered and only they receive (sparse) gradients and optimiser updates (the trainer gives
 sparse parameters SparseAdam or SGD). When the table is large (SOP: 11,318 classes x 5 x 12 x
@@ -96,8 +101,10 @@ class GRUAccumulatorCell(nn.Module):
 
 class SemanticProxyModule(nn.Module):
     def __init__(self, num_classes: int, width: int, embedding_size: int, counts: list[int], bound: float,
-                 accumulator: str, ema_keep: float, proxy_bias_ratio: float, dropout: float, offload: bool):
+                 accumulator: str, ema_keep: float, proxy_bias_ratio: float, dropout: float, offload: bool,
+                 checkpointing: bool = False):
         super().__init__()
+        self.checkpointing = checkpointing
         self.class_prompts = ClassPromptBank(num_classes, counts, width, bound, offload)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embedding_size))
         self.accumulator = accumulator
@@ -109,7 +116,7 @@ class SemanticProxyModule(nn.Module):
 
     def semantic_vectors(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         prompts = PerImagePrompts(self.class_prompts.gather(labels))
-        features = learner.model.features(images, prompts=prompts)
+        features = learner.model.features(images, prompts=prompts, checkpointing=self.checkpointing or None)
         return F.normalize(self.head(features), dim=-1)
 
     def accumulate(self, vectors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,6 +160,7 @@ class SemanticProxies(Component):
         "ema_keep": 0.8,
         "gru_dropout": 0.0,
         "class_prompt_offload": "auto",
+        "proxy_checkpointing": False,
     }
     sets_proxies = True
 
@@ -178,7 +186,8 @@ class SemanticProxies(Component):
                                                       table_bytes > OFFLOAD_THRESHOLD_BYTES)
         module = SemanticProxyModule(
             learner.num_classes, backbone.embed_dim, learner.embedding_size, counts, prompt_init_bound(backbone),
-            self.accumulator, self.ema_keep, self.proxy_bias_ratio, self.gru_dropout, offload)
+            self.accumulator, self.ema_keep, self.proxy_bias_ratio, self.gru_dropout, offload,
+            bool(self.proxy_checkpointing))
         learner.extras["semantic_proxies"] = module
         set_reference(learner, "proxy_source", module)
         with torch.no_grad():  # the bias proxies, initialised as the reference does

@@ -124,3 +124,21 @@ def test_a_locked_cell_is_left_to_its_owner(data_root, tmp_path):
                 "sys.exit(0 if r is None else 1)")
         assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0
     assert not (tmp_path / "cell" / "result.json").exists()
+
+
+def test_compiled_cell_trains_and_scores_like_the_eager_one(data_root, tmp_path):
+    """``compile=true`` (torch.compile per block): training, checkpointing and evaluation (other
+    batch sizes, no grad) all go through the compiled blocks and end where eager mode ends."""
+    results = {}
+    for compiled in (False, True):
+        config = CellConfig(dataset="synthetic", data_root=str(data_root), backbone="vit_test", weights=None,
+                            method="vptsp_g+bitfit", method_args={"prompt_depth": 3, "class_prompt_depth": 3},
+                            epochs=2, batch_size=12, samples_per_class=2, num_workers=0, embedding_size=16,
+                            optimizer="adamw", lr=1e-3, compile=compiled)
+        results[compiled] = run_cell(config, tmp_path / str(compiled), key={"method": "vptsp_g+bitfit"})
+    eager, compiled = results[False], results[True]
+    assert compiled["status"] == "ok", compiled["reason"]
+    assert compiled["config"]["compile"] is True
+    for e, c in zip(eager["epochs"], compiled["epochs"]):
+        assert c["train_loss"] == pytest.approx(e["train_loss"], rel=1e-3)
+    assert compiled["final"]["test"]["map@r"] == pytest.approx(eager["final"]["test"]["map@r"], abs=0.02)

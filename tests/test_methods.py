@@ -14,6 +14,7 @@ from torch import nn
 from bench.backbones import create_backbone
 from bench.config import CellConfig
 from bench.losses import ProxyAnchorLoss
+from bench.measure import SavedTensorMeter
 from bench.model import EmbeddingModel, MetricLearner
 from bench.train import build_optimizers
 from methods import METHODS, MethodError, build_method, method_arguments
@@ -228,6 +229,58 @@ def test_bad_method_arguments_are_named():
         build_method("vpt_shallow+vpt_deep")
     with pytest.raises(MethodError, match="prompt_depth=12 but the backbone has 3 blocks"):
         make_learner("vpt_deep", prompt_depth=12)
+    with pytest.raises(MethodError, match="proxy_checkpointing must be bool"):
+        build_method("vptsp_g", {"proxy_checkpointing": "sometimes"})
+    semantic_component = build_method("vptsp_g", {"proxy_checkpointing": "true"}).components[-1]
+    assert semantic_component.proxy_checkpointing is True
+
+
+def one_step(learner: MetricLearner) -> tuple[float, dict[str, torch.Tensor], int]:
+    """Loss, dense gradients by name and bytes saved for backward of one training step."""
+    images, labels = fixed_batch()
+    learner.train()
+    with SavedTensorMeter(exclude=list(learner.parameters())) as meter:
+        loss = learner.training_loss(images, labels)
+    loss.backward()
+    grads = {name: (p.grad.to_dense() if p.grad.is_sparse else p.grad).clone()
+             for name, p in learner.named_parameters() if p.grad is not None}
+    return loss.item(), grads, meter.bytes
+
+
+@pytest.mark.parametrize("option", ["proxy_checkpointing", "grad_checkpointing"])
+def test_checkpointing_trades_activation_memory_not_gradients(option):
+    plain_loss, plain_grads, plain_bytes = one_step(make_learner("vptsp_g+bitfit"))
+    learner = make_learner("vptsp_g+bitfit", **({"proxy_checkpointing": True} if option == "proxy_checkpointing" else {}))
+    learner.model.grad_checkpointing = option == "grad_checkpointing"
+    loss, grads, saved = one_step(learner)
+    assert loss == pytest.approx(plain_loss, rel=1e-6)
+    assert grads.keys() == plain_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, plain_grads[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the proxy pass keeps about as much as the sample pass: dropping it saves ~40 %
+    assert saved < (0.7 if option == "proxy_checkpointing" else 0.4) * plain_bytes
+
+
+def test_saved_tensor_meter_counts_each_storage_once_and_skips_excluded():
+    weight = torch.randn(5, 7, requires_grad=True)
+    x = torch.randn(3, 5, requires_grad=True)
+    with SavedTensorMeter(exclude=[weight]) as meter:
+        y = torch.exp(x @ weight)  # mm saves x and weight; exp saves its 3x7 output
+        z = y[:, :2] * y[:, 2:4]  # two views of y's storage saved: counted once with y
+    assert meter.bytes == (3 * 5 + 3 * 7) * 4
+    z.sum().backward()
+    assert x.grad is not None
+
+
+def test_compiled_blocks_train_like_eager_ones_under_the_same_names():
+    eager, compiled = make_learner("vptsp_g+bitfit"), make_learner("vptsp_g+bitfit")
+    compiled.model.compile_blocks()
+    assert [n for n, _ in compiled.named_parameters()] == [n for n, _ in eager.named_parameters()]
+    eager_loss, eager_grads, _ = one_step(eager)
+    loss, grads, _ = one_step(compiled)  # both sequence lengths: sample pass and proxy pass
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    for name, grad in grads.items():  # fused kernels reorder float sums
+        torch.testing.assert_close(grad, eager_grads[name], rtol=1e-3, atol=1e-4, msg=name)
 
 
 # ---- semantic proxies ----

@@ -249,3 +249,13 @@ def table_rows(text: str) -> list[str]:
         elif rows:
             rows[-1] += line
     return rows
+
+
+def test_runtime_fields_do_not_change_the_cell_id():
+    from bench.config import CellConfig
+
+    base = CellConfig()
+    moved = CellConfig(data_root="/elsewhere", num_workers=0, device="cpu", eval_batch_size=32, torch_threads=1,
+                       compile=True)
+    assert moved.identity() == base.identity()
+    assert CellConfig(lr=1e-4).identity() != base.identity()
