@@ -1,8 +1,10 @@
 """`make bench`: the CPU benchmarks, in one go, printed as Markdown for BENCHMARKS.md.
 
 1. training step latency of every method on a small ViT, relative to linear probing;
-2. evaluation cost (R@K up to 1000 + MAP@R) at SOP and iNaturalist sizes vs pytorch-metric-learning;
-3. data pipeline throughput per loader worker.
+2. training memory of every method on ViT-S/16 at batch 64, predicted by counting the bytes
+   autograd saves (``activation_memory.py``: the paper's memory target, without a GPU);
+3. evaluation cost (R@K up to 1000 + MAP@R) at SOP and iNaturalist sizes vs pytorch-metric-learning;
+4. data pipeline throughput per loader worker.
 `--quick` shrinks each part (a smoke check, not figures to record).
 """
 from __future__ import annotations
@@ -38,6 +40,9 @@ def main(argv=None) -> int:
     steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "15", "--warmup", "3"]
     parts = [header,
              run("Training step latency (CPU, demo_vit, batch 32)", ["-m", "benchmarks.step_latency", *steps]),
+             run("Training memory, predicted (ViT-S/16 at 224, batch 64, bf16)",
+                 ["benchmarks/activation_memory.py",
+                  *(["--batch-size", "8", "--methods", "full_ft", "vpt_deep", "vptsp_g+bitfit"] if args.quick else [])]),
              run("Evaluation cost", ["benchmarks/bench_eval.py", "--tools", "ours-auto", "pml",
                                      *(["--quick"] if args.quick else []),
                                      "--out", str(Path(args.out).with_suffix(".eval.md"))]),

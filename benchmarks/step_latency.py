@@ -37,37 +37,74 @@ def method_args_for(name: str, depth: int) -> dict[str, Any]:
     return args
 
 
+MODEL_OPTIONS = ("grad_checkpointing", "compile")
+
+
+def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, bool]]:
+    """``"vptsp_g+bitfit,proxy_checkpointing=true,compile=true"`` -> method, method arguments on
+    top of the paper's, model options (``grad_checkpointing``, ``compile``)."""
+    method, *pairs = spec.split(",")
+    method_args, options = {}, {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"{spec!r}: expected key=value after the method name, got {pair!r}")
+        if key in MODEL_OPTIONS:
+            options[key] = value.lower() in ("1", "true", "yes")
+        else:
+            method_args[key] = value
+    return method, method_args, options
+
+
+def build(spec: str, backbone: str, *, num_classes: int, embedding_size: int,
+          image_size: int | None = None) -> MetricLearner:
+    """A learner as training builds it, with random weights (a step costs the same either way)."""
+    method, extra_args, options = parse_variant(spec)
+    torch.manual_seed(0)
+    model = EmbeddingModel(create_backbone(backbone, weights=None, image_size=image_size), embedding_size)
+    model.grad_checkpointing = options.get("grad_checkpointing", False)
+    learner = MetricLearner(model, ProxyAnchorLoss(num_classes, embedding_size))
+    build_method(method, {**method_args_for(method, model.num_blocks), **extra_args}).apply(learner)
+    if options.get("compile"):
+        model.compile_blocks()
+    return learner
+
+
+def example_batch(learner: MetricLearner, batch_size: int, num_classes: int, device: torch.device):
+    size = learner.model.backbone.patch_embed.img_size[0]
+    images = torch.randn(batch_size, 3, size, size, device=device)
+    labels = torch.arange(batch_size, device=device) // 2 % num_classes  # 2 per class, like the paper
+    return images, labels
+
+
 def measure(backbone: str, method: str, *, batch_size: int, num_classes: int, embedding_size: int,
             device: torch.device, amp: bool, steps: int, warmup: int, compile_model: bool = False,
             image_size: int | None = None, grad_checkpointing: bool = False) -> dict[str, Any]:
-    torch.manual_seed(0)
-    model = EmbeddingModel(create_backbone(backbone, weights=None, image_size=image_size), embedding_size)
-    model.grad_checkpointing = grad_checkpointing
-    learner = MetricLearner(model, ProxyAnchorLoss(num_classes, embedding_size))
-    build_method(method, method_args_for(method, model.num_blocks)).apply(learner)
+    """Median step time over ``steps`` steps after ``warmup`` (compilation happens there),
+    img/s and peak memory of one method variant (see ``parse_variant``)."""
+    spec = method + (",compile=true" if compile_model else "") + (
+        ",grad_checkpointing=true" if grad_checkpointing else "")
+    learner = build(spec, backbone, num_classes=num_classes, embedding_size=embedding_size, image_size=image_size)
     learner.to(device).train()
     optimizers = build_optimizers(learner, CellConfig(optimizer="adamw", lr=1e-4, proxy_lr=1e-2))
-    size = image_size or model.backbone.patch_embed.img_size[0]
-    images = torch.randn(batch_size, 3, size, size, device=device)
-    labels = torch.arange(batch_size, device=device) // 2 % num_classes  # 2 per class, like the paper
+    images, labels = example_batch(learner, batch_size, num_classes, device)
     dtype = torch.bfloat16 if amp and device.type == "cuda" else None
-    step_fn = learner.training_loss
-    if compile_model:
-        step_fn = torch.compile(learner.training_loss)
 
     def step() -> None:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = step_fn(images, labels)
+            loss = learner.training_loss(images, labels)
         for o in optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
         for o in optimizers:
             o.step()
 
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    start = time.perf_counter()
     for _ in range(warmup):
         step()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()
+    warmup_s = time.perf_counter() - start
     reset_peak_memory(device)
     times = []
     for _ in range(steps):
@@ -78,9 +115,11 @@ def measure(backbone: str, method: str, *, batch_size: int, num_classes: int, em
     memory, kind = peak_memory(device)
     median = statistics.median(times)
     trainable = sum(p.numel() for p in learner.parameters() if p.requires_grad)
+    _, _, options = parse_variant(spec)
     return {"backbone": backbone, "method": method, "batch_size": batch_size, "device": device_name(device),
             "step_ms": 1000 * median, "img_s": batch_size / median, "peak_memory_gib": memory / 2 ** 30,
-            "memory_kind": kind, "trainable_params": trainable, "compiled": compile_model}
+            "memory_kind": kind, "trainable_params": trainable, "compiled": options.get("compile", False),
+            "warmup_s": warmup_s}
 
 
 def main(argv=None) -> int:
@@ -90,24 +129,27 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks")
     args = parser.parse_args(argv)
     rows = [measure(args.backbone, m, batch_size=args.batch_size, num_classes=100, embedding_size=128,
-                    device=torch.device("cpu"), amp=False, steps=args.steps, warmup=args.warmup)
-            for m in args.methods]
+                    device=torch.device("cpu"), amp=False, steps=args.steps, warmup=args.warmup,
+                    compile_model=compiled)
+            for m in args.methods for compiled in ([False, True] if args.compile else [False])]
     print(markdown(rows))
     return 0
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    base = {(r["backbone"], r["batch_size"]): r["step_ms"] for r in rows if r["method"] == "linear_probe"}
-    lines = ["| backbone | method | batch | step ms | x linear probe | img/s | peak mem GiB | trainable |",
-             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["backbone"], r["batch_size"]): r["step_ms"] for r in rows
+            if r["method"] == "linear_probe" and not r["compiled"]}
+    lines = ["| backbone | method | compiled | batch | step ms | x linear probe | img/s | peak mem GiB | trainable |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         ref = base.get((r["backbone"], r["batch_size"]))
         ratio = f"{r['step_ms'] / ref:.2f}" if ref else "-"
         # on CPU the only peak is the whole process's RSS, which says nothing about one method
         memory = f"{r['peak_memory_gib']:.2f}" if r["memory_kind"] == "cuda_max_allocated" else "-"
-        lines.append(f"| {r['backbone']} | {r['method']} | {r['batch_size']} | {r['step_ms']:.1f} | {ratio} | "
+        lines.append(f"| {r['backbone']} | {r['method']} | {'yes' if r['compiled'] else 'no'} | {r['batch_size']} | {r['step_ms']:.1f} | {ratio} | "
                      f"{r['img_s']:.0f} | {memory} | {r['trainable_params']:,} |")
     return "\n".join(lines)
 

@@ -1,4 +1,6 @@
-"""The GPU benchmark must run where only torch and timm are installed (no faiss, no submitit)."""
+"""The GPU benchmark must run where only torch and timm are installed (no faiss, no submitit), and
+must work the first time it meets a GPU: its whole path runs here as a CPU dry run."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -34,3 +36,45 @@ def test_bench_gpu_says_when_there_is_no_gpu():
                           capture_output=True, text=True, timeout=300, env={"CUDA_VISIBLE_DEVICES": "",
                                                                              "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr
+
+
+def test_bench_gpu_dry_run_on_cpu_writes_rows_tables_and_targets(tmp_path):
+    methods = ["full_ft", "linear_probe", "vpt_deep", "vpt_deep+bitfit", "vptsp_g", "vptsp_g+bitfit",
+               "vptsp_g+bitfit,proxy_checkpointing=true"]
+    argv = ["--allow-cpu", "--backbones", "vit_test", "--batch-sizes", "4", "--steps", "1", "--warmup", "1",
+            "--methods", *methods, "--loader-img-s", "1e9",
+            "--json", str(tmp_path / "rows.json"), "--markdown", str(tmp_path / "gpu.md")]
+    code = BLOCK + f"""
+import runpy
+sys.argv = ['bench_gpu.py', *{argv!r}]
+try:
+    runpy.run_path('benchmarks/bench_gpu.py', run_name='__main__')
+except SystemExit as exit:
+    assert not exit.code, exit.code
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "rows.json").read_text())
+    assert [r["method"] for r in rows] == methods
+    assert all(r["step_ms"] > 0 and r["device"] == "cpu" for r in rows)
+    report = (tmp_path / "gpu.md").read_text()
+    assert "| vit_test | 4 | vptsp_g+bitfit,proxy_checkpointing=true | False |" in report
+    assert "| vptsp_g step <= 1.2x vpt_deep | vit_test | 4 |" in report
+    assert "| vptsp_g+bitfit step <= 1.2x vpt_deep+bitfit | vit_test | 4 |" in report
+    assert "every PEFT method faster per step than full FT" in report
+    assert "| loader img/s >= ViT-S/16 step rate" not in report  # no ViT-S/16 rows in a dry run
+
+
+def test_method_variants_carry_method_arguments_and_model_options():
+    import pytest
+
+    from benchmarks.step_latency import build, parse_variant
+
+    assert parse_variant("vptsp_g+bitfit,proxy_checkpointing=true,compile=true,grad_checkpointing=0") == (
+        "vptsp_g+bitfit", {"proxy_checkpointing": "true"}, {"compile": True, "grad_checkpointing": False})
+    learner = build("vptsp_g,proxy_checkpointing=true,grad_checkpointing=true", "vit_test", num_classes=4,
+                    embedding_size=8)
+    assert learner.model.grad_checkpointing and learner.extras["semantic_proxies"].checkpointing
+    with pytest.raises(ValueError, match="expected key=value"):
+        parse_variant("vpt_deep,compile")
