@@ -19,6 +19,7 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,9 @@ def main(argv=None) -> int:
     parser.add_argument("--loader-img-s", type=float, default=None,
                         help="measured data-loader rate on this node (benchmarks/bench_data.py) to compare "
                              "with the GPU's step rate")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no new measurement after this long; the tables cover what was measured "
+                             "(order --backbones and --batch-sizes by importance)")
     parser.add_argument("--json", default=None, help="write the raw rows here (updated after every row)")
     parser.add_argument("--markdown", default=None, help="also write the tables here")
     parser.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)  # tests: dry run on CPU
@@ -65,17 +69,24 @@ def main(argv=None) -> int:
         torch.backends.cuda.matmul.allow_tf32 = True  # what training on the card uses for fp32 leftovers
     rows: list[dict[str, Any]] = []
     largest_batch = max(args.batch_sizes)
-    for backbone in args.backbones:
-        for batch in args.batch_sizes:
-            for method in args.methods:
-                compiled_too = args.compile and batch == largest_batch and method in args.compile_methods
-                for compiled in ([False, True] if compiled_too else [False]):
-                    rows.append(measure_row(backbone, method, batch, compiled, device, args))
-                    print(json.dumps(rows[-1]), flush=True)
-                    if args.json:
-                        Path(args.json).write_text(json.dumps(rows, indent=2))
+    plan = [(backbone, batch, method, compiled)
+            for backbone in args.backbones for batch in args.batch_sizes for method in args.methods
+            for compiled in ([False, True] if args.compile and batch == largest_batch
+                             and method in args.compile_methods else [False])]
+    deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else None
+    for backbone, batch, method, compiled in plan:
+        if deadline is not None and time.monotonic() > deadline:
+            print(f"--max-minutes reached: {len(plan) - len(rows)} of {len(plan)} measurements not run",
+                  file=sys.stderr)
+            break
+        rows.append(measure_row(backbone, method, batch, compiled, device, args))
+        print(json.dumps(rows[-1]), flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2))
     header = (f"{dt.date.today()}, {rows[0]['device'] if rows else device}, torch {torch.__version__}, "
               f"{'bf16 autocast' if device.type == 'cuda' else 'fp32 (CPU dry run)'}, median of {args.steps} steps after {args.warmup} warm-up steps")
+    if args.loader_img_s:
+        header += f"; data loader on this node: {args.loader_img_s:.0f} img/s"
     report = "\n\n".join([header, table(rows), targets(rows, args.loader_img_s)])
     print("\n" + report)
     if args.markdown:

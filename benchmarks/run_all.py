@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     steps = ["--steps", "3", "--warmup", "1"] if args.quick else ["--steps", "15", "--warmup", "3"]
     parts = [header,
              run("Training step latency (CPU, demo_vit, batch 32)", ["-m", "benchmarks.step_latency", *steps]),
-             run("Training memory, predicted (ViT-S/16 at 224, batch 64, bf16)",
+             run("Training memory, predicted (ViT-S/16 at 224, bf16)",
                  ["benchmarks/activation_memory.py",
                   *(["--batch-size", "8", "--methods", "full_ft", "vpt_deep", "vptsp_g+bitfit"] if args.quick else [])]),
              run("Evaluation cost", ["benchmarks/bench_eval.py", "--tools", "ours-auto", "pml",

@@ -78,3 +78,15 @@ def test_method_variants_carry_method_arguments_and_model_options():
     assert learner.model.grad_checkpointing and learner.extras["semantic_proxies"].checkpointing
     with pytest.raises(ValueError, match="expected key=value"):
         parse_variant("vpt_deep,compile")
+
+
+def test_gpu_session_script_measures_the_loader_and_hands_its_rate_to_bench_gpu(tmp_path):
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path),
+           "PYTHON": sys.executable, "BENCH_GPU_EXTRA": "--allow-cpu --backbones vit_test --batch-sizes 4 "
+           "--methods linear_probe --compile-methods none --steps 1 --warmup 1"}
+    proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| 4 |" in (tmp_path / "data.md").read_text()
+    assert "data loader on this node:" in (tmp_path / "gpu.md").read_text()
+    assert [r["method"] for r in json.loads((tmp_path / "gpu.json").read_text())] == ["linear_probe"]
