@@ -115,10 +115,10 @@ def measure(backbone: str, method: str, *, batch_size: int, num_classes: int, em
     memory, kind = peak_memory(device)
     median = statistics.median(times)
     trainable = sum(p.numel() for p in learner.parameters() if p.requires_grad)
-    _, _, options = parse_variant(spec)
     return {"backbone": backbone, "method": method, "batch_size": batch_size, "device": device_name(device),
             "step_ms": 1000 * median, "img_s": batch_size / median, "peak_memory_gib": memory / 2 ** 30,
-            "memory_kind": kind, "trainable_params": trainable, "compiled": options.get("compile", False),
+            "memory_kind": kind, "trainable_params": trainable,
+            "compiled": parse_variant(spec)[2].get("compile", False),
             "warmup_s": warmup_s}
 
 
@@ -149,7 +149,8 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         ratio = f"{r['step_ms'] / ref:.2f}" if ref else "-"
         # on CPU the only peak is the whole process's RSS, which says nothing about one method
         memory = f"{r['peak_memory_gib']:.2f}" if r["memory_kind"] == "cuda_max_allocated" else "-"
-        lines.append(f"| {r['backbone']} | {r['method']} | {'yes' if r['compiled'] else 'no'} | {r['batch_size']} | {r['step_ms']:.1f} | {ratio} | "
+        compiled = "yes" if r["compiled"] else "no"
+        lines.append(f"| {r['backbone']} | {r['method']} | {compiled} | {r['batch_size']} | {r['step_ms']:.1f} | {ratio} | "
                      f"{r['img_s']:.0f} | {memory} | {r['trainable_params']:,} |")
     return "\n".join(lines)
 
