@@ -9,8 +9,10 @@ Weights sources (``weights`` argument):
 - ``None`` / ``"none"``: random init (tests; also for counting parameters).
 
 Besides timm names, a few small architectures exist for tests and the demo (``SMALL_VITS``).
-``demo_vit`` with ``weights="hub"`` means the project's own pretrained demo weights, trained on
-first use and cached (see ``bench.demo_pretrain``).
+``demo_vit`` with ``weights="hub"`` means the project's own pretrained demo weights from the
+cache (``bench.demo_weights``); construction never trains: when they are missing the error
+says how to make them (``python -m bench.demo_pretrain``, which the demo suite's ``prepare``
+hook runs).
 """
 from __future__ import annotations
 
@@ -21,15 +23,12 @@ from typing import Any
 
 import timm
 import torch
+from timm.models import get_pretrained_cfg
+from timm.models._registry import get_arch_pretrained_cfgs
 from torch import nn
 
-from bench.config import closest
+from bench.catalog import BACKBONES, closest, resolve_backbone_alias
 from bench.errors import UserError
-
-ALIASES = {
-    "vit_s16": "vit_small_patch16_224.augreg_in21k",
-    "vit_b16": "vit_base_patch16_224.augreg_in21k",
-}
 
 # Small ViTs the project builds itself: a timm architecture with other sizes.
 SMALL_VITS: dict[str, dict[str, Any]] = {
@@ -55,7 +54,26 @@ class DataConfig:
 
 
 def resolve_name(name: str) -> str:
-    return ALIASES.get(name, name)
+    """The full timm name a backbone name stands for: a catalog alias (``vit_s16``) becomes its
+    timm name; an architecture without a pretrained tag (``vit_small_patch16_224``) gets timm's
+    default tag for it (recorded in result.json, so the weights are never ambiguous); a tag that
+    the architecture does not have is an error listing those it has."""
+    name = resolve_backbone_alias(name)
+    if name in SMALL_VITS:
+        return name
+    if not timm.is_model(name):
+        candidates = timm.list_models("vit_*", pretrained=True) + list(BACKBONES) + list(SMALL_VITS)
+        raise BackboneError(f"backbone: unknown timm model {name!r}{closest(name, candidates)}")
+    arch, _, tag = name.partition(".")
+    tagged = list(get_arch_pretrained_cfgs(arch))
+    if not tagged:  # an architecture timm has no weights for: random init only
+        return arch
+    if not tag:
+        return f"{arch}.{get_pretrained_cfg(arch).tag}"
+    if name not in tagged:
+        raise BackboneError(f"backbone: timm has no pretrained tag {tag!r} for {arch}; tags: "
+                            + ", ".join(t.partition(".")[2] for t in tagged))
+    return name
 
 
 def create_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> nn.Module:
@@ -65,9 +83,6 @@ def create_backbone(name: str, weights: str | None = None, image_size: int | Non
         weights = None
     if name in SMALL_VITS:
         return _create_small(name, weights)
-    if not timm.is_model(name):
-        candidates = timm.list_models("vit_*", pretrained=True) + list(ALIASES) + list(SMALL_VITS)
-        raise BackboneError(f"backbone: unknown timm model {name!r}{closest(name, candidates)}")
     kwargs: dict[str, Any] = {"num_classes": 0}
     if image_size:
         kwargs["img_size"] = image_size
@@ -92,9 +107,13 @@ def _create_small(name: str, weights: str | None) -> nn.Module:
     if weights == "hub":
         if name != "demo_vit":
             raise BackboneError(f"weights: {name} has no pretrained weights; use weights: none")
-        from bench.demo_pretrain import demo_weights_path  # trains once, then cached
+        from bench.demo_weights import weights_file
 
-        weights = str(demo_weights_path())
+        path = weights_file()
+        if not path.is_file():
+            raise BackboneError(f"weights: the demo backbone's pretrained weights are not at {path}; make them "
+                                "once with `python -m bench.demo_pretrain` (`make demo` does it)")
+        weights = str(path)
     if weights is not None:
         load_weights_file(model, Path(weights), name)
     return model

@@ -8,13 +8,13 @@ the machine does not invalidate finished results.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.catalog import DATASET_NAMES as DATASETS
+from bench.catalog import closest
 from bench.errors import UserError
 
-DATASETS = ("cub200", "cars196", "sop", "inshop", "inaturalist", "synthetic")
 OPTIMIZERS = ("sgd", "adamw")
 SELECTIONS = ("last", "val", "auto")
 POSITIVE_AVERAGING = ("positive", "all")
@@ -24,14 +24,12 @@ RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suit
                   "compile")
 
 
+# Fields added after the first release: hashed only when set to something else than the default.
+HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ()
+
+
 class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the field."""
-
-
-def closest(name: str, choices) -> str:
-    """' (did you mean X?)' for an unknown name, or '' when nothing is close."""
-    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
-    return f" (did you mean {match[0]!r}?)" if match else ""
 
 
 @dataclass
@@ -128,8 +126,13 @@ class CellConfig:
         return dataclasses.asdict(self)
 
     def identity(self) -> dict[str, Any]:
-        """The part of the config that decides the result (hashed into the cell id)."""
-        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_FIELDS}
+        """The part of the config that decides the result (hashed into the cell id).
+
+        Fields added after the first release enter it only when they differ from their
+        default, so that a new field never renames the cells finished before it existed."""
+        defaults = {f.name: _default(f) for f in dataclasses.fields(self)}
+        return {k: v for k, v in self.to_dict().items()
+                if k not in RUNTIME_FIELDS and not (k in HASH_NEUTRAL_AT_DEFAULT and v == defaults[k])}
 
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
@@ -179,3 +182,41 @@ def _coerce(name: str, value: Any, type_name: str, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {base}, got {value!r} ({type(value).__name__})") from None
     return value
+
+
+def _default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None
+
+
+def parse_assignments(items: list[str], what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` pairs from the command line; values parse as YAML scalars (``1e-4``,
+    ``true``, ``10``, ``null``); ``what`` names the option in errors (``--set``)."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"{what}: expected KEY=VALUE, got {item!r}")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)  # YAML 1.1 reads '1e-4' as a string
+        if isinstance(value, (dict, list)):
+            value = text  # '{a: 1}' stays text: values are scalars
+        parsed[key.strip()] = value
+    return parsed
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -10,100 +10,28 @@ visual vocabulary, not the classes, as with ImageNet pretraining and CUB.
 
 Public API::
 
-    demo_weights_path(recipe=None, cache=None) -> Path  # trains on first use, then cached
+    demo_weights_path(recipe=None, cache=None) -> Path  # trains unless cached, then the path
     pretrain(out, recipe=None) -> dict                  # always trains; returns what the JSON holds
-    ensure_demo_data(data_root) -> Path                 # the demo's dataset, written once
-    prepare_demo(data_root) -> Path                     # both: what the demo needs before its cells
-    cache_dir() -> Path
+    prepare_demo(data_root) -> Path                     # the demo suite's prepare hook
 
-Cache: ``$PEFT_DML_CACHE`` if set, else ``$XDG_CACHE_HOME/peft-dml-bench`` (default
-``~/.cache/peft-dml-bench``). Files: ``demo_vit-<version>.safetensors`` (backbone only, no
-classifier head) and ``demo_vit-<version>.json`` (command, recipe, source accuracy, time).
-``<version>`` is the code version plus a hash of the recipe, so a changed recipe never reuses
-stale weights.
-
-CLI: ``python -m bench.demo_pretrain [--force] [--out PATH] [--data-root DIR]``.
+Where the weights live and what names them: ``bench.demo_weights``. The demo's data:
+``bench.data.hooks``. CLI: ``python -m bench.demo_pretrain [--force] [--out PATH] [--data-root DIR]``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import fcntl
 import math
 import os
-import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# Bump when the training code changes what it produces (the recipe hash covers the numbers).
-CODE_VERSION = 1
-BACKBONE = "demo_vit"
-# The demo's target classes are 0..DEMO_CLASSES-1 of family 0; source classes start here.
-SOURCE_CLASS_OFFSET = 1000
-DEMO_CLASSES = 100
-DEMO_IMAGES_PER_CLASS = 20
-# 36 px is a little larger than the backbone's 32 px input, as photos are larger than 224 px:
-# the usual resize-and-crop then works as it does on real data.
-DEMO_IMAGE_SIZE = 36
-# The model is tiny (matrices of 96 columns): a second thread gains little on an idle machine,
-# and on a shared one the threads wait for each other. On the 2-core dev box with other jobs
-# running, 2 threads trained at 60 img/s and 1 thread at 500 img/s. One thread also keeps the
-# result independent of the core count.
-PRETRAIN_THREADS = 1
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Everything that decides the pretrained weights (hashed into the file name)."""
-
-    source_classes: int = 400
-    images_per_class: int = 40
-    held_out_per_class: int = 5  # per class, never trained on: the source accuracy
-    image_size: int = DEMO_IMAGE_SIZE
-    family_seed: int = 0  # the demo's family: the same visual vocabulary
-    data_seed: int = 1
-    steps: int = 1200
-    batch_size: int = 128
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    warmup_steps: int = 60
-    label_smoothing: float = 0.1
-    factor_loss_weight: float = 1.0  # see PretrainHeads
-    patch_drop: float = 0.7  # fraction of patch tokens left out of each training image
-    # Crops keep at least this fraction of the image's area: the default 8 % of
-    # RandomResizedCrop would cut most shapes of a 36 px image out of view.
-    min_crop_area: float = 0.35
-    seed: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-DEFAULT_RECIPE = Recipe()
-
-
-def cache_dir() -> Path:
-    override = os.environ.get("PEFT_DML_CACHE")
-    if override:
-        return Path(override).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "peft-dml-bench"
-
-
-def version(recipe: Recipe) -> str:
-    from bench.results import config_hash
-
-    return f"v{CODE_VERSION}-{config_hash(recipe.to_dict())}"
-
-
-def weights_file(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
-    recipe = recipe or DEFAULT_RECIPE  # looked up at call time: tests swap in a tiny recipe
-    return Path(cache or cache_dir()) / f"{BACKBONE}-{version(recipe)}.safetensors"
-
+from bench.data.hooks import ensure_demo_data, exclusive_lock, generate_once
+from bench.demo_weights import (BACKBONE, DEFAULT_RECIPE, PRETRAIN_THREADS, SOURCE_CLASS_OFFSET, Recipe,
+                                cache_dir, version, weights_file)
+from bench import demo_weights
 
 def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
     """The cached pretrained backbone, trained first if this machine has none yet.
@@ -112,69 +40,22 @@ def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None) -
     instead of each starting their own; the weights appear atomically, so a file that exists
     is complete.
     """
-    recipe = recipe or DEFAULT_RECIPE
+    recipe = recipe or demo_weights.DEFAULT_RECIPE
     path = weights_file(recipe, cache)
     if path.is_file():
         return path
-    with _exclusive_lock(path.with_suffix(".lock")):
+    with exclusive_lock(path.with_suffix(".lock")):
         if not path.is_file():  # another process may have finished while we waited
             pretrain(path, recipe)
     return path
 
 
-@contextmanager
-def _exclusive_lock(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # blocks: waiting beats training twice
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def prepare_demo(data_root) -> Path:
-    """Everything the demo suite needs before its first cell: its data and the pretrained
-    backbone (trained here rather than inside the first cell, whose time it would distort)."""
+    """The demo suite's ``prepare`` hook: its data and the pretrained backbone, trained here
+    (once per machine) rather than inside a cell, whose time it would distort."""
     root = ensure_demo_data(data_root)
     demo_weights_path()
     return root
-
-
-def ensure_synthetic_data(data_root) -> Path:
-    """``<data_root>/synthetic`` as it is when present (any generated dataset), else the demo's."""
-    root = Path(data_root) / "synthetic"
-    return root if root.exists() else ensure_demo_data(data_root)
-
-
-def ensure_demo_data(data_root) -> Path:
-    """Write the demo's target dataset into ``<data_root>/synthetic`` unless it is there.
-
-    100 classes of family 0 (ids 0-99: the first 50 train, the last 50 test, as
-    ``load_dataset('synthetic', ...)`` splits them), 20 images each, disjoint from the
-    pretraining classes. Cheap (a few seconds) and idempotent: a finished dataset is reused.
-    """
-    return _generate_once(Path(data_root) / "synthetic", num_classes=DEMO_CLASSES,
-                          images_per_class=DEMO_IMAGES_PER_CLASS, image_size=DEMO_IMAGE_SIZE,
-                          seed=0, class_offset=0, family_seed=0)
-
-
-def _generate_once(root: Path, **arguments) -> Path:
-    """``make_synthetic_dataset`` into a temporary sibling, renamed into place when complete.
-
-    A run killed half-way then leaves no half-written dataset, which the generator would
-    refuse ever after; the lock keeps two processes from writing the same one.
-    """
-    from bench.data import make_synthetic_dataset
-
-    if not root.exists():
-        with _exclusive_lock(root.parent / f".{root.name}.lock"):
-            if not root.exists():
-                partial = root.parent / f".{root.name}.partial"
-                shutil.rmtree(partial, ignore_errors=True)  # a killed run's; the lock is ours
-                make_synthetic_dataset(partial, **arguments)
-                os.replace(partial, root)
-    return make_synthetic_dataset(root, **arguments)  # checks that the arguments match
 
 
 # --- pretraining -----------------------------------------------------------------------------
@@ -188,7 +69,7 @@ def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None
     """
     import torch
 
-    recipe = recipe or DEFAULT_RECIPE
+    recipe = recipe or demo_weights.DEFAULT_RECIPE
     out = Path(out)
     source_dir = Path(source_dir) if source_dir is not None else out.parent
     say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -228,7 +109,7 @@ def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None
 
 
 def _source_data(root: Path, recipe: Recipe) -> Path:
-    return _generate_once(root, num_classes=recipe.source_classes, images_per_class=recipe.images_per_class,
+    return generate_once(root, num_classes=recipe.source_classes, images_per_class=recipe.images_per_class,
                           image_size=recipe.image_size, seed=recipe.data_seed,
                           class_offset=SOURCE_CLASS_OFFSET, family_seed=recipe.family_seed)
 
@@ -469,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         pretrain(path, source_dir=cache_dir())
     elif args.force:
         path = weights_file()
-        with _exclusive_lock(path.with_suffix(".lock")):
+        with exclusive_lock(path.with_suffix(".lock")):
             pretrain(path)
     else:
         path = demo_weights_path()

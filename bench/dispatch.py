@@ -1,39 +1,42 @@
-"""`run_suite.py run SUITE` and `run_suite.py status SUITE`: a suite's cells to SLURM or this process.
+"""Running a suite's cells: on SLURM through submitit, or one after another in this process.
 
 Executors:
 - ``slurm``: one submitit job array per submission, one cell per array task. The command returns
   once the jobs are queued (``--wait`` waits). Each task runs ``CellJob``, a submitit
   ``Checkpointable``: at the time limit or on preemption submitit requeues the same call and
   ``run_cell`` resumes from the cell's last epoch checkpoint.
-- ``local``: the cells one after another in this process, with progress bars.
+- ``local``: the cells one after another in this process (``run_local``).
 - ``debug``: submitit's DebugExecutor (in this process, a debugger on a crash).
 
 State lives in files only, so ``status`` works from any shell: ``result.json`` (done/failed,
 written by the runner), ``job.json`` (the SLURM job of the cell's last submission) and the cell
 lock (held while a process runs the cell). ``squeue`` (or ``sacct`` when the cluster has
 accounting) says whether a submitted job is still queued or running.
+
+This module returns data and reports progress as events (``bench.events``); the CLI
+(``cli/``) renders them and prints the tables.
 """
 from __future__ import annotations
 
 import datetime as dt
 import importlib
 import json
+import logging
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
 import submitit
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from rich.table import Table
 
 from bench.errors import UserError
+from bench.events import Listener, ignore, log_event
 from bench.results import RESULT_FILE, atomic_write_json, read_result
-from bench.suite import Cell, Suite, load_suite
+from bench.suite import Cell, Suite
 
 JOB_FILE = "job.json"
 CELLS_FILE = "cells.json"
@@ -49,8 +52,7 @@ EXECUTOR_PARAMETERS = {
     "signal_delay_s": "slurm_signal_delay_s", "additional_parameters": "slurm_additional_parameters",
     "setup": "slurm_setup",
 }
-WAIT_POLL_S = 5.0
-STEP_LOG_EVERY = 200  # a log line every this many steps inside an epoch (SOP epochs are long)
+WAIT_POLL_S = 30.0
 
 
 @dataclass
@@ -59,59 +61,7 @@ class CellState:
     detail: str = ""
 
 
-# ---------------------------------------------------------------------------------------------
-# commands
-
-
-def cmd_run(args) -> int:
-    console = _console()
-    suite = load_suite(args.suite)
-    suite_dir = Path(args.out).resolve() / suite.name
-    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
-    every_cell = suite.cells(data_root=data_root)
-    cells = suite.select(every_cell, args.only) if args.only else every_cell
-    states = collect_states(cells, suite_dir)
-
-    if args.dry_run:
-        console.print(grid_table(suite, cells, states, hyperparameters=True))
-        console.print(totals_line(states))
-        return 0
-
-    write_cells_file(suite_dir, every_cell)
-    todo, skipped = select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
-    if args.max_cells is not None:
-        todo = todo[: max(args.max_cells, 0)]
-    for reason, count in skipped.items():
-        console.print(f"{count} cells {reason}")
-    if not todo:
-        console.print(f"{suite.name}: nothing to run ({totals_line(states)})")
-        if (args.executor or "local") == "local" and not args.no_report:
-            print_suite_summary(suite_dir, console)
-        return 0
-
-    prepare_data(suite, todo, console)
-    executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
-    if executor == "local":
-        failed = run_local(todo, suite_dir, fresh=args.fresh, console=console)
-        if not args.no_report:
-            build_report_if_available(suite_dir, suite.report.get("table"), console)
-        return 1 if failed else 0
-    jobs = submit(suite, todo, suite_dir, executor, fresh=args.fresh)
-    if executor == "debug":
-        for job in jobs:  # the debug executor runs a job when its result is asked for
-            job.result()
-        states = collect_states(todo, suite_dir)
-        console.print(totals_line(states))
-        return 0 if all(s.state == "done" for s in states.values()) else 1
-    console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job {jobs[0].job_id.split('_')[0]} "
-                  f"(logs in {suite_dir / SUBMITIT_DIR}); follow with: python run_suite.py status {args.suite}"
-                  + (f" --out {args.out}" if args.out != "results" else ""))
-    if args.wait:
-        return wait_for_jobs(todo, suite_dir, console)
-    return 0
-
-
-def prepare_data(suite: Suite, cells: list[Cell], console: Console) -> None:
+def prepare_data(suite: Suite, cells: list[Cell], on_event: Listener = ignore) -> None:
     """The suite's ``prepare`` hook, once per data root (before submitting: on the login node)."""
     if not suite.prepare:
         return
@@ -121,25 +71,8 @@ def prepare_data(suite: Suite, cells: list[Cell], console: Console) -> None:
     except (ImportError, AttributeError) as e:
         raise UserError(f"{suite.path}: prepare: cannot import {suite.prepare!r}: {e}") from None
     for data_root in sorted({c.config.data_root for c in cells}):
-        console.print(f"preparing {data_root} ({suite.prepare})")
+        on_event({"event": "preparing", "data_root": data_root, "hook": suite.prepare})
         function(data_root)
-
-
-def cmd_status(args) -> int:
-    console = _console()
-    suite = load_suite(args.suite, check_methods=False)  # no torch: status runs anywhere
-    cells = suite.cells()
-    states = collect_states(cells, Path(args.out).resolve() / suite.name)
-    console.print(grid_table(suite, cells, states, hyperparameters=False))
-    console.print(totals_line(states))
-    return 0
-
-
-def _console() -> Console:
-    console = Console()
-    if not console.is_terminal:
-        console.width = max(console.width, 240)  # logs and pipes: fewer wrapped rows
-    return console
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,134 +184,46 @@ def write_cells_file(suite_dir: Path, cells: list[Cell]) -> None:
     atomic_write_json(suite_dir / CELLS_FILE, [{"cell_id": c.cell_id, "key": c.key} for c in cells])
 
 
-# ---------------------------------------------------------------------------------------------
-# tables
-
-
-def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
-               hyperparameters: bool) -> Table:
-    key_names = list(dict.fromkeys(k for c in cells for k in c.key))
-    table = Table(title=f"{suite.name}: {suite.description}".rstrip(": "), show_lines=False)
-    table.add_column("#", justify="right")
-    for name in key_names:
-        table.add_column(name)
-    if hyperparameters:
-        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "method args"):
-            table.add_column(name)
-    table.add_column("state")
-    table.add_column("detail")
-    colours = {"done": "green", "failed": "red", "running": "cyan", "queued": "blue", "pending": "yellow"}
-    for i, cell in enumerate(cells, 1):
-        row = [str(i)] + [_text(cell.key.get(name, "")) for name in key_names]
-        if hyperparameters:
-            c = cell.config
-            row += [c.optimizer, _text(c.lr), _text(c.proxy_lr), str(c.epochs),
-                    f"{c.batch_size}/{c.samples_per_class}",
-                    " ".join(f"{k}={_text(v)}" for k, v in c.method_args.items())]
-        state = states[cell.cell_id]
-        row.append(f"[{colours[state.state]}]{state.state}[/]")
-        row.append(state.detail)
-        table.add_row(*row)
-    return table
-
-
 def totals_line(states: dict[str, CellState]) -> str:
-    counts = {}
+    counts: dict[str, int] = {}
     for s in states.values():
         counts[s.state] = counts.get(s.state, 0) + 1
     parts = [f"{counts[k]} {k}" for k in ("done", "running", "queued", "failed", "pending") if k in counts]
     return f"{len(states)} cells: " + ", ".join(parts)
 
 
-def _text(value: Any) -> str:
+def text(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _cell_name(cell: Cell) -> str:
-    return "/".join(_text(v) for k, v in cell.key.items() if k != "method" or "label" not in cell.key)
+def cell_name(cell: Cell) -> str:
+    """'cub200/vit_s16/VPT (B)/0': the key's values, the label in place of the method."""
+    return "/".join(text(v) for k, v in cell.key.items() if k != "method" or "label" not in cell.key)
 
 
 # ---------------------------------------------------------------------------------------------
 # local executor
 
 
-def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, console: Console) -> int:
+def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, on_event: Listener = ignore) -> int:
     """Run the cells here one after another; returns the number of failed cells."""
     from bench.runner import run_cell
 
     failed = 0
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        overall = progress.add_task("cells", total=len(cells), info="")
-        for cell in cells:
-            task = progress.add_task(_cell_name(cell), total=None, info="")
-            result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh,
-                              progress=_StepBar(progress, task, _cell_name(cell)))
-            progress.remove_task(task)
-            progress.advance(overall)
-            name = _cell_name(cell)
-            if result is None:
-                progress.console.print(f"[cyan]running elsewhere[/] {name}")
-            elif result["status"] == "ok":
-                progress.console.print(f"[green]done[/] {name} {_result_state(suite_dir / cell.cell_id / RESULT_FILE).detail}")
-            else:
-                failed += 1
-                progress.console.print(f"[red]failed[/] {name}: {result['reason']}")
+    on_event({"event": "suite_start", "total": len(cells)})
+    for cell in cells:
+        name = cell_name(cell)
+        on_event({"event": "cell_begin", "name": name})
+        result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
+        if result is None:
+            status, detail = "running elsewhere", ""
+        elif result["status"] == "ok":
+            status, detail = "done", _result_state(suite_dir / cell.cell_id / RESULT_FILE).detail
+        else:
+            failed += 1
+            status, detail = "failed", str(result["reason"])
+        on_event({"event": "cell_done", "name": name, "status": status, "detail": detail})
     return failed
-
-
-class _StepBar:
-    """Progress events of one cell -> its bar: steps over all epochs, epoch, loss, last R@1."""
-
-    def __init__(self, progress: Progress, task, name: str) -> None:
-        self.progress, self.task, self.name = progress, task, name
-        self.epochs = self.start_epoch = 0
-        self.has_total = False
-        self.recall = ""
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        kind = event["event"]
-        if kind == "cell_start":
-            self.epochs, self.start_epoch = event["total_epochs"], event["start_epoch"]
-            if event.get("steps"):
-                self._set_total(event["steps"])
-        elif kind == "step":
-            if not self.has_total:
-                self._set_total(event["steps"])
-            self.progress.update(self.task, advance=1,
-                                 description=f"{self.name} epoch {event['epoch']}/{self.epochs}",
-                                 info=f"loss {event['loss']:.4f}{self.recall}")
-        elif kind == "epoch_end" and event.get("test"):
-            self.recall = f" R@1 {100 * event['test']['recall@1']:.1f}"
-
-    def _set_total(self, steps: int) -> None:
-        self.progress.update(self.task, total=self.epochs * steps, completed=self.start_epoch * steps)
-        self.has_total = True
-
-
-def build_report_if_available(suite_dir: Path, table: str | None, console: Console) -> None:
-    try:
-        from report.cli import build_report
-    except ImportError:
-        return  # the reporter is optional for running cells
-    try:
-        written = build_report(suite_dir, table=table)
-    except UserError as e:  # the cells ran: a report problem must not turn the run into an error
-        console.print(f"[yellow]report not written[/]: {e}")
-        return
-    console.print(f"report: {suite_dir / 'report'} ({len(written)} files; open index.md)")
-    print_suite_summary(suite_dir, console)
-
-
-def print_suite_summary(suite_dir: Path, console: Console) -> None:
-    """Every method's mean R@1 / MAP@R, in the terminal (the tables are in the report)."""
-    try:
-        from report import load_suite as load_results
-        from report.summary import print_summary
-    except ImportError:
-        return
-    print_summary(load_results(suite_dir).cells, console, top=None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,31 +241,24 @@ class CellJob(submitit.helpers.Checkpointable):
 
         # only the first start may discard old results: a requeued task must resume
         restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+        log_to_stdout()
         result = run_cell(config, Path(cell_dir), key=key, fresh=fresh and not restarted, progress=log_event)
         if result is None:
             return {"status": "skipped", "reason": "the cell is running in another process"}
         return {"status": result["status"], "reason": result["reason"]}
 
 
-def log_event(event: dict[str, Any]) -> None:
-    """Progress events -> lines in the job's log (one per epoch, and every few hundred steps)."""
-    kind = event["event"]
-    if kind == "cell_start":
-        line = f"cell_start epoch {event['start_epoch'] + 1} of {event['total_epochs']}" + (
-            f" (resumed after epoch {event['start_epoch']})" if event["start_epoch"] else "")
-    elif kind == "step":
-        if event["step"] % STEP_LOG_EVERY:
-            return
-        line = f"step epoch {event['epoch']} step {event['step']}/{event['steps']} loss {event['loss']:.4f}"
-    elif kind == "epoch_end":
-        test = event.get("test") or {}
-        recall = f" R@1 {100 * test['recall@1']:.2f}" if "recall@1" in test else ""
-        line = f"epoch_end {event['epoch']} train_loss {event['train_loss']:.4f}{recall}"
-    elif kind == "cell_end":
-        line = f"cell_end {event['status']}" + (f": {event['reason']}" if event.get("reason") else "")
-    else:
-        return
-    print(f"[{dt.datetime.now():%H:%M:%S}] {line}", flush=True)
+def log_to_stdout() -> None:
+    """The ``bench`` logger's lines into the job's stdout log (``.submitit/<job>_log.out``),
+    where ``status`` points users; other libraries' loggers are left as they are."""
+    logger = logging.getLogger("bench")
+    if not any(getattr(h, "bench_job_log", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        handler.bench_job_log = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
 
 
 def make_executor(kind: str, folder: Path, suite: Suite) -> submitit.Executor:
@@ -458,24 +296,25 @@ def submit(suite: Suite, cells: list[Cell], suite_dir: Path, kind: str, *, fresh
     return jobs
 
 
-def wait_for_jobs(cells: list[Cell], suite_dir: Path, console: Console) -> int:
-    """--wait: until no submitted job is queued or running; 1 when a cell did not end ok."""
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("waiting for SLURM", total=len(cells))
-        while True:
-            jobs = [read_job_file(suite_dir / c.cell_id) for c in cells]
-            slurm = slurm_job_states(j["job_id"] for j in jobs if j)
-            if slurm is not None:  # None: squeue did not answer this time
-                active = sum(1 for j in jobs if j and slurm.get(j["job_id"]) in ACTIVE_SLURM_STATES)
-                progress.update(task, completed=len(cells) - active)
-                if not active:
-                    break
-            time.sleep(WAIT_POLL_S)
-    states = collect_states(cells, suite_dir)
-    for cell in cells:
-        state = states[cell.cell_id]
-        if state.state != "done":
-            console.print(f"[red]{state.state}[/] {_cell_name(cell)}: {state.detail}")
-    console.print(totals_line(states))
-    return 0 if all(s.state == "done" for s in states.values()) else 1
+def wait_for_jobs(cells: list[Cell], suite_dir: Path, on_event: Listener = ignore,
+                  poll_s: float | None = None) -> dict[str, CellState]:
+    """--wait: until no submitted job is queued or running; then every cell's state."""
+    poll_s = poll_s if poll_s is not None else poll_interval()
+    while True:
+        jobs = [read_job_file(suite_dir / c.cell_id) for c in cells]
+        slurm = slurm_job_states(j["job_id"] for j in jobs if j)
+        if slurm is not None:  # None: squeue did not answer this time
+            active = sum(1 for j in jobs if j and slurm.get(j["job_id"]) in ACTIVE_SLURM_STATES)
+            on_event({"event": "waiting", "done": len(cells) - active, "total": len(cells)})
+            if not active:
+                break
+        time.sleep(poll_s)
+    return collect_states(cells, suite_dir)
+
+
+def poll_interval() -> float:
+    """Seconds between squeue calls while waiting: submitit's own floor (30 s) on real clusters,
+    so that a waiting driver never loads a shared controller; ``BENCH_SLURM_POLL_S`` lowers it
+    for the one-node test cluster."""
+    override = os.environ.get("BENCH_SLURM_POLL_S")
+    return float(override) if override else WAIT_POLL_S

@@ -10,3 +10,12 @@ class UserError(Exception):
     """Bad input: a path, a name, a file's contents, a configuration value."""
 
     exit_code = 2
+
+
+class CellFailure(Exception):
+    """A cell that cannot finish for a reason of its own (a non-finite loss, no evaluated epoch):
+    the cell is marked failed with this message, and ``history`` keeps the finished epochs."""
+
+    def __init__(self, reason: str, history: list[dict] | None = None):
+        super().__init__(reason)
+        self.history = history or []

@@ -19,8 +19,6 @@ Conventions, fixed here once so that every number in the suite means the same th
 """
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,15 +29,6 @@ from bench.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only where needed: `evaluate` on .npy files can skip it
     import torch
-
-DATASET_KS: dict[str, tuple[int, ...]] = {
-    "cub200": (1, 2, 4, 8),
-    "cars196": (1, 2, 4, 8),
-    "synthetic": (1, 2, 4, 8),
-    "sop": (1, 10, 100, 1000),
-    "inshop": (1, 10, 20, 30, 40, 50),
-    "inaturalist": (1, 4, 16, 32),
-}
 
 BACKENDS = ("auto", "faiss", "torch")
 
@@ -646,10 +635,11 @@ def compute_embeddings(
 
 
 # --------------------------------------------------------------------------------------------
-# Command line: run_suite.py evaluate
+# Saved embeddings
 # --------------------------------------------------------------------------------------------
 
-def _load_npy(path: str, what: str) -> np.ndarray:
+def load_array(path: str, what: str) -> np.ndarray:
+    """A ``.npy`` file (never unpickled); a missing or unreadable one names the file."""
     file = Path(path)
     if not file.is_file():
         raise EmbeddingFileError(f"{what} file not found: {path}")
@@ -657,45 +647,3 @@ def _load_npy(path: str, what: str) -> np.ndarray:
         return np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
         raise EmbeddingFileError(f"cannot read {what} file {path} as a .npy array: {e}") from None
-
-
-def _print_table(metrics: dict[str, float | int], title: str, caption: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=title, caption=caption)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    Console().print(table)
-
-
-def cmd_evaluate(args) -> int:
-    """``run_suite.py evaluate EMB.npy LABELS.npy [--gallery-emb G --gallery-labels GL] ...``"""
-    if (args.gallery_emb is None) != (args.gallery_labels is None):
-        raise EvaluationError("--gallery-emb and --gallery-labels must be given together")
-    embeddings = _load_npy(args.embeddings, "embeddings")
-    labels = _load_npy(args.labels, "labels")
-    gallery = gallery_labels = None
-    if args.gallery_emb is not None:
-        gallery = _load_npy(args.gallery_emb, "gallery embeddings")
-        gallery_labels = _load_npy(args.gallery_labels, "gallery labels")
-    try:
-        metrics = retrieval_metrics(
-            embeddings, labels, args.k,
-            gallery_embeddings=gallery, gallery_labels=gallery_labels,
-            backend=args.backend, normalize=not args.no_normalize,
-        )
-    except EvaluationError as e:
-        files = [args.embeddings, args.labels]
-        if gallery is not None:
-            files += [args.gallery_emb, args.gallery_labels]
-        raise EvaluationError(f"{e} (files: {', '.join(files)})") from None
-    if args.json:
-        json.dump(metrics, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        mode = "queries vs gallery" if gallery is not None else "each embedding vs all others"
-        _print_table(metrics, args.embeddings, mode)
-    return 0

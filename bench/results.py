@@ -46,7 +46,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bench.errors import UserError
 
@@ -127,30 +127,3 @@ def read_result(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or data.get("status") not in ("ok", "failed"):
         raise ResultError(f"{path}: not a result file (missing or unknown 'status')")
     return data
-
-
-def is_complete(cell_dir: str | os.PathLike) -> bool:
-    """A cell is done when its result.json exists and says ``ok``."""
-    path = Path(cell_dir) / RESULT_FILE
-    if not path.exists():
-        return False
-    try:
-        return read_result(path)["status"] == "ok"
-    except ResultError:
-        return False
-
-
-def iter_results(suite_dir: str | os.PathLike) -> Iterator[tuple[Path, dict[str, Any] | None]]:
-    """Yield ``(cell_dir, result or None)`` for every cell folder of a suite."""
-    suite_dir = Path(suite_dir)
-    if not suite_dir.is_dir():
-        return
-    for cell_dir in sorted(p for p in suite_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        path = cell_dir / RESULT_FILE
-        if not path.exists():
-            yield cell_dir, None
-            continue
-        try:
-            yield cell_dir, read_result(path)
-        except ResultError:
-            yield cell_dir, None

@@ -21,8 +21,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from bench.config import CellConfig, ConfigError
-from bench.errors import UserError
+from bench.config import CellConfig
+from bench.errors import CellFailure, UserError
 from bench.results import (RESULT_FILE, SCHEMA_VERSION, atomic_write_json, check_name, config_hash,
                            make_cell_id, read_result)
 
@@ -106,25 +106,21 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], progres
     }
     emit = progress or (lambda event: None)
     try:
-        from bench.train import CellFailure, train_cell
+        from bench.train import train_cell
 
-        try:
-            outcome = train_cell(config, cell_dir, config_hash(config.identity()), progress)
-        except CellFailure as failure:
-            result["epochs"] = failure.history
-            raise
+        outcome = train_cell(config, cell_dir, config_hash(config.identity()), progress)
         result.update(status="ok", epochs=outcome.epochs, final=outcome.final, oracle=outcome.oracle,
                       measurements=outcome.measurements, skipped_images=outcome.num_skipped_images)
         _save_weights(outcome.learner, cell_dir / WEIGHTS_FILE)
         (cell_dir / "checkpoint.pt").unlink(missing_ok=True)
-    except (UserError, ValueError) as e:
+    except CellFailure as failure:  # the cell's own reason (NaN loss): the finished epochs stay
+        result["epochs"] = failure.history
+        result["reason"] = str(failure)
+    except UserError as e:  # bad input, named by the message
         result["reason"] = str(e)
-    except Exception as e:  # a failing cell must never stop the grid; the traceback goes beside it
-        if type(e).__name__ == "CellFailure":
-            result["reason"] = str(e)
-        else:
-            result["reason"] = f"{type(e).__name__}: {e} (traceback in {cell_dir / 'error.log'})"
-            (cell_dir / "error.log").write_text(traceback.format_exc())
+    except Exception as e:  # a bug: it must never stop the grid, and its traceback goes beside it
+        result["reason"] = f"{type(e).__name__}: {e} (traceback in {cell_dir / 'error.log'})"
+        (cell_dir / "error.log").write_text(traceback.format_exc())
     finished = dt.datetime.now(dt.timezone.utc)
     if result["measurements"] is not None:
         result["measurements"]["wall_time_s"] = time.perf_counter() - wall_start
@@ -172,90 +168,3 @@ def provenance(started: dt.datetime, finished: dt.datetime) -> dict[str, Any]:
     return {"git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(),
             "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
             "argv": sys.argv, "started": started.isoformat(), "finished": finished.isoformat()}
-
-
-def parse_assignments(items: list[str], what: str) -> dict[str, Any]:
-    """``KEY=VALUE`` pairs; values parse as YAML scalars (``1e-4``, ``true``, ``10``)."""
-    import yaml
-
-    parsed: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"{what}: expected KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        value = yaml.safe_load(v) if v else ""
-        if isinstance(value, str) and _looks_numeric(value):
-            value = float(value)  # YAML 1.1 reads '1e-4' as a string
-        parsed[k.strip()] = value
-    return parsed
-
-
-def _looks_numeric(text: str) -> bool:
-    try:
-        float(text)
-        return True
-    except ValueError:
-        return False
-
-
-def cmd_cell(args) -> int:
-    from rich.console import Console
-
-    console = Console()
-    fields = parse_assignments(args.set, "--set")
-    fields.update(dataset=args.dataset, data_root=os.path.abspath(args.data_root), backbone=args.backbone, method=args.method,
-                  seed=args.seed, method_args=parse_assignments(args.method_arg, "--method-arg"))
-    if args.weights is not None:
-        fields["weights"] = args.weights
-    if args.epochs is not None:
-        fields["epochs"] = args.epochs
-    config = CellConfig.from_dict(fields, where="cell")
-    suite_dir = Path(args.out) / check_name(config.suite, "suite name")
-    key = {"dataset": config.dataset, "backbone": config.backbone, "method": config.method, "seed": config.seed}
-    cell_dir = suite_dir / make_cell_id(key, config.identity())
-    with _progress_bar(console) as on_event:
-        result = run_cell(config, cell_dir, key=key, fresh=args.fresh, progress=on_event)
-    if result is None:
-        console.print(f"[yellow]{cell_dir} is running in another process; nothing done[/]")
-        return 1
-    print_result(console, result, cell_dir)
-    return 0 if result["status"] == "ok" else 1
-
-
-@contextmanager
-def _progress_bar(console):
-    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        task = bar.add_task("cell", total=None, info="")
-        last = {"r1": ""}
-
-        def on_event(event: dict[str, Any]) -> None:
-            kind = event["event"]
-            if kind == "cell_start":
-                bar.update(task, total=event["total_epochs"] * event["steps"],
-                           completed=event["start_epoch"] * event["steps"])
-            elif kind == "step":
-                bar.update(task, advance=1, description=f"epoch {event['epoch']}",
-                           info=f"loss {event['loss']:.3f}{last['r1']}")
-            elif kind == "epoch_end" and event.get("test"):
-                last["r1"] = f"  R@1 {100 * event['test']['recall@1']:.1f}"
-
-        yield on_event
-
-
-def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
-    console.soft_wrap = True  # paths and reasons must stay copyable, never folded mid-word
-    if result["status"] != "ok":
-        console.print(f"[red]failed[/]: {result['reason']}")
-        console.print(f"result: {cell_dir / RESULT_FILE}")
-        return
-    test = result["final"]["test"]
-    metrics = "  ".join(f"{k} {100 * v:.2f}" for k, v in test.items() if k.startswith(("recall@", "map@")))
-    m = result["measurements"]
-    console.print(f"[green]ok[/] epoch {result['final']['epoch']} ({result['final']['selection']}): {metrics}")
-    console.print(f"trainable {m['params_trainable']:,} params ({m['params_trainable_no_head']:,} without head "
-                  f"and proxies); step {m['step_latency_ms_median'] or float('nan'):.1f} ms; "
-                  f"peak memory {m['peak_memory_bytes'] / 2 ** 30:.2f} GiB ({m['memory_kind']})")
-    console.print(f"result: {cell_dir / RESULT_FILE}")

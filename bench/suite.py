@@ -46,20 +46,13 @@ from typing import Any
 
 import yaml
 
-from bench.config import DATASETS, CellConfig, closest
+from bench import catalog
+from bench.catalog import closest
+from bench.config import DATASETS, CellConfig
 from bench.errors import UserError
 from bench.results import check_name, make_cell_id
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
-
-# Short backbone names used in suites and cell ids -> (timm name, the paper's embedding size).
-# The embedding size applies unless the suite sets `embedding_size` itself.
-BACKBONES: dict[str, tuple[str, int]] = {
-    "vit_s16": ("vit_small_patch16_224.augreg_in21k", 384),
-    "vit_b16": ("vit_base_patch16_224.augreg_in21k", 512),
-}
-# Small ViTs the project builds itself (bench.backbones): names used as they are.
-SMALL_BACKBONES = ("vit_test", "demo_vit")
 
 TOP_LEVEL = ("name", "description", "grid", "defaults", "overrides", "exclude", "protocol",
              "resources", "report", "prepare")
@@ -174,9 +167,9 @@ class Suite:
             else:
                 method_args[axis] = value
         backbone = merged.get("backbone")
-        if backbone in BACKBONES:
-            merged["backbone"], embedding_size = BACKBONES[backbone]
-            merged.setdefault("embedding_size", embedding_size)
+        if backbone in catalog.BACKBONES:  # an alias: its timm name and the paper's embedding size
+            merged["backbone"] = catalog.BACKBONES[backbone].timm_name
+            merged.setdefault("embedding_size", catalog.BACKBONES[backbone].embedding_size)
         merged["method_args"] = method_args
         merged["suite"] = self.name
         # absolute: SLURM tasks and later shells may run elsewhere (not part of the cell id)
@@ -257,7 +250,9 @@ def load_suite(name_or_path: str | Path, *, check_methods: bool = True) -> Suite
     suite = _parse(path, _read_yaml(path))
     if check_methods:
         _check_methods(suite)
-    suite.cells()
+    cells = suite.cells()
+    if check_methods:
+        _check_backbones(suite, cells)
     return suite
 
 
@@ -382,12 +377,11 @@ def _check_value(name: str, value: Any, where: str, fail) -> None:
     if name == "dataset" and value not in DATASETS:
         raise fail(where, f"unknown dataset {value!r}{closest(value, DATASETS)}; "
                           f"choose one of {', '.join(DATASETS)}")
-    if name == "backbone":
-        known = [*BACKBONES, *SMALL_BACKBONES, *(timm for timm, _ in BACKBONES.values())]
-        # any other timm model needs its pretrained tag, e.g. vit_small_patch16_224.dino
-        if value not in known and not (isinstance(value, str) and "." in value):
-            raise fail(where, f"unknown backbone {value!r}{closest(value, known)}; use one of "
-                              f"{', '.join(known)} or a full timm name 'architecture.pretrained_tag'")
+    if name == "backbone" and (not isinstance(value, str) or not value.strip()):
+        # any timm name is accepted here; whether timm knows it is checked with the methods
+        # (run, --dry-run), where torch is loaded anyway
+        raise fail(where, f"must be a backbone name (an alias such as {', '.join(catalog.BACKBONES)}, "
+                          f"or a timm model name), got {value!r}")
 
 
 def _resources(raw: dict[str, Any], fail) -> dict[str, Any]:
@@ -488,7 +482,7 @@ def _rule(raw: Any, where: str, key_values: dict[str, list[Any]], fail) -> dict[
 
 def _check_methods(suite: Suite) -> None:
     """Method names exist; each method argument is accepted by at least one of the methods."""
-    import methods  # imports torch: only when a suite is about to run
+    from bench import learner  # imports torch: only when a suite is about to run
 
     names = {e.name for g in suite.grids for e in g.get("method", [])}
     if not all("method" in g for g in suite.grids):
@@ -496,11 +490,11 @@ def _check_methods(suite: Suite) -> None:
     accepted: set[str] = set()
     for name in sorted(names):
         try:
-            methods.validate_method(name)
+            learner.validate_method(name)
         except UserError as e:
             where = "grid.method" if any("method" in g for g in suite.grids) else "defaults.method"
             raise suite.fail(where, str(e)) from None
-        accepted.update(methods.method_arguments(name))
+        accepted.update(learner.method_arguments(name))
 
     def check(args: dict[str, Any], where: str) -> None:
         for arg in args:
@@ -516,3 +510,28 @@ def _check_methods(suite: Suite) -> None:
         check({a: None for a in grid if a not in CONFIG_FIELDS and a != "method"}, where)
         for j, entry in enumerate(grid.get("method", [])):
             check(entry.args, f"{where}.method[{j}].args")
+
+
+def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
+    """Every backbone is a timm model (and tag) or one of the project's small ViTs."""
+    from bench.backbones import resolve_name
+
+    for name in sorted({c.config.backbone for c in cells}):
+        try:
+            resolve_name(name)
+        except UserError as e:
+            raise suite.fail(_where_set(suite, "backbone", name), str(e).removeprefix("backbone: ")) from None
+
+
+def _where_set(suite: Suite, field_name: str, value: Any) -> str:
+    """The suite field that gave a cell this value, for error messages."""
+    for i, grid in enumerate(suite.grids):
+        values = grid.get(field_name, [])
+        aliases = {v: catalog.resolve_backbone_alias(v) if field_name == "backbone" else v for v in values}
+        for j, v in enumerate(values):
+            if value in (v, aliases[v]):
+                return f"grid[{i}].{field_name}[{j}]" if len(suite.grids) > 1 else f"grid.{field_name}[{j}]"
+    for i, override in enumerate(suite.overrides):
+        if field_name in override.fields:
+            return f"overrides[{i}].set.{field_name}"
+    return f"defaults.{field_name}"

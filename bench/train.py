@@ -19,26 +19,18 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from bench import catalog
 from bench import data as dml_data
-from bench.backbones import create_backbone, data_config
+from bench.backbones import data_config
 from bench.config import CellConfig
-from bench.errors import UserError
-from bench.evaluate import DATASET_KS, compute_embeddings, retrieval_metrics
-from bench.losses import ProxyAnchorLoss
+from bench.errors import CellFailure, UserError
+from bench.evaluate import compute_embeddings, retrieval_metrics
+from bench.learner import build_learner
 from bench.measure import StepTimer, device_name, parameter_counts, peak_memory, reset_peak_memory
-from bench.model import EmbeddingModel, MetricLearner
-from methods import build_method
+from bench.model import MetricLearner
 
 CHECKPOINT_FILE = "checkpoint.pt"
 Progress = Callable[[dict[str, Any]], None] | None
-
-
-class CellFailure(Exception):
-    """The cell cannot finish (e.g. a non-finite loss); ``history`` keeps the finished epochs."""
-
-    def __init__(self, reason: str, history: list[dict] | None = None):
-        super().__init__(reason)
-        self.history = history or []
 
 
 @dataclass
@@ -64,20 +56,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
-
-
-def build_learner(config: CellConfig, num_classes: int) -> MetricLearner:
-    """Backbone with its weights, head, loss with proxies, then the method on top."""
-    method = build_method(config.method, config.method_args)  # bad names fail before loading weights
-    backbone = create_backbone(config.backbone, config.weights, config.image_size)
-    model = EmbeddingModel(backbone, config.embedding_size)
-    model.grad_checkpointing = config.grad_checkpointing
-    criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
-                                config.loss_positive_average)
-    learner = method.apply(MetricLearner(model, criterion))
-    if config.compile:  # after the method: adapters and LoRA change what the blocks contain
-        model.compile_blocks()
-    return learner
 
 
 def is_sparse_parameter(learner: MetricLearner) -> set[int]:
@@ -112,6 +90,38 @@ def build_optimizers(learner: MetricLearner, config: CellConfig) -> list[torch.o
 def build_schedulers(optimizers, config: CellConfig) -> list[torch.optim.lr_scheduler.LRScheduler]:
     period = config.lr_cosine_period or config.epochs
     return [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=period, eta_min=config.lr_min) for o in optimizers]
+
+
+class NonFiniteLoss(Exception):
+    def __init__(self, value: float):
+        super().__init__(f"non-finite loss ({value})")
+        self.value = value
+
+
+def train_step(learner: MetricLearner, images: torch.Tensor, labels: torch.Tensor, optimizers, *,
+               scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
+               amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """One optimisation step: loss (under autocast when ``amp_dtype``), backward, optional
+    gradient clipping of the dense gradients, every optimiser's step. Returns the detached
+    loss; raises ``NonFiniteLoss`` before touching any weight when the loss is NaN or inf."""
+    with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = learner.training_loss(images, labels)
+    if not torch.isfinite(loss):
+        raise NonFiniteLoss(loss.item())
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler else loss).backward()
+    if grad_clip:
+        if scaler:
+            scaler.unscale_(optimizers[0])
+        torch.nn.utils.clip_grad_norm_(
+            [p for p in learner.parameters() if p.requires_grad and p.grad is not None and not p.grad.is_sparse],
+            grad_clip)
+    for o in optimizers:
+        scaler.step(o) if scaler else o.step()
+    if scaler:
+        scaler.update()
+    return loss.detach()
 
 
 def autocast_dtype(config: CellConfig, device: torch.device) -> torch.dtype | None:
@@ -204,7 +214,7 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     amp_dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
-    ks = DATASET_KS.get(config.dataset, (1, 2, 4, 8))
+    ks = catalog.dataset(config.dataset).eval_ks
     timer = StepTimer(device)
     history: list[dict[str, Any]] = []
     eval_seconds = 0.0
@@ -239,23 +249,11 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with timer.step(step, len(labels)):
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    loss = learner.training_loss(images, labels)
-                if not torch.isfinite(loss):
-                    raise CellFailure(f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step + 1}", history)
-                for o in optimizers:
-                    o.zero_grad(set_to_none=True)
-                (scaler.scale(loss) if scaler else loss).backward()
-                if config.grad_clip:
-                    if scaler:
-                        scaler.unscale_(optimizers[0])
-                    torch.nn.utils.clip_grad_norm_(
-                        [p for p in learner.parameters() if p.requires_grad and p.grad is not None
-                         and not p.grad.is_sparse], config.grad_clip)
-                for o in optimizers:
-                    scaler.step(o) if scaler else o.step()
-                if scaler:
-                    scaler.update()
+                try:
+                    loss = train_step(learner, images, labels, optimizers, scaler=scaler,
+                                      grad_clip=config.grad_clip, amp_dtype=amp_dtype)
+                except NonFiniteLoss as e:
+                    raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}", history) from None
             loss_value = loss.item()
             loss_sum += loss_value
             steps += 1

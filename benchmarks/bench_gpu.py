@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+from bench.catalog import BACKBONES  # noqa: E402
 from benchmarks.step_latency import DEFAULT_METHODS, measure  # noqa: E402
 
 # Paper Table 10 (ms per step, Cars, ViT-S/16, RTX 3090, batch 32 / 64) and Table 1 memory (GB,
@@ -36,7 +37,6 @@ PAPER_LATENCY_MS = {"full_ft": (191, 345), "linear_probe": (115, 120), "bitfit":
 PAPER_MEMORY_GB = {"full_ft": 6.0, "linear_probe": 1.7, "bitfit": 4.4, "adapter": 1.9, "adapter+bitfit": 2.4,
                    "vpt_deep": 2.2, "vpt_deep+bitfit": 2.2, "vptsp_e": 2.5, "vptsp_e+bitfit": 2.6, "vptsp_g": 2.5,
                    "vptsp_g+bitfit": 2.6}
-BACKBONES = {"vit_s16": 384, "vit_b16": 512}
 GPU_METHODS = DEFAULT_METHODS + ["vptsp_g+bitfit,proxy_checkpointing=true", "vptsp_g+bitfit,grad_checkpointing=true"]
 COMPILE_METHODS = ["full_ft", "vpt_deep", "vptsp_g+bitfit"]
 PEFT_METHODS = [m for m in DEFAULT_METHODS if m != "full_ft"]
@@ -44,7 +44,7 @@ PEFT_METHODS = [m for m in DEFAULT_METHODS if m != "full_ft"]
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    parser.add_argument("--backbones", nargs="+", default=["vit_s16", "vit_b16"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--methods", nargs="+", default=GPU_METHODS)
     parser.add_argument("--steps", type=int, default=20)
@@ -97,7 +97,7 @@ def main(argv=None) -> int:
 def measure_row(backbone: str, method: str, batch: int, compiled: bool, device: torch.device,
                 args: argparse.Namespace) -> dict[str, Any]:
     try:
-        return measure(backbone, method, batch_size=batch, num_classes=100, embedding_size=BACKBONES.get(backbone, 384),
+        return measure(backbone, method, batch_size=batch, num_classes=100, embedding_size=BACKBONES[backbone].embedding_size if backbone in BACKBONES else 384,
                        device=device, amp=True, steps=args.steps, warmup=args.warmup, compile_model=compiled,
                        image_size=224 if device.type == "cuda" else None)
     except torch.cuda.OutOfMemoryError as error:

@@ -13,13 +13,11 @@ from typing import Any
 
 import torch
 
-from bench.backbones import create_backbone
-from bench.config import CellConfig
-from bench.losses import ProxyAnchorLoss
+from bench.config import CellConfig, parse_assignments
+from bench.learner import build_learner, method_arguments
 from bench.measure import device_name, peak_memory, reset_peak_memory
-from bench.model import EmbeddingModel, MetricLearner
-from bench.train import build_optimizers
-from methods import build_method, method_arguments
+from bench.model import MetricLearner
+from bench.train import build_optimizers, train_step
 
 # The paper's Table 1 / Table 10 configurations, scaled down where the backbone is shallower.
 PAPER_ARGS = {"num_prompts": 10, "prompt_depth": 12, "num_class_prompts": 3, "class_prompt_depth": 12,
@@ -45,12 +43,9 @@ def parse_variant(spec: str) -> tuple[str, dict[str, Any], dict[str, bool]]:
     top of the paper's, model options (``grad_checkpointing``, ``compile``)."""
     method, *pairs = spec.split(",")
     method_args, options = {}, {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"{spec!r}: expected key=value after the method name, got {pair!r}")
+    for key, value in parse_assignments(pairs, f"method variant {spec!r}").items():
         if key in MODEL_OPTIONS:
-            options[key] = value.lower() in ("1", "true", "yes")
+            options[key] = value is True or str(value).lower() in ("1", "true", "yes")
         else:
             method_args[key] = value
     return method, method_args, options
@@ -61,13 +56,14 @@ def build(spec: str, backbone: str, *, num_classes: int, embedding_size: int,
     """A learner as training builds it, with random weights (a step costs the same either way)."""
     method, extra_args, options = parse_variant(spec)
     torch.manual_seed(0)
-    model = EmbeddingModel(create_backbone(backbone, weights=None, image_size=image_size), embedding_size)
-    model.grad_checkpointing = options.get("grad_checkpointing", False)
-    learner = MetricLearner(model, ProxyAnchorLoss(num_classes, embedding_size))
-    build_method(method, {**method_args_for(method, model.num_blocks), **extra_args}).apply(learner)
-    if options.get("compile"):
-        model.compile_blocks()
-    return learner
+    from bench.backbones import create_backbone
+
+    base = create_backbone(backbone, weights=None, image_size=image_size)
+    config = CellConfig(backbone=backbone, weights=None, image_size=image_size, embedding_size=embedding_size,
+                        method=method, method_args={**method_args_for(method, len(base.blocks)), **extra_args},
+                        grad_checkpointing=options.get("grad_checkpointing", False),
+                        compile=options.get("compile", False))
+    return build_learner(config, num_classes, backbone=base)
 
 
 def example_batch(learner: MetricLearner, batch_size: int, num_classes: int, device: torch.device):
@@ -91,13 +87,7 @@ def measure(backbone: str, method: str, *, batch_size: int, num_classes: int, em
     dtype = torch.bfloat16 if amp and device.type == "cuda" else None
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = learner.training_loss(images, labels)
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        for o in optimizers:
-            o.step()
+        train_step(learner, images, labels, optimizers, amp_dtype=dtype)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     start = time.perf_counter()

@@ -6,11 +6,13 @@ file of this package, then add one line to ``METHODS``. Names combine with '+'
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from bench.config import closest
+from bench.catalog import closest
 from methods.adapter import Adapter
-from methods.base import Component, Method, MethodError
+from methods.args import ArgSpec, MethodError
+from methods.base import Component, Method
 from methods.bitfit import BitFit
 from methods.full_ft import FullFineTune
 from methods.lora import LoRA
@@ -59,6 +61,19 @@ def method_arguments(name: str) -> dict[str, Any]:
     return merged
 
 
+def method_arg_specs(name: str) -> list[ArgSpec]:
+    """The declared arguments of a (combined) method, with the preset defaults applied."""
+    merged: dict[str, ArgSpec] = {}
+    for part in split_name(name):
+        components, presets = METHODS[part]
+        for component in components:
+            for spec in component.arg_specs():
+                merged[spec.name] = spec
+        for key, value in presets.items():
+            merged[key] = dataclasses.replace(merged[key], default=value)
+    return list(merged.values())
+
+
 def build_method(name: str, args: dict[str, Any] | None = None) -> Method:
     args = dict(args or {})
     accepted = method_arguments(name)
@@ -83,5 +98,5 @@ def validate_method(name: str, args: dict[str, Any] | None = None) -> None:
     build_method(name, args)
 
 
-__all__ = ["METHODS", "Method", "MethodError", "build_method", "method_arguments", "method_names",
+__all__ = ["METHODS", "Method", "MethodError", "build_method", "method_arg_specs", "method_arguments", "method_names",
            "validate_method"]

@@ -5,10 +5,13 @@ output: the reference's 'post' position) runs parallel to the MLP of each of the
 ``adapter_blocks`` blocks, on the MLP's input, scaled by ``adapter_scale``. The zero
 up-projection makes the adapted model start exactly at the pretrained one.
 """
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from methods.base import Component, MethodError, require_blocks
+from methods.args import arg
+from methods.base import Component, require_blocks
 
 
 class Bottleneck(nn.Module):
@@ -39,15 +42,16 @@ class MLPWithAdapter(nn.Module):
         return self.mlp(x) + self.scale * self.adapter(x)
 
 
+@dataclass
+class AdapterArgs:
+    adapter_width: int = arg(64, "bottleneck width d", min=1)
+    adapter_blocks: int = arg(12, "adapted blocks L, counted back from the last", min=1)
+    adapter_scale: float = arg(1.0, "scale s of the adapter's output", min=0.0)
+
+
 class Adapter(Component):
     name = "adapter"
-    args = {"adapter_width": 64, "adapter_blocks": 12, "adapter_scale": 1.0}
-
-    def validate(self):
-        if self.adapter_width < 1:
-            raise MethodError("method_args: adapter_width must be >= 1")
-        if self.adapter_blocks < 1:
-            raise MethodError("method_args: adapter_blocks must be >= 1")
+    Args = AdapterArgs
 
     def apply(self, learner):
         blocks = learner.model.backbone.blocks

@@ -10,30 +10,36 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-from bench.errors import UserError
 from bench.model import MetricLearner
-
-
-class MethodError(UserError, ValueError):
-    pass
+from methods.args import ArgSpec, MethodError, coerce, specs
 
 
 class Component:
-    """One PEFT ingredient. Subclasses set ``args`` (name -> default) and implement ``apply``."""
+    """One PEFT ingredient. Subclasses set ``Args`` (a dataclass of ``arg`` fields: defaults,
+    types, ranges and help text) and implement ``apply``."""
 
     name: ClassVar[str] = "component"
-    args: ClassVar[dict[str, Any]] = {}
+    Args: ClassVar[type | None] = None
+    args: ClassVar[dict[str, Any]] = {}  # name -> default, derived from Args
     # Components that set the model's prompts (or its proxy source) exclude each other.
     sets_prompts: ClassVar[bool] = False
     sets_proxies: ClassVar[bool] = False
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.args = {spec.name: spec.default for spec in specs(cls.Args)}
+
+    @classmethod
+    def arg_specs(cls) -> list[ArgSpec]:
+        return specs(cls.Args)
+
     def __init__(self, **kwargs: Any):
+        declared = {spec.name: spec for spec in self.arg_specs()}
         values = dict(self.args)
         for key, value in kwargs.items():
-            if key not in self.args:
+            if key not in declared:
                 raise MethodError(f"method_args: {self.name} has no argument {key!r}")
-            default = self.args[key]
-            values[key] = _coerce_arg(self.name, key, value, default)
+            values[key] = coerce(self.name, declared[key], value)
         self.values = values
         self.validate()
 
@@ -44,7 +50,7 @@ class Component:
         raise AttributeError(key)
 
     def validate(self) -> None:
-        """Raise MethodError for values out of range."""
+        """Raise MethodError for combinations of values that ranges cannot express."""
 
     def apply(self, learner: MetricLearner) -> None:
         raise NotImplementedError
@@ -54,34 +60,6 @@ def require_blocks(backbone, argument: str, value: int) -> None:
     """A depth-like argument (counted in blocks) must fit the backbone."""
     if value > len(backbone.blocks):
         raise MethodError(f"method_args: {argument}={value} but the backbone has {len(backbone.blocks)} blocks")
-
-
-def _coerce_arg(component: str, key: str, value: Any, default: Any) -> Any:
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif kind is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lstrip("-").isdigit():
-            return int(value)
-    elif kind is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif kind is str:
-        if isinstance(value, str):
-            return value
-    else:
-        return value
-    raise MethodError(f"method_args: {component}.{key} must be {kind.__name__}, got {value!r}")
 
 
 class Method:

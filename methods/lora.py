@@ -4,11 +4,13 @@ Beyond the paper, the most used PEFT method today. ``B`` starts at zero, so the 
 exactly at the pretrained one (and ``A`` only receives gradient once ``B`` has moved).
 """
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from methods.base import Component, MethodError
+from methods.args import MethodError, arg
+from methods.base import Component
 
 
 class LoRALinear(nn.Module):
@@ -24,13 +26,18 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
 
 
+@dataclass
+class LoRAArgs:
+    lora_rank: int = arg(8, "rank r of the update B A", min=1)
+    lora_alpha: float = arg(16.0, "scale alpha: the update is (alpha / r) B A x", min=0.0)
+    lora_targets: str = arg("qkv,proj", "attention projections that get an update (qkv and/or proj)")
+
+
 class LoRA(Component):
     name = "lora"
-    args = {"lora_rank": 8, "lora_alpha": 16.0, "lora_targets": "qkv,proj"}
+    Args = LoRAArgs
 
     def validate(self):
-        if self.lora_rank < 1:
-            raise MethodError("method_args: lora_rank must be >= 1")
         unknown = set(self.targets) - {"qkv", "proj"}
         if unknown:
             raise MethodError(f"method_args: lora_targets {sorted(unknown)} unknown; use qkv and/or proj")

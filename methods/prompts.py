@@ -10,12 +10,14 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from bench.model import set_reference
-from methods.base import Component, MethodError, require_blocks
+from methods.args import arg
+from methods.base import Component, require_blocks
 
 
 def prompt_counts(num_prompts: int, depth: int, decrease: int = 0) -> list[int]:
@@ -51,14 +53,22 @@ class PromptTokens(nn.Module):
         return first.new_zeros(batch_size, 0, first.shape[1])  # deep, past the depth: drop them
 
 
+@dataclass
+class ShallowPromptArgs:
+    num_prompts: int = arg(10, "prompt tokens inserted once, before block 1", min=1)
+
+
+@dataclass
+class DeepPromptArgs:
+    num_prompts: int = arg(10, "prompt tokens N before each prompted block", min=0)
+    prompt_depth: int = arg(12, "prompted blocks L, from the first", min=1)
+    prompt_decrease: int = arg(0, "decrease step tau: block i gets N - tau * i tokens", min=0)
+
+
 class ShallowPrompts(Component):
     name = "vpt_shallow"
-    args = {"num_prompts": 10}
+    Args = ShallowPromptArgs
     sets_prompts = True
-
-    def validate(self):
-        if self.num_prompts < 1:
-            raise MethodError("method_args: num_prompts must be >= 1")
 
     def apply(self, learner):
         backbone = learner.model.backbone
@@ -69,12 +79,8 @@ class ShallowPrompts(Component):
 
 class DeepPrompts(Component):
     name = "vpt_deep"
-    args = {"num_prompts": 10, "prompt_depth": 12, "prompt_decrease": 0}
+    Args = DeepPromptArgs
     sets_prompts = True
-
-    def validate(self):
-        if self.num_prompts < 0 or self.prompt_depth < 1 or self.prompt_decrease < 0:
-            raise MethodError("method_args: need num_prompts >= 0, prompt_depth >= 1, prompt_decrease >= 0")
 
     def apply(self, learner):
         backbone = learner.model.backbone

@@ -27,12 +27,15 @@ rows travel to the GPU (``class_prompt_offload``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.model import set_reference
-from methods.base import Component, MethodError, require_blocks
+from methods.args import arg
+from methods.base import Component, require_blocks
 from methods.prompts import prompt_counts, prompt_init_bound
 
 ACCUMULATORS = ("ema", "gru_relu", "gru_tanh")
@@ -150,33 +153,24 @@ class SemanticProxyModule(nn.Module):
         return self.proxy_bias_ratio * bias + (1 - self.proxy_bias_ratio) * memory
 
 
+@dataclass
+class SemanticProxyArgs:
+    num_class_prompts: int = arg(3, "class prompt tokens m per class before each prompted block", min=1)
+    class_prompt_depth: int = arg(12, "blocks with class prompts, from the first", min=1)
+    class_prompt_decrease: int = arg(0, "decrease step of the class prompts per block", min=0)
+    proxy_bias_ratio: float = arg(0.5, "alpha: proxy = alpha * bias + (1 - alpha) * memory", min=0.0, max=1.0)
+    accumulator: str = arg("gru_relu", "how the memory accumulates semantic vectors", choices=ACCUMULATORS)
+    ema_keep: float = arg(0.8, "EMA: share of the old memory kept per update (lambda)", min=0.0, max=1.0)
+    gru_dropout: float = arg(0.0, "GRU: dropout on the updated memory row", min=0.0, max=1.0)
+    class_prompt_offload: str = arg("auto", "keep the class-prompt table in CPU memory (auto: above 256 MiB)",
+                                    choices=("auto", "cpu", "device"))
+    proxy_checkpointing: bool = arg(False, "recompute the proxy pass in backward instead of storing it")
+
+
 class SemanticProxies(Component):
     name = "semantic_proxies"
-    args = {
-        "num_class_prompts": 3,
-        "class_prompt_depth": 12,
-        "class_prompt_decrease": 0,
-        "proxy_bias_ratio": 0.5,
-        "accumulator": "gru_relu",
-        "ema_keep": 0.8,
-        "gru_dropout": 0.0,
-        "class_prompt_offload": "auto",
-        "proxy_checkpointing": False,
-    }
+    Args = SemanticProxyArgs
     sets_proxies = True
-
-    def validate(self):
-        if self.accumulator not in ACCUMULATORS:
-            raise MethodError(f"method_args: accumulator must be one of {', '.join(ACCUMULATORS)}, "
-                              f"got {self.accumulator!r}")
-        if not 0.0 <= self.proxy_bias_ratio <= 1.0:
-            raise MethodError("method_args: proxy_bias_ratio must be in [0, 1]")
-        if not 0.0 <= self.ema_keep <= 1.0:
-            raise MethodError("method_args: ema_keep must be in [0, 1]")
-        if self.num_class_prompts < 1 or self.class_prompt_depth < 1:
-            raise MethodError("method_args: num_class_prompts and class_prompt_depth must be >= 1")
-        if self.class_prompt_offload not in ("auto", "cpu", "device"):
-            raise MethodError("method_args: class_prompt_offload must be auto, cpu or device")
 
     def apply(self, learner):
         backbone = learner.model.backbone

@@ -6,8 +6,7 @@ Public API (imported lazily, so ``import report`` stays cheap):
 - ``load_suite(suite_dir) -> SuiteResults`` (``.cells``, ``.epochs``: tidy DataFrames)
 - ``build_table(results, kind, oracle=False) -> Table`` and ``KINDS``
 - ``make_figures(results, kind) -> dict[str, Figure]``
-- ``print_summary(frame, console)``
-- ``cmd_report(args)``: the ``run_suite.py report`` subcommand
+- ``summary_rows(results)``: the best rows per dataset, for a terminal summary
 
 Never imports torch, timm or faiss: results are often read on a laptop.
 """
@@ -18,14 +17,13 @@ from typing import Any
 
 _EXPORTS = {
     "build_report": "report.cli",
-    "cmd_report": "report.cli",
     "load_suite": "report.load",
     "SuiteResults": "report.load",
     "ReportError": "report.load",
     "build_table": "report.tables",
     "KINDS": "report.tables",
     "make_figures": "report.plots",
-    "print_summary": "report.summary",
+    "summary_rows": "report.summary",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,4 @@
-"""`run_suite.py report SUITE`: tables (LaTeX, Markdown, CSV), figures and an index page.
+"""A suite's report: tables (LaTeX, Markdown, CSV), figures and an index page.
 
 Reads result files only; imports neither torch nor any bench module besides bench.results and
 bench.errors, so a laptop with pandas/matplotlib can report a cluster's results.
@@ -48,7 +48,7 @@ def resolve_suite_dir(suite: str, results_root: str | os.PathLike) -> Path:
     raise ReportError(f"no results for suite {suite!r}: folder {suite_dir} does not exist{hint}")
 
 
-def _skip_for(suite_dir: Path, out_dir: Path) -> frozenset[str]:
+def skip_for(suite_dir: Path, out_dir: Path) -> frozenset[str]:
     """An output folder inside the suite folder is not a cell."""
     try:
         inside = out_dir.resolve().parent == suite_dir.resolve()
@@ -62,7 +62,7 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
     """Load a suite folder and write its report; returns the written files by relative name."""
     suite_dir = Path(suite_dir)
     out_dir = Path(out_dir) if out_dir is not None else suite_dir / DEFAULT_OUT
-    results = load_suite(suite_dir, skip=_skip_for(suite_dir, out_dir))
+    results = load_suite(suite_dir, skip=skip_for(suite_dir, out_dir))
     return write_report(results, out_dir, table=table, oracle=oracle)
 
 
@@ -117,20 +117,3 @@ def _write_frames(results: SuiteResults, out_dir: Path) -> dict[str, Path]:
     atomic_write_text(paths["cells.csv"], results.cells.to_csv(index=False))
     atomic_write_text(paths["epochs.csv"], results.epochs.to_csv(index=False))
     return paths
-
-
-def cmd_report(args: Any) -> int:
-    # headless by default (a cluster login node has no display); an explicit MPLBACKEND wins
-    os.environ.setdefault("MPLBACKEND", "Agg")
-    from rich.console import Console
-
-    from report.summary import print_summary
-
-    suite_dir = resolve_suite_dir(args.suite, args.results)
-    out_dir = Path(args.out) if args.out else suite_dir / DEFAULT_OUT
-    results = load_suite(suite_dir, skip=_skip_for(suite_dir, out_dir))
-    written = write_report(results, out_dir, table=args.table, oracle=args.oracle)
-    console = Console()
-    print_summary(results.cells, console)
-    console.print(f"report: {written['index.md']} ({len(written)} files)")
-    return 0

@@ -7,20 +7,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-METHOD_NAMES = {
-    "full_ft": "Full fine-tuning",
-    "linear_probe": "Linear probing",
-    "bitfit": "BitFit",
-    "adapter": "Adapter",
-    "vpt_shallow": "VPT-shallow",
-    "vpt_deep": "VPT-deep",
-    "vptsp_e": "VPTSP-M (EMA)",
-    "vptsp_g": "VPTSP-G",
-    "lora": "LoRA",
-}
-# Paper order (Table 1): cheapest baselines first, the proposed method last.
-METHOD_ORDER = ("full_ft", "linear_probe", "bitfit", "adapter", "lora", "vpt_shallow", "vpt_deep",
-                "vptsp_e", "vptsp_g")
+from bench import catalog
 
 # Names other sessions might reasonably use for the same method.
 METHOD_ALIASES = {"full_finetune": "full_ft", "full": "full_ft", "linear": "linear_probe", "vpt": "vpt_deep"}
@@ -28,35 +15,14 @@ METHOD_ALIASES = {"full_finetune": "full_ft", "full": "full_ft", "linear": "line
 # The accumulator a method uses when its arguments do not name one (methods/__init__.py presets).
 DEFAULT_ACCUMULATORS = {"vptsp_e": "ema", "vptsp_g": "gru_relu"}
 
-DATASET_NAMES = {
-    "cub200": "CUB-200",
-    "cars196": "Cars-196",
-    "sop": "SOP",
-    "inshop": "In-Shop",
-    "inaturalist": "iNaturalist",
-    "synthetic": "Synthetic",
-}
-DATASET_ORDER = ("cub200", "cars196", "sop", "inshop", "inaturalist", "synthetic")
-
 # The recall triple each dataset reports in the paper's Table 2 / Table 3.
-RECALL_KS = {
-    "cub200": (1, 2, 4),
-    "cars196": (1, 2, 4),
-    "sop": (1, 10, 100),
-    "inshop": (1, 10, 20),
-    "inaturalist": (1, 4, 16),
-}
+RECALL_KS = {name: info.paper_ks for name, info in catalog.DATASETS.items()}
 
-ACCUMULATOR_NAMES = {
-    "gru_relu": "GRU + ReLU",
-    "gru_tanh": "GRU + tanh",
-    "lstm": "LSTM",
-    "rnn": "Vanilla RNN",
-    "cross_attention": "Cross-attention",
-    "ema": "EMA",
-}
-ACCUMULATOR_ALIASES = {"gru": "gru_tanh", "vanilla_rnn": "rnn", "attention": "cross_attention",
-                       "cross_attn": "cross_attention", "crossattention": "cross_attention"}
+# Accumulators of the paper's Table 7 that the suite does not implement keep their printed names.
+ACCUMULATOR_NAMES = {**catalog.ACCUMULATORS, "lstm": "LSTM", "rnn": "Vanilla RNN",
+                     "cross_attention": "Cross-attention (within batch)"}
+ACCUMULATOR_ALIASES = {"gru": "gru_tanh", "vanilla_rnn": "rnn", "cross_attn": "cross_attention",
+                       "crossattention": "cross_attention"}
 
 # Grid axes the report knows, with the names a suite might give them (suffix-matched, so a
 # flattened "method_args.num_prompts" is found too) and an axis label with its meaning.
@@ -71,7 +37,6 @@ AXES = {
     "embedding_size": (("embedding_size",), "embedding dimension"),
 }
 
-METRIC_NAMES = {"map@r": "MAP@R"}
 MEMORY_KINDS = {
     "cuda_max_allocated": "peak CUDA memory allocated",
     "cpu_peak_rss": "peak CPU RSS of the process",
@@ -119,85 +84,55 @@ def method_display(method: Any, label: Any = None) -> str:
     if not is_missing(label):
         return str(label)
     parts = method_components(method)
-    if not parts:
-        return "?"
-    with_bitfit = "bitfit" in parts and len(parts) > 1
-    rest = [p for p in parts if p != "bitfit"] if with_bitfit else list(parts)
-    name = " + ".join(METHOD_NAMES.get(p, p) for p in rest)
-    return f"{name} (B)" if with_bitfit else name
+    return catalog.method_display("+".join(parts)) if parts else "?"
 
 
 def method_rank(method: Any) -> tuple[int, int]:
-    """Sort key: paper order of the main component; a '+bitfit' variant right after its base."""
-    parts = method_components(method)
-    main = [p for p in parts if p != "bitfit"] or list(parts)
-    rank = METHOD_ORDER.index(main[0]) if main and main[0] in METHOD_ORDER else len(METHOD_ORDER)
-    return rank, len(parts)
-
-
-_VIT = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch(\d+)")
-_VIT_SIZES = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
-# the suites' short names (bench/backbones.py ALIASES): "vit_s16" = ViT-S/16
-_VIT_ALIAS = re.compile(r"^vit_([tsblhg])(\d+)$")
-_ALIAS_SIZES = {v.lower(): k for k, v in _VIT_SIZES.items()}
-
-
-def _vit_parts(backbone: Any) -> tuple[str, int] | None:
-    """('small', 16) for 'vit_small_patch16_224.augreg_in21k' and for 'vit_s16'."""
-    text = str(backbone)
-    m = _VIT.match(text)
-    if m:
-        return m.group(1), int(m.group(2))
-    m = _VIT_ALIAS.match(text)
-    if m:
-        return _ALIAS_SIZES[m.group(1)], int(m.group(2))
-    return None
+    """Sort key: catalog order of the main component; a '+bitfit' variant right after its base."""
+    return catalog.method_rank("+".join(method_components(method)))
 
 
 def backbone_family(backbone: Any) -> str | None:
-    """'vit_small_patch16_224.augreg_in21k' -> 'vit_s16' (what the paper's rows are keyed by)."""
+    """The catalog alias of a backbone ('vit_s16' for vit_small_patch16_224.augreg_in21k): what
+    the paper's rows are keyed by; a backbone outside the catalog is its own family."""
     if is_missing(backbone):
         return None
-    parts = _vit_parts(backbone)
-    return f"vit_{_VIT_SIZES[parts[0]].lower()}{parts[1]}" if parts else str(backbone)
+    info = catalog.backbone_by_name(str(backbone))
+    return info.alias if info else str(backbone)
 
 
 def backbone_rank(backbone: Any) -> tuple[int, int, str]:
-    """ViTs by size (S before B, as the paper lists them), then anything else by name."""
-    parts = _vit_parts(backbone)
-    if not parts:
-        return (len(_VIT_SIZES), 0, str(backbone))
-    return (list(_VIT_SIZES).index(parts[0]), parts[1], str(backbone))
+    return catalog.backbone_rank(str(backbone))
 
 
 def backbone_display(backbone: Any) -> str:
-    if is_missing(backbone):
-        return "?"
-    parts = _vit_parts(backbone)
-    return f"ViT-{_VIT_SIZES[parts[0]]}/{parts[1]}" if parts else str(backbone)
+    return "?" if is_missing(backbone) else catalog.backbone_display(str(backbone))
 
 
 def family_display(family: str) -> str:
     """'vit_s16' -> 'ViT-S/16'."""
-    m = re.match(r"^vit_([a-z])(\d+)$", family)
-    return f"ViT-{m.group(1).upper()}/{m.group(2)}" if m else family
+    return catalog.backbone_display(family)
 
 
 def dataset_display(dataset: Any) -> str:
-    return "?" if is_missing(dataset) else DATASET_NAMES.get(str(dataset), str(dataset))
+    if is_missing(dataset):
+        return "?"
+    info = catalog.DATASETS.get(str(dataset))
+    return info.display if info else str(dataset)
 
 
 def dataset_rank(dataset: Any) -> tuple[int, str]:
+    order = list(catalog.DATASETS)
     d = str(dataset)
-    return (DATASET_ORDER.index(d) if d in DATASET_ORDER else len(DATASET_ORDER), d)
+    return (order.index(d) if d in order else len(order), d)
 
 
 def metric_display(metric: str) -> str:
     """'recall@4' -> 'R@4', 'map@r' -> 'MAP@R'."""
-    if metric in METRIC_NAMES:
-        return METRIC_NAMES[metric]
-    m = re.fullmatch(r"recall@(\d+)", metric)
-    return f"R@{m.group(1)}" if m else metric
+    try:
+        return catalog.metric_display(metric)
+    except catalog.CatalogError:
+        return metric
 
 
 def recall_k(metric: str) -> int | None:

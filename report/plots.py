@@ -18,6 +18,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 
 from report import names, published
+from report.aggregate import aggregate_seeds
 from report.load import SuiteResults
 
 # seaborn's paper look without touching global rcParams (rc_context around building/saving)
@@ -55,21 +56,11 @@ def row_labels(frame: pd.DataFrame, grid_axes: Iterable[str], skip: Iterable[str
 
 
 def summarize(ok: pd.DataFrame, by: list[str], values: dict[str, tuple[str, float]]) -> pd.DataFrame:
-    """Mean, sample std and count per group; ``values`` maps output name -> (column, scale)."""
-    frame = ok.copy()
-    for column in by:
-        frame[column] = frame[column].map(_text)
-    out = []
-    for key, group in frame.groupby(by, sort=False, dropna=False):
-        key = key if isinstance(key, tuple) else (key,)
-        record = dict(zip(by, key))
-        for name, (column, scale) in values.items():
-            series = pd.to_numeric(group[column], errors="coerce").dropna() * scale if column in group else pd.Series(dtype=float)
-            record[f"{name}_mean"] = series.mean() if len(series) else math.nan
-            record[f"{name}_std"] = series.std(ddof=1) if len(series) > 1 else 0.0
-            record[f"{name}_n"] = len(series)
-        out.append(record)
-    return pd.DataFrame(out)
+    """Mean, std (0 below 2 seeds, for error bars), n and 95 % interval per group."""
+    stats = aggregate_seeds(ok, by, values)
+    for name in values:
+        stats[f"{name}_std"] = stats[f"{name}_std"].fillna(0.0)
+    return stats
 
 
 def pareto_front(x: np.ndarray, y: np.ndarray) -> np.ndarray:

@@ -6,11 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from rich.console import Console
-from rich.table import Table as RichTable
-
 from bench.results import atomic_write_text
 from report import names
+from report.aggregate import aggregate_seeds
 from report.load import SuiteResults
 from report.render import md
 from report.tables import Table, protocol_text, seeds_text
@@ -106,31 +104,22 @@ def _plain(value: Any) -> str:
     return "" if names.is_missing(value) else str(value)
 
 
-def print_summary(frame: pd.DataFrame, console: Console | None = None, top: int | None = TOP_PER_DATASET) -> None:
-    """Cells ok/failed/missing, and the best rows by R@1 on each dataset (every row: top=None)."""
-    console = console or Console()
-    counts = status_counts(frame)
-    console.print(f"[bold]{len(frame)} cells[/]: [green]{counts['ok']} ok[/], "
-                  f"[red]{counts['failed']} failed[/], [yellow]{counts['missing']} missing[/]")
-    ok = frame[frame["status"] == "ok"] if "status" in frame else frame
+def summary_rows(results: SuiteResults, top: int | None = TOP_PER_DATASET) -> pd.DataFrame:
+    """Per dataset, the rows with the best mean R@1 (every row: ``top=None``): one row per cell
+    key without its seed (a swept value is a row of its own), with ``r1``, ``map_r`` and ``n``."""
+    ok = results.ok
     if ok.empty or "recall@1" not in ok:
-        return
-    ok = ok.assign(
-        method_name=[names.method_display(m, lab) for m, lab in zip(ok.get("method"), ok.get("label", [None] * len(ok)))],
-        backbone_name=[names.backbone_display(b) for b in ok.get("backbone")],
-        dataset_name=[names.dataset_display(d) for d in ok.get("dataset")],
-    )
-    title = "Methods by R@1 (mean over seeds)" if top is None else "Top methods by R@1 (mean over seeds)"
-    table = RichTable(title=title, title_justify="left")
-    for title, justify in (("dataset", "left"), ("method", "left"), ("backbone", "left"),
-                           ("R@1 %", "right"), ("MAP@R %", "right"), ("seeds", "right")):
-        table.add_column(title, justify=justify)
-    grouped = (ok.groupby(["dataset_name", "method_name", "backbone_name"], dropna=False)
-                 .agg(r1=("recall@1", "mean"), mapr=("map@r", "mean") if "map@r" in ok else ("recall@1", "size"),
-                      n=("recall@1", "count"))
-                 .reset_index())
-    for dataset, part in grouped.groupby("dataset_name", sort=True):
-        for row in part.sort_values("r1", ascending=False).head(top or len(part)).itertuples():
-            mapr = f"{100 * row.mapr:.1f}" if "map@r" in ok and pd.notna(row.mapr) else "-"
-            table.add_row(dataset, row.method_name, row.backbone_name, f"{100 * row.r1:.1f}", mapr, str(row.n))
-    console.print(table)
+        return pd.DataFrame()
+    key = [a for a in results.axes if a != "seed" and a in ok]
+    key += [c for c in ("dataset_name", "method_name", "backbone_name") if c not in key]
+    stats = aggregate_seeds(ok, key, {"r1": ("recall@1", 1.0), "map_r": ("map@r", 1.0)})
+    stats = stats.rename(columns={"r1_mean": "r1", "map_r_mean": "map_r", "r1_n": "n"})
+    extras = [a for a in results.grid_axes if a in stats and stats[a].nunique() > 1]
+    if extras:  # a sweep: the swept values belong in the method column
+        stats["method_name"] = stats["method_name"] + " (" + stats[extras].apply(
+            lambda r: ", ".join(f"{a}={names.value_display(a, r[a])}" for a in extras), axis=1) + ")"
+    parts = []
+    for _, part in stats.groupby("dataset_name", sort=True):
+        part = part.sort_values("r1", ascending=False)
+        parts.append(part.head(top) if top else part)
+    return pd.concat(parts, ignore_index=True)[["dataset_name", "method_name", "backbone_name", "r1", "map_r", "n"]]

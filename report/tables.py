@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import math
 import re
-import statistics
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import pandas as pd
 
 from report import names, published
+from report.aggregate import seed_stats
 from report.load import ReportError, SuiteResults
 
 KINDS = ("table1", "table2", "generic", "latency", "ablation", "ablation_accumulator",
@@ -52,6 +52,8 @@ class Stat:
     std: float = math.nan
     n: int = 1
     pct: float | None = None  # share of a reference (full fine-tuning), in %
+    ci_low: float = math.nan  # 95 % t interval over seeds (nan below 2 seeds)
+    ci_high: float = math.nan
 
     @property
     def empty(self) -> bool:
@@ -241,10 +243,10 @@ class Spec:
             value = cell.get(self.value)
             if not names.is_missing(value):
                 values.append(float(value) * self.scale)
-        if not values:
+        stats = seed_stats(values)
+        if stats.n == 0:
             return Stat(math.nan, n=0)
-        std = statistics.stdev(values) if len(values) > 1 else math.nan
-        return Stat(statistics.fmean(values), std, len(values))
+        return Stat(stats.mean, stats.std, stats.n, ci_low=stats.ci_low, ci_high=stats.ci_high)
 
 
 def metric_spec(metric: str, dataset: Any = None, group: str = "") -> Spec:

@@ -72,11 +72,11 @@ def test_method_variants_carry_method_arguments_and_model_options():
     from benchmarks.step_latency import build, parse_variant
 
     assert parse_variant("vptsp_g+bitfit,proxy_checkpointing=true,compile=true,grad_checkpointing=0") == (
-        "vptsp_g+bitfit", {"proxy_checkpointing": "true"}, {"compile": True, "grad_checkpointing": False})
+        "vptsp_g+bitfit", {"proxy_checkpointing": True}, {"compile": True, "grad_checkpointing": False})
     learner = build("vptsp_g,proxy_checkpointing=true,grad_checkpointing=true", "vit_test", num_classes=4,
                     embedding_size=8)
     assert learner.model.grad_checkpointing and learner.extras["semantic_proxies"].checkpointing
-    with pytest.raises(ValueError, match="expected key=value"):
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
         parse_variant("vpt_deep,compile")
 
 

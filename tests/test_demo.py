@@ -14,10 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench import demo_pretrain
-from bench.backbones import create_backbone
+from bench import demo_pretrain, demo_weights
+from bench.backbones import BackboneError, create_backbone
 from bench.data import load_dataset
-from bench.demo_pretrain import Recipe, demo_weights_path, ensure_demo_data
+from bench.data.hooks import ensure_demo_data
+from bench.demo_pretrain import demo_weights_path
+from bench.demo_weights import Recipe
 
 TINY = Recipe(source_classes=4, images_per_class=4, held_out_per_class=1, steps=2, batch_size=8,
               warmup_steps=1)
@@ -26,7 +28,7 @@ TINY = Recipe(source_classes=4, images_per_class=4, held_out_per_class=1, steps=
 @pytest.fixture
 def tiny_default(monkeypatch, tmp_path):
     """The tiny recipe as the default and an empty cache: what `weights: hub` would use."""
-    monkeypatch.setattr(demo_pretrain, "DEFAULT_RECIPE", TINY)
+    monkeypatch.setattr(demo_weights, "DEFAULT_RECIPE", TINY)
     monkeypatch.setenv("PEFT_DML_CACHE", str(tmp_path / "cache"))
     return tmp_path / "cache"
 
@@ -45,7 +47,7 @@ def test_pretraining_writes_backbone_weights_that_load(tmp_path):
     assert record["recipe"] == TINY.to_dict()
     assert 0.0 <= record["source_top1_held_out"] <= 1.0
     assert record["total_seconds"] > 0 and record["command"]
-    assert record["source_data"]["class_offset"] >= demo_pretrain.DEMO_CLASSES  # disjoint from the demo's
+    assert record["source_data"]["class_offset"] >= demo_weights.DEMO_CLASSES  # disjoint from the demo's
 
 
 def test_cached_weights_are_reused_without_training(tmp_path, monkeypatch):
@@ -69,7 +71,7 @@ def test_pretraining_is_deterministic(tmp_path):
 
 def test_another_recipe_gets_another_file(tmp_path):
     other = Recipe(**{**TINY.to_dict(), "steps": 3})
-    assert demo_pretrain.weights_file(TINY, tmp_path) != demo_pretrain.weights_file(other, tmp_path)
+    assert demo_weights.weights_file(TINY, tmp_path) != demo_weights.weights_file(other, tmp_path)
 
 
 def test_concurrent_callers_train_once(tmp_path, monkeypatch):
@@ -93,8 +95,12 @@ def test_concurrent_callers_train_once(tmp_path, monkeypatch):
 
 
 def test_hub_weights_of_demo_vit_come_from_the_cache(tiny_default):
+    with pytest.raises(BackboneError, match="python -m bench.demo_pretrain"):  # constructing never trains
+        create_backbone("demo_vit", weights="hub")
+    assert not demo_weights.weights_file().exists()
+    demo_weights_path()  # what the demo's prepare hook does
     backbone = create_backbone("demo_vit", weights="hub")
-    path = demo_pretrain.weights_file()
+    path = demo_weights.weights_file()
     assert path.parent == tiny_default and path.is_file()
     saved = load_file(str(path))
     assert torch.equal(backbone.state_dict()["pos_embed"], saved["pos_embed"])
@@ -103,9 +109,9 @@ def test_hub_weights_of_demo_vit_come_from_the_cache(tiny_default):
 def test_cache_folder_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("PEFT_DML_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert demo_pretrain.cache_dir() == tmp_path / "xdg" / "peft-dml-bench"
+    assert demo_weights.cache_dir() == tmp_path / "xdg" / "peft-dml-bench"
     monkeypatch.setenv("PEFT_DML_CACHE", str(tmp_path / "mine"))
-    assert demo_pretrain.cache_dir() == tmp_path / "mine"
+    assert demo_weights.cache_dir() == tmp_path / "mine"
 
 
 def test_cli_writes_the_requested_file(tiny_default, tmp_path, capsys):
@@ -116,7 +122,7 @@ def test_cli_writes_the_requested_file(tiny_default, tmp_path, capsys):
     assert demo_pretrain.main(["--out", str(out)]) == 0  # exists: kept without --force
     assert out.stat().st_mtime_ns == written
     assert demo_pretrain.main([]) == 0  # the cache entry, trained on first use
-    assert str(demo_pretrain.weights_file()) in capsys.readouterr().out
+    assert str(demo_weights.weights_file()) in capsys.readouterr().out
 
 
 def test_demo_data_is_generated_once_with_disjoint_train_and_test_classes(tmp_path):
@@ -124,9 +130,9 @@ def test_demo_data_is_generated_once_with_disjoint_train_and_test_classes(tmp_pa
     readme = (root / "README.txt").read_text()
     assert ensure_demo_data(tmp_path) == root and (root / "README.txt").read_text() == readme
     splits = load_dataset("synthetic", tmp_path)
-    assert splits.train.num_classes == splits.test.num_classes == demo_pretrain.DEMO_CLASSES // 2
+    assert splits.train.num_classes == splits.test.num_classes == demo_weights.DEMO_CLASSES // 2
     assert not set(splits.train.class_names) & set(splits.test.class_names)
-    assert len(splits.test) == demo_pretrain.DEMO_CLASSES // 2 * demo_pretrain.DEMO_IMAGES_PER_CLASS
+    assert len(splits.test) == demo_weights.DEMO_CLASSES // 2 * demo_weights.DEMO_IMAGES_PER_CLASS
 
 
 def test_a_killed_generation_leaves_nothing_that_blocks_the_next(tmp_path):

@@ -16,7 +16,8 @@ from bench.config import CellConfig
 from bench.losses import ProxyAnchorLoss
 from bench.measure import SavedTensorMeter
 from bench.model import EmbeddingModel, MetricLearner
-from bench.train import build_optimizers
+from bench.learner import build_learner
+from bench.train import build_optimizers, train_step
 from methods import METHODS, MethodError, build_method, method_arguments
 from methods.semantic_proxies import SemanticProxyModule
 
@@ -35,9 +36,9 @@ def small_args(name: str) -> dict:
 
 def make_learner(name: str, seed: int = 0, **extra) -> MetricLearner:
     torch.manual_seed(seed)
-    model = EmbeddingModel(create_backbone("vit_test"), EMBEDDING)
-    learner = MetricLearner(model, ProxyAnchorLoss(NUM_CLASSES, EMBEDDING))
-    return build_method(name, {**small_args(name), **extra}).apply(learner)
+    config = CellConfig(backbone="vit_test", weights=None, embedding_size=EMBEDDING, method=name,
+                        method_args={**small_args(name), **extra})
+    return build_learner(config, NUM_CLASSES)
 
 
 def fixed_batch(seed: int = 1):
@@ -55,13 +56,7 @@ def train_steps(learner: MetricLearner, steps: int, lr: float = 1e-2, proxy_lr: 
     losses = []
     learner.train()
     for _ in range(steps):
-        loss = learner.training_loss(images, labels)
-        for o in optimizers:
-            o.zero_grad()
-        loss.backward()
-        for o in optimizers:
-            o.step()
-        losses.append(loss.item())
+        losses.append(train_step(learner, images, labels, optimizers).item())
     return losses
 
 
@@ -154,9 +149,9 @@ def vit_small_counts():
 
     def count(name, **args):
         torch.manual_seed(0)
-        model = EmbeddingModel(create_backbone("vit_small_patch16_224.augreg_in21k", weights=None), 384)
-        learner = build_method(name, args).apply(MetricLearner(model, ProxyAnchorLoss(100, 384)))
-        return parameter_counts(learner)
+        config = CellConfig(backbone="vit_small_patch16_224.augreg_in21k", weights=None, embedding_size=384,
+                            method=name, method_args=args)
+        return parameter_counts(build_learner(config, 100))
 
     return count
 

@@ -15,11 +15,10 @@ import pytest
 import torch
 
 from bench.errors import UserError
+from cli.evaluate import cmd_evaluate
 from bench.evaluate import (
-    DATASET_KS,
     EmbeddingFileError,
     EvaluationError,
-    cmd_evaluate,
     compute_embeddings,
     knn,
     retrieval_metrics,
@@ -504,9 +503,11 @@ def test_errors_are_user_errors():
 
 
 def test_dataset_ks():
-    assert DATASET_KS["sop"] == (1, 10, 100, 1000)
-    assert DATASET_KS["inshop"] == (1, 10, 20, 30, 40, 50)
-    assert set(DATASET_KS) == {"cub200", "cars196", "synthetic", "sop", "inshop", "inaturalist"}
+    from bench import catalog
+
+    assert catalog.dataset("sop").eval_ks == (1, 10, 100, 1000)
+    assert catalog.dataset("inshop").eval_ks == (1, 10, 20, 30, 40, 50)
+    assert set(catalog.DATASETS) == {"cub200", "cars196", "synthetic", "sop", "inshop", "inaturalist"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -599,7 +600,7 @@ def test_cli_missing_file_is_a_one_line_error(saved_embeddings):
 def cli_args(*argv):
     sys.path.insert(0, str(REPO))
     try:
-        from run_suite import build_parser
+        from cli import build_parser
     finally:
         sys.path.remove(str(REPO))
     return build_parser().parse_args(["evaluate", *map(str, argv)])

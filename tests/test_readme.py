@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import run_suite
+import cli
 from bench.suite import SUITES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ def test_the_readme_shows_the_two_commands():
 @pytest.mark.parametrize("command", [c for c in COMMANDS if "run_suite.py" in c])
 def test_run_suite_commands_parse(command):
     argv = shlex.split(command)
-    args = run_suite.build_parser().parse_args(argv[argv.index(next(a for a in argv if a.endswith("run_suite.py"))) + 1:])
+    args = cli.build_parser().parse_args(argv[argv.index(next(a for a in argv if a.endswith("run_suite.py"))) + 1:])
     if getattr(args, "suite", None) and args.command in ("run", "status", "report"):
         assert (SUITES_DIR / f"{args.suite}.yaml").exists(), f"README names suite {args.suite!r}"
 

@@ -24,7 +24,8 @@ from report.cli import build_report, remove_stale_outputs, resolve_suite_dir, su
 from report.load import ReportError, load_suite
 from report.plots import make_figures, pareto_front
 from report.render import tex, to_latex, to_markdown, write_table
-from report.summary import print_summary
+from cli.report import print_summary
+from report import load
 from report.tables import KINDS, ORACLE_TITLE, build_table, default_kind
 from tests import report_fixtures as fx
 
@@ -428,7 +429,9 @@ def test_print_summary():
         {"cell_id": "b", "status": "failed", "dataset": "cub200", "backbone": "vit_s16", "method": "lora", "seed": 0},
         {"cell_id": "c", "status": "missing", "dataset": "cub200", "backbone": "vit_s16", "method": "lora", "seed": 1},
     ])
-    print_summary(frame, console)
+    results = load.SuiteResults("s", Path("."), frame, pd.DataFrame(), axes=["dataset", "backbone", "method", "seed"])
+    load.add_display_columns(results.cells)
+    print_summary(results, console)
     text = console.export_text()
     assert "3 cells: 1 ok, 1 failed, 1 missing" in text
     assert "BitFit" in text and "80.0" in text
@@ -482,7 +485,7 @@ def test_cli_report_without_torch(results_root, tmp_path):
     loaded = json.loads(modules.read_text())
     assert not [m for m in loaded if m.split(".")[0] in ("torch", "timm", "faiss", "torchvision")]
     bench_modules = {m for m in loaded if m == "bench" or m.startswith("bench.")}
-    assert bench_modules <= {"bench", "bench.results", "bench.errors"}
+    assert bench_modules <= {"bench", "bench.results", "bench.errors", "bench.catalog"}
 
 
 def test_cli_unknown_suite_is_one_clear_error(results_root, tmp_path):

@@ -1,0 +1,206 @@
+"""The one catalog of names: datasets, backbones, methods, accumulators and metrics.
+
+Every layer reads names, display names, orders and K lists from here, so that adding a dataset
+or a method is one row here plus its implementation, and a forgotten row fails a test
+(``tests/test_architecture.py``) instead of degrading silently. Torch-free: the reporter and
+``status`` import it on machines without torch.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from bench.errors import UserError
+
+
+class CatalogError(UserError, ValueError):
+    """A name the catalog does not know; the message lists the known ones."""
+
+
+# --- datasets --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    name: str
+    display: str
+    eval_ks: tuple[int, ...]  # R@K the engine computes (SPEC section 2)
+    paper_ks: tuple[int, ...]  # the R@K triple the paper's Table 2 / 3 prints
+    query_gallery: bool = False  # evaluated as queries against a gallery (In-Shop)
+    large: bool = False  # SOP / iNat size: optional per-cell artifacts are off by default
+
+
+DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
+    DatasetInfo("cub200", "CUB-200", (1, 2, 4, 8), (1, 2, 4)),
+    DatasetInfo("cars196", "Cars-196", (1, 2, 4, 8), (1, 2, 4)),
+    DatasetInfo("sop", "SOP", (1, 10, 100, 1000), (1, 10, 100), large=True),
+    DatasetInfo("inshop", "In-Shop", (1, 10, 20, 30, 40, 50), (1, 10, 20), query_gallery=True),
+    DatasetInfo("inaturalist", "iNaturalist", (1, 4, 16, 32), (1, 4, 16), large=True),
+    DatasetInfo("synthetic", "Synthetic", (1, 2, 4, 8), (1, 2, 4)),
+)}
+DATASET_NAMES = tuple(DATASETS)
+
+
+def dataset(name: str) -> DatasetInfo:
+    if name not in DATASETS:
+        raise CatalogError(f"unknown dataset {name!r}{closest(name, DATASETS)}; choose one of "
+                           f"{', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+# --- backbones -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    alias: str  # the short name suites and cell ids use
+    timm_name: str  # architecture.pretrained_tag
+    embedding_size: int  # the paper's embedding size for it (a suite may set its own)
+    display: str
+    pretraining: str = ""  # for the pretraining-source ablation's legend
+
+
+BACKBONES: dict[str, BackboneInfo] = {info.alias: info for info in (
+    BackboneInfo("vit_s16", "vit_small_patch16_224.augreg_in21k", 384, "ViT-S/16", "IN-21k (AugReg)"),
+    BackboneInfo("vit_b16", "vit_base_patch16_224.augreg_in21k", 512, "ViT-B/16", "IN-21k (AugReg)"),
+    BackboneInfo("vit_s16_in1k", "vit_small_patch16_224.augreg_in1k", 384, "ViT-S/16 IN-1k", "IN-1k (AugReg)"),
+    BackboneInfo("vit_s16_dino", "vit_small_patch16_224.dino", 384, "ViT-S/16 DINO", "DINO (IN-1k, self-sup.)"),
+    BackboneInfo("vit_s14_dinov2", "vit_small_patch14_dinov2.lvd142m", 384, "ViT-S/14 DINOv2",
+                 "DINOv2 (LVD-142M, self-sup.)"),
+    BackboneInfo("vit_b16_clip", "vit_base_patch16_clip_224.openai", 512, "ViT-B/16 CLIP", "CLIP (OpenAI WIT)"),
+)}
+# Small ViTs the project builds itself (architectures in bench.backbones.SMALL_VITS).
+SMALL_BACKBONES: dict[str, str] = {"vit_test": "Test ViT", "demo_vit": "Demo ViT"}
+
+_VIT = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch(\d+)")
+_VIT_SIZES = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
+
+
+def backbone_by_name(name: str) -> BackboneInfo | None:
+    """The catalog row for an alias or for its full timm name."""
+    if name in BACKBONES:
+        return BACKBONES[name]
+    return next((b for b in BACKBONES.values() if b.timm_name == name), None)
+
+
+def resolve_backbone_alias(name: str) -> str:
+    """An alias -> its timm name; anything else unchanged."""
+    info = BACKBONES.get(name)
+    return info.timm_name if info else name
+
+
+def backbone_display(name: str) -> str:
+    """'ViT-S/16' for the paper's backbones, 'ViT-S/16 DINO' for the others in the catalog, and
+    a name derived from timm's naming scheme for any other timm ViT."""
+    info = backbone_by_name(name)
+    if info is not None:
+        return info.display
+    if name in SMALL_BACKBONES:
+        return SMALL_BACKBONES[name]
+    match = _VIT.match(str(name))
+    if not match:
+        return str(name)
+    base = f"ViT-{_VIT_SIZES[match.group(1)]}/{match.group(2)}"
+    tag = str(name).partition(".")[2]
+    return f"{base} {tag}" if tag else base
+
+
+def backbone_rank(name: str) -> tuple[int, int, str]:
+    """Catalog order first (the paper's S before B), then timm ViTs by size, then by name."""
+    aliases = list(BACKBONES)
+    info = backbone_by_name(name)
+    if info is not None:
+        return (0, aliases.index(info.alias), "")
+    match = _VIT.match(str(name))
+    if match:
+        return (1, list(_VIT_SIZES).index(match.group(1)) * 100 + int(match.group(2)), str(name))
+    return (2, 0, str(name))
+
+
+# --- methods ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str  # registry name (methods.METHODS)
+    display: str
+    trains: bool = True  # False: evaluated as it is, no epochs (zero_shot)
+    uses_proxies: bool = True  # the loss's proxies exist (every trained method)
+    semantic_proxies: bool = False  # proxies made by the method (VPTSP)
+
+
+# Paper order (Table 1): no training, cheapest baselines, the proposed method last.
+METHODS: dict[str, MethodInfo] = {info.name: info for info in (
+    MethodInfo("full_ft", "Full fine-tuning"),
+    MethodInfo("linear_probe", "Linear probing"),
+    MethodInfo("bitfit", "BitFit"),
+    MethodInfo("adapter", "Adapter"),
+    MethodInfo("lora", "LoRA"),
+    MethodInfo("vpt_shallow", "VPT-shallow"),
+    MethodInfo("vpt_deep", "VPT-deep"),
+    MethodInfo("vptsp_e", "VPTSP-M (EMA)", semantic_proxies=True),
+    MethodInfo("vptsp_g", "VPTSP-G", semantic_proxies=True),
+)}
+
+
+def method_parts(name: str) -> list[str]:
+    """'vptsp_g+bitfit' -> ['vptsp_g', 'bitfit'] (no check that they exist)."""
+    return [p.strip() for p in str(name).split("+") if p.strip()]
+
+
+def method_trains(name: str) -> bool:
+    """False for a method that is evaluated as it is (zero_shot)."""
+    return all(METHODS[p].trains for p in method_parts(name) if p in METHODS)
+
+
+def method_display(name: str, label: str | None = None) -> str:
+    """The suite's label when it gave one, else a name built from the registry names:
+    'VPT-deep (B)' for vpt_deep+bitfit, as the paper prints BitFit combinations."""
+    if label:
+        return str(label)
+    parts = method_parts(name)
+    if not parts:
+        return "?"
+    with_bitfit = "bitfit" in parts and len(parts) > 1
+    rest = [p for p in parts if p != "bitfit"] if with_bitfit else parts
+    text = " + ".join(METHODS[p].display if p in METHODS else p for p in rest)
+    return f"{text} (B)" if with_bitfit else text
+
+
+def method_rank(name: str) -> tuple[int, int]:
+    """Sort key: catalog order of the main component; a '+bitfit' variant right after its base."""
+    parts = method_parts(name)
+    main = [p for p in parts if p != "bitfit"] or parts
+    order = list(METHODS)
+    rank = order.index(main[0]) if main and main[0] in METHODS else len(order)
+    return rank, len(parts)
+
+
+# --- semantic-proxy accumulators -------------------------------------------------------------
+
+ACCUMULATORS: dict[str, str] = {
+    "gru_relu": "GRU + ReLU",
+    "gru_tanh": "GRU + tanh",
+    "ema": "EMA",
+}
+
+# --- metrics ---------------------------------------------------------------------------------
+
+METRICS_FIXED = {"map@r": "MAP@R"}
+
+
+def metric_display(metric: str) -> str:
+    """'recall@4' -> 'R@4', 'map@r' -> 'MAP@R'."""
+    if metric in METRICS_FIXED:
+        return METRICS_FIXED[metric]
+    match = re.fullmatch(r"recall@(\d+)", metric)
+    if match:
+        return f"R@{match.group(1)}"
+    raise CatalogError(f"metric {metric!r} has no display name; add it to bench/catalog.py")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def closest(name: str, choices) -> str:
+    """' (did you mean X?)' for an unknown name, or '' when nothing is close."""
+    import difflib
+
+    match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""

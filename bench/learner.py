@@ -1,0 +1,85 @@
+"""Building what trains: backbone + head + loss, then the method on top. The one place where the
+engine reaches into ``methods/`` (tests check this), used by training, ``describe``, the
+benchmarks and the tests.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from bench.backbones import create_backbone
+from bench.config import CellConfig
+from bench.losses import ProxyAnchorLoss
+from bench.measure import parameter_counts
+from bench.model import EmbeddingModel, MetricLearner
+
+
+def validate_method(name: str, args: dict[str, Any] | None = None) -> None:
+    """Raise ``MethodError`` (a UserError naming the argument) for an unknown method, argument or
+    value; builds nothing heavy."""
+    from methods import build_method
+
+    build_method(name, args)
+
+
+def method_arguments(name: str) -> dict[str, Any]:
+    """Every argument a (combined) method accepts, with its default."""
+    from methods import method_arguments as arguments
+
+    return arguments(name)
+
+
+def method_arg_specs(name: str):
+    from methods import method_arg_specs as arg_specs
+
+    return arg_specs(name)
+
+
+def method_names() -> list[str]:
+    from methods import method_names as names
+
+    return names()
+
+
+def build_learner(config: CellConfig, num_classes: int, backbone: nn.Module | None = None) -> MetricLearner:
+    """The learner a cell trains. ``backbone``: an already built one to use instead of loading
+    ``config.backbone`` with ``config.weights`` (``describe`` builds one and copies it)."""
+    from methods import build_method
+
+    method = build_method(config.method, config.method_args)  # bad names fail before loading weights
+    if backbone is None:
+        backbone = create_backbone(config.backbone, config.weights, config.image_size)
+    model = EmbeddingModel(backbone, config.embedding_size)
+    model.grad_checkpointing = config.grad_checkpointing
+    criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
+                                config.loss_positive_average)
+    learner = method.apply(MetricLearner(model, criterion))
+    if config.compile:  # after the method: adapters and LoRA change what the blocks contain
+        model.compile_blocks()
+    return learner
+
+
+def count_parameters(backbone: str, num_classes: int, embedding_size: int, methods: list[str],
+                     method_args: dict[str, Any]) -> list[dict[str, Any]]:
+    """What each method trains, counted on a random-init backbone (counting needs the
+    architecture only, never the weights, so nothing downloads)."""
+    base = create_backbone(backbone, weights=None)  # built once: timm's init dominates the run time
+    rows = []
+    for name in methods:
+        accepted = method_arguments(name)
+        args = {k: v for k, v in method_args.items() if k in accepted}
+        torch.manual_seed(0)
+        config = CellConfig(backbone=backbone, weights=None, embedding_size=embedding_size, method=name,
+                            method_args=args)
+        learner = build_learner(config, num_classes, backbone=copy.deepcopy(base))
+        counts = parameter_counts(learner)
+        values = {spec.name: args.get(spec.name, spec.default) for spec in method_arg_specs(name)}
+        changed = {k: v for k, v in values.items() if v != accepted.get(k)}
+        backbone_params = counts["params_backbone"]
+        rows.append({"method": name, "args": values, "changed_args": changed, **counts,
+                     "percent_trainable": 100.0 * counts["params_trainable"] / backbone_params,
+                     "percent_trainable_no_head": 100.0 * counts["params_trainable_no_head"] / backbone_params})
+    return rows

@@ -1,0 +1,112 @@
+"""The command line: run a suite, one cell, status, report, evaluate saved embeddings, describe
+methods. The only layer that prints: the engine (``bench/``) returns data and reports progress
+as events, which ``cli.progress`` renders.
+
+Each subcommand's module is imported only when used, so ``report`` and ``status`` start
+without importing torch (results are often read on a laptop). Entry points: ``peft-dml``
+(the package's console script) and ``run_suite.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+# subcommand -> "module:function"; the function takes the parsed arguments, returns an exit code
+COMMANDS = {
+    "cell": "cli.cell:cmd_cell",
+    "run": "cli.suite:cmd_run",
+    "status": "cli.suite:cmd_status",
+    "report": "cli.report:cmd_report",
+    "evaluate": "cli.evaluate:cmd_evaluate",
+    "describe": "cli.describe:cmd_describe",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "peft-dml",
+        description="PEFT for deep metric learning: benchmark suites, single cells, reports.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for input errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("cell", help="run one cell (dataset x backbone x method x seed)")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--data-root", required=True)
+    p.add_argument("--backbone", required=True)
+    p.add_argument("--method", default="linear_probe", help="registry name; combine with '+', e.g. vpt_deep+bitfit")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyperparameter, repeatable (e.g. num_prompts=10)")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="any other config field, repeatable (e.g. lr=1e-4)")
+    p.add_argument("--weights", default=None,
+                   help="'hub', 'none' (random init) or a local weights file / HF cache dir")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="results root (default: results/)")
+    p.add_argument("--fresh", action="store_true", help="ignore a finished result and checkpoints")
+
+    p = sub.add_parser("run", help="run a suite (SLURM through submitit, or locally)")
+    p.add_argument("suite", help="suite name (suites/NAME.yaml) or path to a YAML file")
+    p.add_argument("--executor", choices=["slurm", "local", "debug"], default=None,
+                   help="default: slurm when sbatch is on PATH, else local")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved grid and exit")
+    p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                   help="keep cells whose grid key matches, repeatable")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--max-cells", type=int, default=None)
+    p.add_argument("--rerun-failed", action="store_true")
+    p.add_argument("--fresh", action="store_true", help="rerun finished cells too")
+    p.add_argument("--out", default="results")
+    p.add_argument("--wait", action="store_true", help="with slurm: wait for the jobs to finish")
+    p.add_argument("--no-report", action="store_true", help="skip the report after a local run")
+
+    p = sub.add_parser("status", help="table of a suite's cells: done, running, failed, pending")
+    p.add_argument("suite")
+    p.add_argument("--out", default="results")
+
+    p = sub.add_parser("report", help="LaTeX/Markdown/CSV tables and plots from results/")
+    p.add_argument("suite")
+    p.add_argument("--results", default="results", help="results root")
+    p.add_argument("--out", default=None, help="output folder (default: results/SUITE/report)")
+    p.add_argument("--table", default=None, help="table shape (default: from the suite name)")
+    p.add_argument("--oracle", action="store_true", help="add the best-test-epoch column (optimistic)")
+
+    p = sub.add_parser("evaluate", help="score saved embeddings: R@K and MAP@R")
+    p.add_argument("embeddings", help=".npy of shape (N, D)")
+    p.add_argument("labels", help=".npy of shape (N,)")
+    p.add_argument("--gallery-emb", default=None)
+    p.add_argument("--gallery-labels", default=None)
+    p.add_argument("--k", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--backend", choices=["auto", "faiss", "torch"], default="auto")
+    p.add_argument("--no-normalize", action="store_true", help="embeddings are already L2-normalised")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("describe", help="trainable parameters of each method (no download)")
+    p.add_argument("--backbone", default="vit_small_patch16_224.augreg_in21k")
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--embedding-size", type=int, default=384)
+    p.add_argument("--method", nargs="+", default=None, help="default: every registered method")
+    p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = COMMANDS[args.command].split(":")
+    from bench.errors import UserError
+
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+        return int(func(args) or 0)
+    except UserError as e:
+        if args.debug or os.environ.get("BENCH_DEBUG"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

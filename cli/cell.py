@@ -1,0 +1,55 @@
+"""`run_suite.py cell`: one cell from the command line, with a progress bar and its result."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.config import CellConfig, ConfigError, parse_assignments
+from bench.results import RESULT_FILE, check_name, make_cell_id
+from cli.console import make_console
+from cli.progress import ProgressView
+
+
+def cmd_cell(args) -> int:
+    from bench.runner import run_cell
+
+    console = make_console()
+    fields = parse_assignments(args.set, "--set")
+    fields.update(dataset=args.dataset, data_root=os.path.abspath(args.data_root), backbone=args.backbone,
+                  method=args.method, seed=args.seed,
+                  method_args=parse_assignments(args.method_arg, "--method-arg"))
+    if args.weights is not None:
+        fields["weights"] = args.weights
+    if args.epochs is not None:
+        fields["epochs"] = args.epochs
+    config = CellConfig.from_dict(fields, where="cell")
+    suite_dir = Path(args.out) / check_name(config.suite, "suite name")
+    key = {"dataset": config.dataset, "backbone": config.backbone, "method": config.method, "seed": config.seed}
+    cell_dir = suite_dir / make_cell_id(key, config.identity())
+    with ProgressView(console, transient=True) as on_event:
+        result = run_cell(config, cell_dir, key=key, fresh=args.fresh, progress=on_event)
+    if result is None:
+        console.print(f"[yellow]{cell_dir} is running in another process; nothing done[/]")
+        return 1
+    print_result(console, result, cell_dir)
+    return 0 if result["status"] == "ok" else 1
+
+
+def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
+    if result["status"] != "ok":
+        console.print(f"[red]failed[/]: {result['reason']}", highlight=False)
+        console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
+        return
+    test = result["final"]["test"]
+    metrics = "  ".join(f"{k} {100 * v:.2f}" for k, v in test.items() if k.startswith(("recall@", "map@")))
+    m = result["measurements"]
+    console.print(f"[green]ok[/] epoch {result['final']['epoch']} ({result['final']['selection']}): {metrics}")
+    step = m.get("step_latency_ms_median")
+    console.print(f"trainable {m['params_trainable']:,} params ({m['params_trainable_no_head']:,} without head "
+                  f"and proxies); step {step if step is not None else float('nan'):.1f} ms; "
+                  f"peak memory {m['peak_memory_bytes'] / 2 ** 30:.2f} GiB ({m['memory_kind']})")
+    console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
+
+
+__all__ = ["cmd_cell", "print_result", "ConfigError"]

@@ -1,0 +1,38 @@
+"""`run_suite.py describe`: what each method trains, counted on a random-init backbone."""
+from __future__ import annotations
+
+import json
+
+from rich.table import Table
+
+from bench.config import parse_assignments
+from cli.console import make_console, print_table
+
+
+def cmd_describe(args) -> int:
+    from bench.learner import count_parameters, method_arg_specs, method_arguments, method_names
+
+    names = args.method or method_names()
+    for name in names:
+        method_arguments(name)  # unknown names fail before any model is built
+    rows = count_parameters(args.backbone, args.num_classes, args.embedding_size, names,
+                            parse_assignments(args.method_arg, "--method-arg"))
+    if args.json:
+        for row in rows:
+            row["arguments"] = [spec.describe() for spec in method_arg_specs(row["method"])]
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=f"Trainable parameters: {args.backbone}, {args.num_classes} classes, "
+                        f"embedding {args.embedding_size} (backbone {rows[0]['params_backbone']:,} params)")
+    for column in ("method", "trainable", "% of backbone", "without head+proxies", "% of backbone",
+                   "non-default arguments"):
+        table.add_column(column, justify="left" if column in ("method", "non-default arguments") else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['params_trainable']:,}", f"{r['percent_trainable']:.2f}",
+                      f"{r['params_trainable_no_head']:,}", f"{r['percent_trainable_no_head']:.2f}",
+                      ", ".join(f"{k}={v}" for k, v in r["changed_args"].items()))
+    console = make_console()
+    print_table(console, table)
+    console.print("Every method also trains the head (LayerNorm + Linear) and the proxies; `--json` lists "
+                  "every argument with its type, default, range and help.", highlight=False)
+    return 0

@@ -1,0 +1,42 @@
+"""`run_suite.py evaluate EMB.npy LABELS.npy [--gallery-emb G --gallery-labels GL]`."""
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.table import Table
+
+from bench.evaluate import EvaluationError, load_array, retrieval_metrics
+from cli.console import make_console, print_table
+
+
+def cmd_evaluate(args) -> int:
+    if (args.gallery_emb is None) != (args.gallery_labels is None):
+        raise EvaluationError("--gallery-emb and --gallery-labels must be given together")
+    embeddings = load_array(args.embeddings, "embeddings")
+    labels = load_array(args.labels, "labels")
+    gallery = gallery_labels = None
+    if args.gallery_emb is not None:
+        gallery = load_array(args.gallery_emb, "gallery embeddings")
+        gallery_labels = load_array(args.gallery_labels, "gallery labels")
+    try:
+        metrics = retrieval_metrics(embeddings, labels, args.k, gallery_embeddings=gallery,
+                                    gallery_labels=gallery_labels, backend=args.backend,
+                                    normalize=not args.no_normalize)
+    except EvaluationError as e:
+        files = [args.embeddings, args.labels]
+        if gallery is not None:
+            files += [args.gallery_emb, args.gallery_labels]
+        raise EvaluationError(f"{e} (files: {', '.join(files)})") from None
+    if args.json:
+        json.dump(metrics, sys.stdout)
+        sys.stdout.write("\n")
+        return 0
+    mode = "queries vs gallery" if gallery is not None else "each embedding vs all others"
+    table = Table(title=args.embeddings, caption=mode)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in metrics.items():
+        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
+    print_table(make_console(), table)
+    return 0

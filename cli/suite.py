@@ -1,0 +1,110 @@
+"""`run_suite.py run SUITE` and `run_suite.py status SUITE`: the grid, its states, the run."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from rich.table import Table
+
+from bench import dispatch
+from bench.dispatch import CellState, cell_name, text, totals_line
+from bench.suite import Cell, Suite, load_suite
+from cli.console import make_console, print_table
+from cli.progress import ProgressView
+
+STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": "blue", "pending": "yellow"}
+
+
+def cmd_run(args) -> int:
+    console = make_console()
+    suite = load_suite(args.suite)
+    suite_dir = Path(args.out).resolve() / suite.name
+    data_root = str(Path(args.data_root).resolve()) if args.data_root else None
+    every_cell = suite.cells(data_root=data_root)
+    cells = suite.select(every_cell, args.only) if args.only else every_cell
+    states = dispatch.collect_states(cells, suite_dir)
+
+    if args.dry_run:
+        print_table(console, grid_table(suite, cells, states, hyperparameters=True))
+        console.print(totals_line(states))
+        return 0
+
+    dispatch.write_cells_file(suite_dir, every_cell)
+    todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
+    if args.max_cells is not None:
+        todo = todo[: max(args.max_cells, 0)]
+    for reason, count in skipped.items():
+        console.print(f"{count} cells {reason}")
+    executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
+    if not todo:
+        console.print(f"{suite.name}: nothing to run ({totals_line(states)})")
+        if executor == "local" and not args.no_report:
+            from cli.report import print_suite_summary
+
+            print_suite_summary(suite_dir, console)
+        return 0
+
+    with ProgressView(console) as on_event:
+        dispatch.prepare_data(suite, todo, on_event)
+        if executor == "local":
+            failed = dispatch.run_local(todo, suite_dir, fresh=args.fresh, on_event=on_event)
+    if executor == "local":
+        if not args.no_report:
+            from cli.report import report_after_run
+
+            report_after_run(suite_dir, suite.report.get("table"), console)
+        return 1 if failed else 0
+    jobs = dispatch.submit(suite, todo, suite_dir, executor, fresh=args.fresh)
+    if executor == "debug":
+        for job in jobs:  # the debug executor runs a job when its result is asked for
+            job.result()
+        states = dispatch.collect_states(todo, suite_dir)
+        console.print(totals_line(states))
+        return 0 if all(s.state == "done" for s in states.values()) else 1
+    follow = f"python run_suite.py status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
+    console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job {jobs[0].job_id.split('_')[0]} "
+                  f"(logs in {suite_dir / dispatch.SUBMITIT_DIR}); follow with: {follow}", highlight=False)
+    if not args.wait:
+        return 0
+    with ProgressView(console) as on_event:
+        states = dispatch.wait_for_jobs(todo, suite_dir, on_event)
+    for cell in todo:
+        state = states[cell.cell_id]
+        if state.state != "done":
+            console.print(f"[red]{state.state}[/] {cell_name(cell)}: {state.detail}", highlight=False)
+    console.print(totals_line(states))
+    return 0 if all(s.state == "done" for s in states.values()) else 1
+
+
+def cmd_status(args) -> int:
+    console = make_console()
+    suite = load_suite(args.suite, check_methods=False)  # no torch: status runs anywhere
+    cells = suite.cells()
+    states = dispatch.collect_states(cells, Path(args.out).resolve() / suite.name)
+    print_table(console, grid_table(suite, cells, states, hyperparameters=False))
+    console.print(totals_line(states))
+    return 0
+
+
+def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *, hyperparameters: bool) -> Table:
+    key_names = list(dict.fromkeys(k for c in cells for k in c.key))
+    table = Table(title=f"{suite.name}: {suite.description}".rstrip(": "), show_lines=False)
+    table.add_column("#", justify="right")
+    for name in key_names:
+        table.add_column(name)
+    if hyperparameters:
+        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "method args"):
+            table.add_column(name)
+    table.add_column("state")
+    table.add_column("detail")
+    for i, cell in enumerate(cells, 1):
+        row = [str(i)] + [text(cell.key.get(name, "")) for name in key_names]
+        if hyperparameters:
+            c = cell.config
+            row += [c.optimizer, text(c.lr), text(c.proxy_lr), str(c.epochs), f"{c.batch_size}/{c.samples_per_class}",
+                    " ".join(f"{k}={text(v)}" for k, v in c.method_args.items())]
+        state = states[cell.cell_id]
+        row.append(f"[{STATE_COLOURS[state.state]}]{state.state}[/]")
+        row.append(state.detail)
+        table.add_row(*row)
+    return table

@@ -1,0 +1,174 @@
+"""The layering rules of ARCHITECTURE.md, and a failing test for every "where to add" step.
+
+Import rules are read from the source (ast), so a lazy import inside a function counts too.
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from bench import catalog
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every module a file imports, at any depth (lazy imports inside functions included)."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+    return found
+
+
+def package_files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+def top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_engine_never_prints_through_rich_nor_imports_the_reporter():
+    offenders = {str(p.relative_to(ROOT)): sorted(m for m in imports_of(p) if top(m) in ("rich", "report", "cli"))
+                 for p in package_files("bench")}
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_reporter_runs_without_torch_and_reads_only_result_files():
+    heavy = ("torch", "torchvision", "timm", "faiss", "submitit", "methods")
+    allowed_bench = {"bench", "bench.results", "bench.errors", "bench.catalog"}
+    for path in package_files("report"):
+        modules = imports_of(path)
+        assert not [m for m in modules if top(m) in heavy], path
+        assert {m for m in modules if top(m) == "bench"} <= allowed_bench, path
+
+
+def test_methods_are_reached_from_the_engine_only_through_build_learner():
+    importers = [str(p.relative_to(ROOT)) for p in package_files("bench")
+                 if any(top(m) == "methods" for m in imports_of(p))]
+    assert importers == ["bench/learner.py"]
+
+
+def test_catalog_is_torch_free():
+    assert not [m for m in imports_of(ROOT / "bench" / "catalog.py") if top(m) in ("torch", "timm", "numpy")]
+
+
+# --- where to add a dataset ------------------------------------------------------------------
+
+def test_every_dataset_layout_has_a_catalog_row_and_back():
+    from bench.data.layouts import LAYOUTS
+
+    assert set(LAYOUTS) == set(catalog.DATASETS)
+
+
+def test_every_dataset_is_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    assert [name for name in catalog.DATASETS if f"`{name}`" not in readme] == []
+
+
+# --- where to add a method -------------------------------------------------------------------
+
+def test_every_registered_method_has_a_catalog_row_and_back():
+    from methods import METHODS
+
+    assert set(METHODS) == set(catalog.METHODS)
+
+
+def test_every_accumulator_has_a_display_name():
+    from methods.semantic_proxies import ACCUMULATORS
+
+    assert set(ACCUMULATORS) == set(catalog.ACCUMULATORS)
+
+
+def test_every_small_vit_has_a_catalog_row():
+    from bench.backbones import SMALL_VITS
+
+    assert set(SMALL_VITS) == set(catalog.SMALL_BACKBONES)
+
+
+def test_every_catalog_backbone_builds_offline():
+    from bench.backbones import resolve_name
+
+    for info in catalog.BACKBONES.values():
+        assert resolve_name(info.alias) == info.timm_name
+
+
+# --- where to add a metric ------------------------------------------------------------------
+
+def test_every_metric_the_engine_reports_has_a_display_name():
+    import numpy as np
+
+    from bench.evaluate import retrieval_metrics
+
+    rng = np.random.default_rng(0)
+    metrics = retrieval_metrics(rng.normal(size=(40, 4)), np.repeat(np.arange(10), 4), (1, 2, 4, 8))
+    for key in metrics:
+        if "@" in key:
+            assert catalog.metric_display(key)
+    with pytest.raises(catalog.CatalogError):
+        catalog.metric_display("ndcg@10")
+
+
+# --- where to add a table kind or a figure -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fixture_suites(tmp_path_factory):
+    from report.load import load_suite
+    from tests import report_fixtures as fx
+
+    root = tmp_path_factory.mktemp("results")
+    makers = (fx.make_table1_suite, fx.make_table2_suite, fx.make_ablation_suite, fx.make_latency_suite,
+              fx.make_accumulator_suite, fx.make_prompts_suite)
+    return [load_suite(make(root)) for make in makers]
+
+
+def test_every_table_kind_has_a_layout_and_builds(fixture_suites):
+    from report import tables
+
+    for kind in tables.KINDS:
+        layout_name = kind.split("_")[0] if kind.startswith("ablation") else kind
+        assert layout_name in tables.LAYOUTS, kind
+        for results in fixture_suites:
+            assert tables.build_table(results, kind).rows, (kind, results.suite)
+
+
+def test_every_figure_has_a_title(fixture_suites):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from report import plots, summary, tables
+
+    stems = set()
+    for results in fixture_suites:
+        stems.update(plots.make_figures(results, tables.default_kind(results.suite, results.cells)))
+    assert len(stems) > 4
+    assert [s for s in stems if summary.figure_title(s) == s] == []
+
+
+# --- cell ids: the same config keeps its id across refactors ---------------------------------
+
+# Written down before the redesign; a change here renames finished cells on every cluster.
+STABLE_IDS = [
+    ({"dataset": "cub200", "backbone": "vit_small_patch16_224.augreg_in21k", "method": "vpt_deep+bitfit", "seed": 0},
+     {"dataset": "cub200", "backbone": "vit_small_patch16_224.augreg_in21k", "method": "vpt_deep+bitfit",
+      "method_args": {"num_prompts": 10, "prompt_depth": 12}, "seed": 0, "batch_size": 64, "lr": 5e-3},
+     "cub200-vit_small_patch16_224.augreg_in21k-vpt_deep_bitfit-s0-0ad7080b"),
+    ({"dataset": "synthetic", "backbone": "vit_test", "method": "linear_probe", "seed": 1},
+     {"dataset": "synthetic", "backbone": "vit_test", "weights": None, "method": "linear_probe", "seed": 1,
+      "epochs": 2, "embedding_size": 16},
+     "synthetic-vit_test-linear_probe-s1-b46b693e"),
+]
+
+
+@pytest.mark.parametrize("key, fields, expected", STABLE_IDS)
+def test_cell_ids_do_not_change_for_the_same_config(key, fields, expected):
+    from bench.config import CellConfig
+    from bench.results import make_cell_id
+
+    assert make_cell_id(key, CellConfig.from_dict(fields).identity()) == expected
