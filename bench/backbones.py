@@ -77,8 +77,14 @@ def resolve_name(name: str) -> str:
 
 
 def create_backbone(name: str, weights: str | None = None, image_size: int | None = None) -> nn.Module:
-    """A timm VisionTransformer without classifier (``num_classes=0``)."""
-    name = resolve_name(name)
+    """A timm VisionTransformer without classifier (``num_classes=0``); ``resolved_name`` holds
+    the full timm name it was built from (``resolve_name``)."""
+    model = _create(resolve_name(name), weights, image_size)
+    model.resolved_name = resolve_name(name)
+    return model
+
+
+def _create(name: str, weights: str | None, image_size: int | None) -> nn.Module:
     if weights in (None, "", "none"):
         weights = None
     if name in SMALL_VITS:

@@ -128,6 +128,7 @@ class MethodInfo:
 
 # Paper order (Table 1): no training, cheapest baselines, the proposed method last.
 METHODS: dict[str, MethodInfo] = {info.name: info for info in (
+    MethodInfo("zero_shot", "Zero-shot (no training)", trains=False, uses_proxies=False),
     MethodInfo("full_ft", "Full fine-tuning"),
     MethodInfo("linear_probe", "Linear probing"),
     MethodInfo("bitfit", "BitFit"),

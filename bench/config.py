@@ -12,12 +12,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.catalog import DATASET_NAMES as DATASETS
-from bench.catalog import closest
+from bench.catalog import closest, method_trains
 from bench.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")
 SELECTIONS = ("last", "val", "auto")
 POSITIVE_AVERAGING = ("positive", "all")
+# "vpt": VPT's Xavier-uniform prompts, torch's default heads, Kaiming proxies (this suite's
+# own). "reference": the distributions of the paper's released code (methods/init.py).
+INITS = ("vpt", "reference")
 
 # Fields that do not change what is computed: excluded from the cell hash.
 RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads",
@@ -25,7 +28,7 @@ RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suit
 
 
 # Fields added after the first release: hashed only when set to something else than the default.
-HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ()
+HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init",)
 
 
 class ConfigError(UserError, ValueError):
@@ -68,6 +71,7 @@ class CellConfig:
     loss_alpha: float = 32.0
     loss_delta: float = 0.1
     loss_positive_average: str = "positive"  # "all" = the reference implementation's quirk
+    init: str = "vpt"  # initial values of prompts, heads and proxies: "vpt" or "reference" (INITS)
 
     val_fraction: float = 0.0  # class-disjoint validation classes carved from train
     selection: str = "auto"  # "last" epoch, or "val" (best validation R@1); auto = val if val_fraction
@@ -83,6 +87,8 @@ class CellConfig:
     suite: str = "adhoc"
 
     def __post_init__(self) -> None:
+        if not method_trains(str(self.method)):
+            self.epochs = 0  # zero_shot: evaluated as it is, so the cell id never depends on epochs
         self.validate()
 
     def validate(self) -> None:
@@ -98,7 +104,12 @@ class CellConfig:
             fail("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
         if self.loss_positive_average not in POSITIVE_AVERAGING:
             fail("loss_positive_average", f"must be one of {', '.join(POSITIVE_AVERAGING)}")
-        for name in ("epochs", "batch_size", "samples_per_class", "embedding_size", "eval_every"):
+        if self.init not in INITS:
+            fail("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0 or (
+                self.epochs == 0 and method_trains(str(self.method))):
+            fail("epochs", f"must be a positive integer, got {self.epochs!r}")
+        for name in ("batch_size", "samples_per_class", "embedding_size", "eval_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 fail(name, f"must be a positive integer, got {value!r}")

@@ -48,6 +48,7 @@ def build_learner(config: CellConfig, num_classes: int, backbone: nn.Module | No
     """The learner a cell trains. ``backbone``: an already built one to use instead of loading
     ``config.backbone`` with ``config.weights`` (``describe`` builds one and copies it)."""
     from methods import build_method
+    from methods.init import init_head_, init_loss_proxies_
 
     method = build_method(config.method, config.method_args)  # bad names fail before loading weights
     if backbone is None:
@@ -56,7 +57,9 @@ def build_learner(config: CellConfig, num_classes: int, backbone: nn.Module | No
     model.grad_checkpointing = config.grad_checkpointing
     criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
                                 config.loss_positive_average)
-    learner = method.apply(MetricLearner(model, criterion))
+    init_head_(model.head, config.init)
+    init_loss_proxies_(criterion.proxies, config.init)
+    learner = method.apply(MetricLearner(model, criterion, init=config.init))
     if config.compile:  # after the method: adapters and LoRA change what the blocks contain
         model.compile_blocks()
     return learner

@@ -97,12 +97,13 @@ class MetricLearner(nn.Module):
     the rest; a method that makes its own proxies sets ``proxy_source``.
     """
 
-    def __init__(self, model: EmbeddingModel, criterion: ProxyAnchorLoss):
+    def __init__(self, model: EmbeddingModel, criterion: ProxyAnchorLoss, init: str = "vpt"):
         super().__init__()
         self.model = model
         self.criterion = criterion
         self.extras = nn.ModuleDict()
         self.proxy_source: ProxySource | None = None
+        self.init = init  # the initialisation scheme methods use for what they add (methods.init)
 
     @property
     def num_classes(self) -> int:

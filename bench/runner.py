@@ -110,7 +110,8 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], progres
 
         outcome = train_cell(config, cell_dir, config_hash(config.identity()), progress)
         result.update(status="ok", epochs=outcome.epochs, final=outcome.final, oracle=outcome.oracle,
-                      measurements=outcome.measurements, skipped_images=outcome.num_skipped_images)
+                      measurements=outcome.measurements, skipped_images=outcome.num_skipped_images,
+                      model=outcome.model)
         _save_weights(outcome.learner, cell_dir / WEIGHTS_FILE)
         (cell_dir / "checkpoint.pt").unlink(missing_ok=True)
     except CellFailure as failure:  # the cell's own reason (NaN loss): the finished epochs stay

@@ -26,6 +26,7 @@ from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
 from bench.evaluate import compute_embeddings, retrieval_metrics
 from bench.learner import build_learner
+from bench.optim import LazySGD, SparseAdamW
 from bench.measure import StepTimer, device_name, parameter_counts, peak_memory, reset_peak_memory
 from bench.model import MetricLearner
 
@@ -41,6 +42,7 @@ class Outcome:
     measurements: dict[str, Any]
     num_skipped_images: int = 0
     learner: MetricLearner | None = field(default=None, repr=False)
+    model: dict[str, Any] = field(default_factory=dict)  # what was built: resolved backbone, input
 
 
 def select_device(name: str) -> torch.device:
@@ -64,7 +66,10 @@ def is_sparse_parameter(learner: MetricLearner) -> set[int]:
 
 def build_optimizers(learner: MetricLearner, config: CellConfig) -> list[torch.optim.Optimizer]:
     """Dense parameters (proxies with their own learning rate) and, if a method has sparse
-    tables (class prompts), a sparse optimiser of the same family for them."""
+    tables (class prompts kept in CPU memory), a sparse optimiser of the same family that
+    updates only the batch's rows, with the same learning rate and weight decay (bench.optim).
+    A class-prompt table on the device is a dense parameter like any other, as in the
+    reference implementation: dense AdamW's moments keep moving rows of absent classes."""
     sparse_ids = is_sparse_parameter(learner)
     proxies = learner.criterion.proxies
     dense, sparse = [], []
@@ -79,11 +84,12 @@ def build_optimizers(learner: MetricLearner, config: CellConfig) -> list[torch.o
         optimizers = [torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum,
                                       weight_decay=config.weight_decay)]
         if sparse:
-            optimizers.append(torch.optim.SGD(sparse, lr=config.lr, momentum=config.momentum))
+            optimizers.append(LazySGD(sparse, lr=config.lr, momentum=config.momentum,
+                                      weight_decay=config.weight_decay))
     else:
         optimizers = [torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)]
         if sparse:
-            optimizers.append(torch.optim.SparseAdam(sparse, lr=config.lr))
+            optimizers.append(SparseAdamW(sparse, lr=config.lr, weight_decay=config.weight_decay))
     return optimizers
 
 
@@ -209,7 +215,8 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     seed_everything(config.seed)
     learner = build_learner(config, splits.train.num_classes).to(device)
     image_cfg = data_config(learner.model.backbone, config.image_size)
-    optimizers = build_optimizers(learner, config)
+    trains = config.epochs > 0  # zero_shot: no epochs, one evaluation of the model as it is
+    optimizers = build_optimizers(learner, config) if trains else []
     schedulers = build_schedulers(optimizers, config)
     amp_dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
@@ -282,12 +289,25 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         emit({"event": "epoch_end", "epoch": epoch, "train_loss": record["train_loss"],
               "test": record["test"], "val": record["val"]})
 
+    if not trains:
+        eval_start = time.perf_counter()
+        history = [{"epoch": 0, "train_loss": None, "lr": None, "time_s": 0.0,
+                    "val": evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype),
+                    "test": evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)}]
+        eval_seconds = time.perf_counter() - eval_start
+        emit({"event": "epoch_end", "epoch": 0, "train_loss": float("nan"), "test": history[0]["test"],
+              "val": history[0]["val"]})
+
     memory, memory_kind = peak_memory(device)
     measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
                     **timer.summary(), "eval_time_s": eval_seconds, "device": device_name(device),
                     "resumed_from_epoch": start_epoch}
     final, oracle = select_epochs(history, config.selection_rule)
-    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner)
+    model = {"backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
+             "weights": config.weights, "image_size": image_cfg.image_size, "mean": list(image_cfg.mean),
+             "std": list(image_cfg.std),
+             "embedding_size": config.embedding_size if trains else learner.model.width}
+    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner, model)
 
 
 def select_epochs(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], dict[str, Any] | None]:

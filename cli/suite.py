@@ -93,7 +93,7 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
     for name in key_names:
         table.add_column(name)
     if hyperparameters:
-        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "method args"):
+        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "init", "positive avg", "method args"):
             table.add_column(name)
     table.add_column("state")
     table.add_column("detail")
@@ -102,7 +102,7 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
         if hyperparameters:
             c = cell.config
             row += [c.optimizer, text(c.lr), text(c.proxy_lr), str(c.epochs), f"{c.batch_size}/{c.samples_per_class}",
-                    " ".join(f"{k}={text(v)}" for k, v in c.method_args.items())]
+                    c.init, c.loss_positive_average, " ".join(f"{k}={text(v)}" for k, v in c.method_args.items())]
         state = states[cell.cell_id]
         row.append(f"[{STATE_COLOURS[state.state]}]{state.state}[/]")
         row.append(state.detail)

@@ -18,9 +18,11 @@ from methods.full_ft import FullFineTune
 from methods.lora import LoRA
 from methods.prompts import DeepPrompts, ShallowPrompts
 from methods.semantic_proxies import SemanticProxies
+from methods.zero_shot import ZeroShot
 
 # name -> (components, preset arguments)
 METHODS: dict[str, tuple[tuple[type[Component], ...], dict[str, Any]]] = {
+    "zero_shot": ((ZeroShot,), {}),
     "full_ft": ((FullFineTune,), {}),
     "linear_probe": ((), {}),
     "bitfit": ((BitFit,), {}),
@@ -47,6 +49,8 @@ def split_name(name: str) -> list[str]:
                               f"registered: {', '.join(METHODS)}")
     if len(set(parts)) != len(parts):
         raise MethodError(f"method: {name!r} names a method twice")
+    if "zero_shot" in parts and len(parts) > 1:
+        raise MethodError(f"method: {name!r}: zero_shot trains nothing, so it combines with nothing")
     return parts
 
 

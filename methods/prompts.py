@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from bench.model import set_reference
 from methods.args import arg
 from methods.base import Component, require_blocks
+from methods.init import init_prompts_
 
 
 def prompt_counts(num_prompts: int, depth: int, decrease: int = 0) -> list[int]:
@@ -25,23 +25,18 @@ def prompt_counts(num_prompts: int, depth: int, decrease: int = 0) -> list[int]:
     return [max(num_prompts - decrease * i, 0) for i in range(depth)]
 
 
-def prompt_init_bound(backbone: nn.Module) -> float:
-    """VPT's Xavier-uniform bound, with fan-in from one patch (3 x p x p) and fan-out the width."""
-    patch = backbone.patch_embed.patch_size
-    patch_area = patch[0] * patch[1] if isinstance(patch, (tuple, list)) else patch * patch
-    return math.sqrt(6.0 / float(3 * patch_area + backbone.embed_dim))
-
-
 class PromptTokens(nn.Module):
-    """One learnable ``[n_i, width]`` tensor per prompted block."""
+    """One learnable ``[n_i, width]`` tensor per prompted block, initialised by ``scheme``
+    (``methods.init``)."""
 
-    def __init__(self, counts: list[int], width: int, bound: float, shallow: bool = False):
+    def __init__(self, counts: list[int], backbone: nn.Module, scheme: str, shallow: bool = False):
         super().__init__()
         self.shallow = shallow
         self.tokens = nn.ParameterList()
+        full = max(counts, default=0)  # the reference's tensor per block holds the full count
         for n in counts:
-            p = nn.Parameter(torch.empty(n, width))
-            nn.init.uniform_(p, -bound, bound)
+            p = nn.Parameter(torch.empty(n, backbone.embed_dim))
+            init_prompts_(p, scheme, backbone, length=1, num=full)
             self.tokens.append(p)
 
     def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
@@ -72,7 +67,7 @@ class ShallowPrompts(Component):
 
     def apply(self, learner):
         backbone = learner.model.backbone
-        prompts = PromptTokens([self.num_prompts], backbone.embed_dim, prompt_init_bound(backbone), shallow=True)
+        prompts = PromptTokens([self.num_prompts], backbone, learner.init, shallow=True)
         learner.extras["prompts"] = prompts
         set_reference(learner.model, "prompts", prompts)
 
@@ -86,6 +81,6 @@ class DeepPrompts(Component):
         backbone = learner.model.backbone
         require_blocks(backbone, "prompt_depth", self.prompt_depth)
         counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
-        prompts = PromptTokens(counts, backbone.embed_dim, prompt_init_bound(backbone))
+        prompts = PromptTokens(counts, backbone, learner.init)
         learner.extras["prompts"] = prompts
         set_reference(learner.model, "prompts", prompts)

@@ -36,7 +36,8 @@ from torch import nn
 from bench.model import set_reference
 from methods.args import arg
 from methods.base import Component, require_blocks
-from methods.prompts import prompt_counts, prompt_init_bound
+from methods.init import init_bias_proxies_, init_head_, init_prompts_, initial_memory
+from methods.prompts import prompt_counts
 
 ACCUMULATORS = ("ema", "gru_relu", "gru_tanh")
 OFFLOAD_THRESHOLD_BYTES = 256 * 2 ** 20
@@ -45,13 +46,16 @@ OFFLOAD_THRESHOLD_BYTES = 256 * 2 ** 20
 class ClassPromptBank(nn.Module):
     """Per-class prompt tokens: row c holds class c's tokens of every prompted block."""
 
-    def __init__(self, num_classes: int, counts: list[int], width: int, bound: float, offload: bool):
+    def __init__(self, num_classes: int, counts: list[int], backbone: nn.Module, scheme: str, offload: bool):
         super().__init__()
         self.counts = counts
-        self.width = width
+        self.width = backbone.embed_dim
         self.offload = offload
-        self.table = nn.Embedding(num_classes, sum(counts) * width, sparse=True)
-        nn.init.uniform_(self.table.weight, -bound, bound)
+        # Sparse gradients only for an offloaded table: its rows are updated lazily by the
+        # sparse optimisers (bench.optim), as the reference's memory bank does. A table on the
+        # device is an ordinary dense parameter of the dense optimiser, as in the reference.
+        self.table = nn.Embedding(num_classes, sum(counts) * self.width, sparse=offload)
+        init_prompts_(self.table.weight, scheme, backbone, length=num_classes, num=max(counts))
 
     def _apply(self, fn, recurse=True):
         # An offloaded table ignores .to(device): it and its optimiser state stay in CPU memory.
@@ -103,19 +107,21 @@ class GRUAccumulatorCell(nn.Module):
 
 
 class SemanticProxyModule(nn.Module):
-    def __init__(self, num_classes: int, width: int, embedding_size: int, counts: list[int], bound: float,
+    def __init__(self, num_classes: int, backbone: nn.Module, embedding_size: int, counts: list[int], scheme: str,
                  accumulator: str, ema_keep: float, proxy_bias_ratio: float, dropout: float, offload: bool,
                  checkpointing: bool = False):
         super().__init__()
+        width = backbone.embed_dim
         self.checkpointing = checkpointing
-        self.class_prompts = ClassPromptBank(num_classes, counts, width, bound, offload)
+        self.class_prompts = ClassPromptBank(num_classes, counts, backbone, scheme, offload)
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embedding_size))
+        init_head_(self.head, scheme)
         self.accumulator = accumulator
         self.gru = GRUAccumulatorCell(embedding_size, accumulator.split("_")[1]) if accumulator != "ema" else None
         self.dropout = nn.Dropout(dropout)
         self.ema_keep = ema_keep
         self.proxy_bias_ratio = proxy_bias_ratio
-        self.register_buffer("memory", F.normalize(torch.randn(num_classes, embedding_size), dim=1))
+        self.register_buffer("memory", initial_memory(num_classes, embedding_size, scheme))
 
     def semantic_vectors(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         prompts = PerImagePrompts(self.class_prompts.gather(labels))
@@ -180,11 +186,9 @@ class SemanticProxies(Component):
         offload = {"cpu": True, "device": False}.get(self.class_prompt_offload,
                                                       table_bytes > OFFLOAD_THRESHOLD_BYTES)
         module = SemanticProxyModule(
-            learner.num_classes, backbone.embed_dim, learner.embedding_size, counts, prompt_init_bound(backbone),
+            learner.num_classes, backbone, learner.embedding_size, counts, learner.init,
             self.accumulator, self.ema_keep, self.proxy_bias_ratio, self.gru_dropout, offload,
             bool(self.proxy_checkpointing))
         learner.extras["semantic_proxies"] = module
         set_reference(learner, "proxy_source", module)
-        with torch.no_grad():  # the bias proxies, initialised as the reference does
-            nn.init.xavier_uniform_(learner.criterion.proxies)
-            learner.criterion.proxies.div_(8)
+        init_bias_proxies_(learner.criterion.proxies)  # the bias proxies, as the reference does
