@@ -8,6 +8,8 @@ the machine does not invalidate finished results.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,17 +24,28 @@ POSITIVE_AVERAGING = ("positive", "all")
 # own). "reference": the distributions of the paper's released code (methods/init.py).
 INITS = ("vpt", "reference")
 
-# Fields that do not change what is computed: excluded from the cell hash.
+# Fields that do not change what is computed: excluded from the cell hash. A label is
+# presentation: renaming a method's row never reruns its cells.
 RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads",
-                  "compile")
+                  "compile", "save_embeddings", "logger", "checkpoint_every", "checkpoint_minutes")
 
-
-# Fields added after the first release: hashed only when set to something else than the default.
-HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init",)
+# Fields added after the first release: hashed only when set to something else than the default,
+# so that adding a field never renames the cells finished before it existed.
+HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init", "recall_ks", "train_fraction", "train_classes_fraction",
+                                            "output")
+OUTPUTS = ("cls", "mean")
+LOGGERS = ("tensorboard", "wandb", "csv")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class ConfigError(UserError, ValueError):
     """A configuration value that cannot be used; the message names the field."""
+
+
+def bounded(default: Any, *, min: float | None = None, max: float | None = None, above: float | None = None,
+            below: float | None = None, **kwargs: Any) -> Any:
+    """A field with its valid range: ``min``/``max`` inclusive, ``above``/``below`` exclusive."""
+    return field(default=default, metadata={"min": min, "max": max, "above": above, "below": below}, **kwargs)
 
 
 @dataclass
@@ -43,47 +56,56 @@ class CellConfig:
     # None / "none": random init; "hub": timm / Hugging Face hub (or its cache when
     # HF_HUB_OFFLINE=1); anything else: a local weights file or a HF cache directory.
     weights: str | None = "hub"
-    embedding_size: int = 384
-    image_size: int | None = None  # None: the backbone's pretrained input size
+    embedding_size: int = bounded(384, min=1)
+    image_size: int | None = bounded(None, min=8)  # None: the backbone's pretrained input size
     method: str = "linear_probe"  # registry name, components joined by '+', e.g. "vpt_deep+bitfit"
     method_args: dict[str, Any] = field(default_factory=dict)
     label: str | None = None  # display name in tables, e.g. "VPT (B)"
-    seed: int = 0
+    seed: int = bounded(0, min=0)
+    output: str = "cls"  # what the head reads: the CLS token, or the mean of the patch tokens (OUTPUTS)
 
-    epochs: int = 15
-    batch_size: int = 64
-    samples_per_class: int = 2
-    max_steps_per_epoch: int | None = None  # cap for tests and the demo; None = full epoch
+    epochs: int = bounded(15, min=0)  # 0 only for methods that do not train (zero_shot)
+    batch_size: int = bounded(64, min=2)
+    samples_per_class: int = bounded(2, min=1)
+    max_steps_per_epoch: int | None = bounded(None, min=1)  # cap for tests and the demo; None = full epoch
     optimizer: str = "sgd"
-    lr: float = 5e-3
-    proxy_lr: float = 0.1
-    weight_decay: float = 1e-6
-    momentum: float = 0.9
-    lr_cosine_period: int | None = None  # cosine T_max in epochs; None = epochs
-    lr_min: float = 1e-8
-    grad_clip: float | None = None
+    lr: float = bounded(5e-3, above=0.0)
+    proxy_lr: float = bounded(0.1, above=0.0)
+    weight_decay: float = bounded(1e-6, min=0.0)
+    momentum: float = bounded(0.9, min=0.0, below=1.0)
+    lr_cosine_period: int | None = bounded(None, min=1)  # cosine T_max in epochs; None = epochs
+    lr_min: float = bounded(1e-8, min=0.0)
+    grad_clip: float | None = bounded(None, above=0.0)  # max gradient norm; None = no clipping
     amp: bool = True  # bf16/fp16 autocast on CUDA only; CPU always runs fp32
     grad_checkpointing: bool = False
     # torch.compile each transformer block (regional compilation): same results up to float
     # rounding, so it is a runtime choice; whether it pays off depends on the card (BENCHMARKS.md).
     compile: bool = False
 
-    loss_alpha: float = 32.0
-    loss_delta: float = 0.1
+    loss_alpha: float = bounded(32.0, above=0.0)
+    loss_delta: float = bounded(0.1, min=0.0, max=1.0)
     loss_positive_average: str = "positive"  # "all" = the reference implementation's quirk
     init: str = "vpt"  # initial values of prompts, heads and proxies: "vpt" or "reference" (INITS)
 
-    val_fraction: float = 0.0  # class-disjoint validation classes carved from train
+    val_fraction: float = bounded(0.0, min=0.0, below=1.0)  # class-disjoint validation classes from train
     selection: str = "auto"  # "last" epoch, or "val" (best validation R@1); auto = val if val_fraction
-    eval_every: int = 1
+    # a seeded, class-stratified share of each training class's images (each keeps >= samples_per_class)
+    train_fraction: float = bounded(1.0, above=0.0, max=1.0)
+    train_classes_fraction: float = bounded(1.0, above=0.0, max=1.0)  # a seeded share of the train classes
+    eval_every: int = bounded(1, min=1)
+    recall_ks: list[int] | None = None  # R@K to report; None: the dataset's (bench.catalog)
     skip_corrupt_images: bool = False
 
-    num_workers: int = 4
+    num_workers: int | str = 4  # data loader processes; "auto": the CPUs this job may use
     # CPU threads for torch in this cell; None = torch's default (one per core). On a busy
     # small machine 1 can be several times faster: two threads wait for each other.
-    torch_threads: int | None = None
-    eval_batch_size: int = 256
-    device: str = "auto"
+    torch_threads: int | None = bounded(None, min=1)
+    eval_batch_size: int = bounded(256, min=1)
+    device: str = "auto"  # auto, cpu, cuda, cuda:N
+    save_embeddings: bool | None = None  # test embeddings as float16; None: yes except on SOP/iNat sizes
+    logger: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb, csv
+    checkpoint_every: int = bounded(1, min=1)  # epochs between checkpoints
+    checkpoint_minutes: float | None = bounded(None, above=0.0)  # also checkpoint inside an epoch this often
     suite: str = "adhoc"
 
     def __post_init__(self) -> None:
@@ -95,37 +117,38 @@ class CellConfig:
         def fail(name: str, msg: str) -> None:
             raise ConfigError(f"{name}: {msg}")
 
+        for f in dataclasses.fields(self):
+            _check_range(f, getattr(self, f.name), fail)
         if self.dataset not in DATASETS:
             fail("dataset", f"unknown dataset {self.dataset!r}{closest(self.dataset, DATASETS)}; "
                             f"choose one of {', '.join(DATASETS)}")
-        if self.optimizer not in OPTIMIZERS:
-            fail("optimizer", f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
-        if self.selection not in SELECTIONS:
-            fail("selection", f"must be one of {', '.join(SELECTIONS)}, got {self.selection!r}")
-        if self.loss_positive_average not in POSITIVE_AVERAGING:
-            fail("loss_positive_average", f"must be one of {', '.join(POSITIVE_AVERAGING)}")
-        if self.init not in INITS:
-            fail("init", f"must be one of {', '.join(INITS)}, got {self.init!r}")
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 0 or (
-                self.epochs == 0 and method_trains(str(self.method))):
-            fail("epochs", f"must be a positive integer, got {self.epochs!r}")
-        for name in ("batch_size", "samples_per_class", "embedding_size", "eval_every"):
+        for name, choices in (("optimizer", OPTIMIZERS), ("selection", SELECTIONS),
+                              ("loss_positive_average", POSITIVE_AVERAGING), ("init", INITS), ("output", OUTPUTS)):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(name, f"must be a positive integer, got {value!r}")
+            if value not in choices:
+                fail(name, f"must be one of {', '.join(choices)}, got {value!r}{closest(value, choices)}")
+        if self.epochs == 0 and method_trains(str(self.method)):
+            fail("epochs", f"must be a positive integer for {self.method}, got 0 (only zero_shot has no epochs)")
         if self.batch_size % self.samples_per_class:
             fail("batch_size", f"{self.batch_size} is not divisible by samples_per_class={self.samples_per_class}")
         if self.batch_size // self.samples_per_class < 2:
             fail("batch_size", "a batch needs at least two classes (batch_size / samples_per_class >= 2)")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            fail("val_fraction", f"must be in [0, 1), got {self.val_fraction!r}")
         if self.selection == "val" and not self.val_fraction:
             fail("selection", "'val' needs a validation split: set val_fraction > 0")
-        for name in ("lr", "proxy_lr"):
-            if not float(getattr(self, name)) > 0:
-                fail(name, f"must be > 0, got {getattr(self, name)!r}")
         if not isinstance(self.method_args, dict):
             fail("method_args", f"must be a mapping, got {type(self.method_args).__name__}")
+        if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):
+            fail("device", f"must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.num_workers != "auto" and (not isinstance(self.num_workers, int) or isinstance(self.num_workers, bool)
+                                           or self.num_workers < 0):
+            fail("num_workers", f"must be an integer >= 0 or 'auto', got {self.num_workers!r}")
+        if self.recall_ks is not None:
+            if (not isinstance(self.recall_ks, list) or not self.recall_ks
+                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.recall_ks)):
+                fail("recall_ks", f"must be a list of positive integers, e.g. [1, 10], got {self.recall_ks!r}")
+            self.recall_ks = sorted(set(self.recall_ks))
+        if not isinstance(self.logger, list) or [x for x in self.logger if x not in LOGGERS]:
+            fail("logger", f"must be a list of {', '.join(LOGGERS)}, got {self.logger!r}")
 
     @property
     def selection_rule(self) -> str:
@@ -171,6 +194,15 @@ def _coerce(name: str, value: Any, type_name: str, where: str) -> Any:
         if "None" in type_name:
             return None
         raise ConfigError(f"{where}: {name} must not be null")
+    if base == "int | str":  # num_workers: a number or "auto"
+        return value if isinstance(value, str) else _coerce(name, value, "int", where)
+    if base.startswith("list["):
+        item = base[len("list["):-1]
+        if isinstance(value, str) and item == "str":
+            value = [v.strip() for v in value.split(",") if v.strip()]  # --set logger=tensorboard,csv
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: {name} must be a list of {item}, got {value!r} ({type(value).__name__})")
+        return [_coerce(f"{name}[{i}]", v, item, where) for i, v in enumerate(value)]
     try:
         if base == "float":
             if isinstance(value, bool):
@@ -193,6 +225,25 @@ def _coerce(name: str, value: Any, type_name: str, where: str) -> Any:
     except (TypeError, ValueError):
         raise ConfigError(f"{where}: {name} must be {base}, got {value!r} ({type(value).__name__})") from None
     return value
+
+
+def _check_range(f: dataclasses.Field, value: Any, fail) -> None:
+    """Finite numbers inside the field's declared range (``bounded``)."""
+    limits = f.metadata
+    if not limits or value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        fail(f.name, f"must be a number, got {value!r}")
+    if isinstance(value, float) and not math.isfinite(value):
+        fail(f.name, f"must be a finite number, got {value!r}")
+    if limits.get("min") is not None and value < limits["min"]:
+        fail(f.name, f"must be >= {limits['min']:g}, got {value!r}")
+    if limits.get("max") is not None and value > limits["max"]:
+        fail(f.name, f"must be <= {limits['max']:g}, got {value!r}")
+    if limits.get("above") is not None and not value > limits["above"]:
+        fail(f.name, f"must be > {limits['above']:g}, got {value!r}")
+    if limits.get("below") is not None and not value < limits["below"]:
+        fail(f.name, f"must be < {limits['below']:g}, got {value!r}")
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -219,8 +270,8 @@ def parse_assignments(items: list[str], what: str) -> dict[str, Any]:
             value = text
         if isinstance(value, str) and _looks_numeric(value):
             value = float(value)  # YAML 1.1 reads '1e-4' as a string
-        if isinstance(value, (dict, list)):
-            value = text  # '{a: 1}' stays text: values are scalars
+        if isinstance(value, dict):
+            value = text  # '{a: 1}' stays text: values are scalars or lists (recall_ks=[1,10])
         parsed[key.strip()] = value
     return parsed
 

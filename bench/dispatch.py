@@ -35,7 +35,7 @@ import submitit
 
 from bench.errors import UserError
 from bench.events import Listener, ignore, log_event
-from bench.results import RESULT_FILE, atomic_write_json, read_result
+from bench.results import RESULT_FILE, ResultError, atomic_write_json, config_hash, foreign_reason, read_result
 from bench.suite import Cell, Suite
 
 JOB_FILE = "job.json"
@@ -57,8 +57,13 @@ WAIT_POLL_S = 30.0
 
 @dataclass
 class CellState:
-    state: str  # done | failed | running | queued | pending
+    # done | failed | running | queued | pending, or corrupt / foreign: a result.json that is not
+    # readable or not this cell's (run again: the runner moves it aside, never deletes it)
+    state: str
     detail: str = ""
+
+
+STATES = ("done", "running", "queued", "failed", "corrupt", "foreign", "pending")
 
 
 def prepare_data(suite: Suite, cells: list[Cell], on_event: Listener = ignore) -> None:
@@ -94,8 +99,11 @@ def collect_states(cells: list[Cell], suite_dir: Path) -> dict[str, CellState]:
             states[cell.cell_id] = CellState(state, f"job {job['job_id']} {slurm_state.lower()}")
         elif is_locked(cell_dir):
             states[cell.cell_id] = CellState("running", "held by a process (cell lock)")
+        elif cell_dir.is_symlink():
+            states[cell.cell_id] = CellState("foreign", f"{cell_dir} is a symlink (to {os.readlink(cell_dir)}); "
+                                                        "a cell needs a folder of its own")
         elif (cell_dir / RESULT_FILE).exists():
-            states[cell.cell_id] = _result_state(cell_dir / RESULT_FILE)
+            states[cell.cell_id] = _result_state(cell_dir / RESULT_FILE, cell)
         elif job:
             ended = f" ({slurm_state.lower()})" if slurm_state else ""
             states[cell.cell_id] = CellState("pending", f"job {job['job_id']} ended{ended} without a result; "
@@ -105,11 +113,15 @@ def collect_states(cells: list[Cell], suite_dir: Path) -> dict[str, CellState]:
     return states
 
 
-def _result_state(path: Path) -> CellState:
+def _result_state(path: Path, cell: Cell | None = None) -> CellState:
     try:
         result = read_result(path)
     except UserError as e:
-        return CellState("pending", str(e))
+        return CellState("corrupt", f"{e} (moved aside when the cell runs again)")
+    if cell is not None:
+        reason = foreign_reason(result, path.parent, cell.suite, config_hash(cell.config.identity()))
+        if reason is not None:
+            return CellState("foreign", f"{path}: not this cell's result: {reason} (moved aside when the cell runs)")
     if result["status"] == "failed":
         return CellState("failed", str(result.get("reason")))
     test = ((result.get("final") or {}).get("test") or {})
@@ -165,7 +177,7 @@ def select_cells(cells: list[Cell], states: dict[str, CellState], *, rerun_faile
     """Cells to run now, and how many were skipped for which reason."""
     todo, skipped = [], {}
     for cell in cells:
-        state = states[cell.cell_id].state
+        state = states[cell.cell_id].state  # corrupt / foreign results run again (moved aside)
         if state in ("running", "queued"):
             reason = "already running or queued: skipped"
         elif state == "done" and not fresh:
@@ -179,16 +191,34 @@ def select_cells(cells: list[Cell], states: dict[str, CellState], *, rerun_faile
     return todo, skipped
 
 
-def write_cells_file(suite_dir: Path, cells: list[Cell]) -> None:
-    """Every cell the suite expects, so that the report can show the missing ones."""
-    atomic_write_json(suite_dir / CELLS_FILE, [{"cell_id": c.cell_id, "key": c.key} for c in cells])
+def write_cells_file(suite_dir: Path, suite: Suite, cells: list[Cell]) -> None:
+    """Every cell the suite expects, so that the report can show the missing ones, and which
+    suite file they come from: two files with the same ``name:`` must not share a folder."""
+    check_suite_folder(suite_dir, suite)
+    atomic_write_json(suite_dir / CELLS_FILE, {"suite_file": str(suite.path.resolve()),
+                                               "cells": [{"cell_id": c.cell_id, "key": c.key,
+                                                          "identity_hash": config_hash(c.config.identity())}
+                                                         for c in cells]})
+
+
+def check_suite_folder(suite_dir: Path, suite: Suite) -> None:
+    """Refuse a results folder that another existing suite file (of the same ``name:``) owns."""
+    try:
+        data = json.loads((suite_dir / CELLS_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    owner = data.get("suite_file") if isinstance(data, dict) else None
+    mine = str(suite.path.resolve())
+    if owner and owner != mine and Path(owner).is_file():
+        raise UserError(f"{suite.path}: suite name {suite.name!r} is also the name of {owner}, whose results are "
+                        f"in {suite_dir}; give one of them another `name:` (results go to results/<name>/)")
 
 
 def totals_line(states: dict[str, CellState]) -> str:
     counts: dict[str, int] = {}
     for s in states.values():
         counts[s.state] = counts.get(s.state, 0) + 1
-    parts = [f"{counts[k]} {k}" for k in ("done", "running", "queued", "failed", "pending") if k in counts]
+    parts = [f"{counts[k]} {k}" for k in STATES if k in counts]
     return f"{len(states)} cells: " + ", ".join(parts)
 
 
@@ -214,7 +244,13 @@ def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, on_event: List
     for cell in cells:
         name = cell_name(cell)
         on_event({"event": "cell_begin", "name": name})
-        result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
+        try:
+            result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
+        except Exception as e:  # not even a failure record could be written: say so, run the rest
+            failed += 1
+            reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+            on_event({"event": "cell_done", "name": name, "status": "failed", "detail": reason})
+            continue
         if result is None:
             status, detail = "running elsewhere", ""
         elif result["status"] == "ok":
@@ -261,12 +297,45 @@ def log_to_stdout() -> None:
     logger.propagate = False
 
 
+def check_data(cells: list[Cell]) -> None:
+    """Every cell's dataset is where its data root says, in its layout, with disjoint splits:
+    checked on the submitting machine before anything is queued (a wrong path must not become
+    33 failed GPU jobs). Reads folder listings and index files, not images."""
+    from bench.data import check_dataset
+
+    problems: dict[str, list[Cell]] = {}
+    for dataset, data_root in sorted({(c.config.dataset, c.config.data_root) for c in cells}):
+        try:
+            check_dataset(dataset, data_root)
+        except UserError as e:
+            problems[str(e)] = [c for c in cells if (c.config.dataset, c.config.data_root) == (dataset, data_root)]
+    if problems:
+        lines = [f"{len(group)} cells cannot read their data ({', '.join(cell_name(c) for c in group[:3])}"
+                 f"{', ...' if len(group) > 3 else ''}): {message}" for message, group in problems.items()]
+        raise UserError("; ".join(lines) + "; nothing was run (pass --no-data-check where this machine cannot "
+                                           "see the data but the compute nodes can)")
+
+
+def check_slurm_reachable() -> None:
+    """sbatch on the PATH is not a cluster: ask the controller once before submitting."""
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise UserError(f"SLURM is not reachable (`sinfo -h -o %P` failed: {e}); use --executor local to "
+                        "run the cells here") from None
+    if out.returncode != 0:
+        first = (out.stderr.strip().splitlines() or ["no output"])[0]
+        raise UserError(f"SLURM is not reachable (`sinfo -h -o %P` exited {out.returncode}: {first}); use "
+                        "--executor local to run the cells here")
+
+
 def make_executor(kind: str, folder: Path, suite: Suite) -> submitit.Executor:
     if kind == "debug":
         return submitit.AutoExecutor(folder=folder, cluster="debug")
     if not shutil.which("sbatch"):
         raise UserError("--executor slurm: sbatch is not on PATH; use --executor local, or bring up a "
                         "one-node cluster here with: bash scripts/slurm-local.sh up")
+    check_slurm_reachable()
     resources = suite.resources
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
                                      slurm_max_num_timeout=resources.get("max_num_timeout", 3))
@@ -285,7 +354,8 @@ def submit(suite: Suite, cells: list[Cell], suite_dir: Path, kind: str, *, fresh
         jobs = executor.map_array(CellJob(), [c.config for c in cells], cell_dirs, [c.key for c in cells],
                                   [fresh] * len(cells))
     except submitit.core.utils.FailedJobError as e:
-        raise UserError(f"sbatch refused the job array: {e}") from None
+        raise UserError(f"sbatch refused the job array (`sbatch` of {suite_dir / SUBMITIT_DIR}): {e}; if SLURM is "
+                        "not reachable from here, use --executor local") from None
     if kind == "slurm":
         submitted = dt.datetime.now(dt.timezone.utc).isoformat()
         for cell_dir, job in zip(cell_dirs, jobs):

@@ -81,6 +81,8 @@ def _check_embeddings(array: Any, name: str) -> np.ndarray:
 
 def _check_labels(array: Any, name: str, expected_length: int, embeddings_name: str) -> np.ndarray:
     array = _as_numpy(array)
+    if array.ndim == 2 and array.shape[1] == 1:  # a column vector, as many tools save labels
+        array = array[:, 0]
     if array.ndim != 1:
         raise EvaluationError(f"{name} must have shape (N,), got shape {array.shape}")
     if len(array) != expected_length:
@@ -106,7 +108,13 @@ def _check_backend(backend: str) -> None:
 
 
 def _l2_normalise(embeddings: np.ndarray) -> np.ndarray:
-    # A zero vector stays zero (similarity 0 to everything) rather than becoming NaN.
+    # A zero vector stays zero (similarity 0 to everything) rather than becoming NaN. Rows with
+    # huge finite values (near float32's 3.4e38) would overflow their squared norm: they are
+    # scaled by their largest magnitude first, which leaves their direction unchanged.
+    huge = np.abs(embeddings).max(axis=1) > np.float32(1e18)
+    if huge.any():
+        embeddings = embeddings.copy()
+        embeddings[huge] /= np.abs(embeddings[huge]).max(axis=1, keepdims=True)
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     return embeddings / np.maximum(norms, np.float32(1e-12))
 
@@ -639,11 +647,50 @@ def compute_embeddings(
 # --------------------------------------------------------------------------------------------
 
 def load_array(path: str, what: str) -> np.ndarray:
-    """A ``.npy`` file (never unpickled); a missing or unreadable one names the file."""
-    file = Path(path)
+    """A ``.npy`` file, or one array of a ``.npz`` (``file.npz`` holding one array, or
+    ``file.npz:name``); never unpickled. A missing, unreadable or inconsistent file (a header
+    that promises more data than the file holds) is an error naming it, before any allocation."""
+    text = str(path)
+    name = None
+    if ".npz:" in text:
+        text, name = text.rsplit(":", 1)
+    file = Path(text)
     if not file.is_file():
-        raise EmbeddingFileError(f"{what} file not found: {path}")
+        raise EmbeddingFileError(f"{what} file not found: {text}")
+    if file.suffix == ".npz" or name is not None:
+        return _load_npz_member(file, name, what)
     try:
+        with open(file, "rb") as handle:
+            version = np.lib.format.read_magic(handle)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)  # 3.0 differs only in encoding
+            shape, _, dtype = read_header(handle)
+            offset = handle.tell()
+        if dtype.hasobject:
+            raise ValueError("it holds Python objects (pickled), which are never loaded")
+        needed = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        available = file.stat().st_size - offset
+        if needed > available:
+            raise ValueError(f"its header says shape {shape} of {dtype} ({needed:,} bytes) but the file holds "
+                             f"{available:,} bytes: truncated or not a .npy file")
         return np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError) as e:
-        raise EmbeddingFileError(f"cannot read {what} file {path} as a .npy array: {e}") from None
+        raise EmbeddingFileError(f"cannot read {what} file {file} as a .npy array: {e}") from None
+
+
+def _load_npz_member(file: Path, name: str | None, what: str) -> np.ndarray:
+    import zipfile
+
+    try:
+        with np.load(file, allow_pickle=False) as archive:
+            names = list(archive.files)
+            if name is None:
+                if len(names) != 1:
+                    raise ValueError(f"it holds {len(names)} arrays ({', '.join(names) or 'none'}); name one as "
+                                     f"{file}:NAME")
+                name = names[0]
+            if name not in names:
+                raise ValueError(f"it has no array {name!r}; arrays: {', '.join(names)}")
+            return archive[name]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise EmbeddingFileError(f"cannot read {what} file {file} as a .npz archive: {e}") from None

@@ -12,6 +12,8 @@ callback and never prints. Kinds and their fields:
 - ``cell_done``: ``name``, ``status``, ``detail`` (R@1, or the failure's reason)
 - ``waiting``: ``done``, ``total`` (SLURM jobs that ended)
 - ``preparing``: ``data_root``, ``hook`` (a suite's prepare hook runs)
+- ``data``: ``summary`` (the splits a cell reads: ``DatasetSplits.record()``)
+- ``note``: ``text`` (something the user should know, e.g. a corrupt file moved aside)
 
 ``describe`` is the text form every display shares: the CLI's plain (piped) output and the
 log of a SLURM job (through ``logging``, so sites can route it).
@@ -51,6 +53,10 @@ def describe(event: Event) -> str | None:
     if kind == "cell_done":
         detail = f" {event['detail']}" if event.get("detail") else ""
         return f"{event['status']} {event['name']}{detail}"
+    if kind == "data":
+        return data_line(event["summary"])
+    if kind == "note":
+        return f"note: {event['text']}"
     if kind == "preparing":
         return f"preparing {event['data_root']} ({event['hook']})"
     if kind == "waiting":
@@ -67,3 +73,12 @@ def log_event(event: Event) -> None:
 
 def ignore(event: Event) -> None:
     """The listener when nobody listens."""
+
+
+def data_line(summary: dict[str, Any]) -> str:
+    """'data cub200 (/data/cub200): train 100 classes / 5864 images (001.A .. 100.B); ...'."""
+    parts = [f"{name} {split['classes']} classes / {split['images']} images "
+             f"({split['first_class']} .. {split['last_class']})" for name, split in summary["splits"].items()]
+    lone = f"; {summary['lone_queries']} lone queries (left out of the metrics)" if summary.get("lone_queries") else ""
+    skipped = f"; {summary['skipped_images']} unreadable images skipped" if summary.get("skipped_images") else ""
+    return f"data {summary['dataset']} ({summary['root']}): " + "; ".join(parts) + lone + skipped

@@ -25,6 +25,15 @@ def validate_method(name: str, args: dict[str, Any] | None = None) -> None:
     build_method(name, args)
 
 
+def validate_cell(config: CellConfig) -> None:
+    """Everything about a cell that can be checked without data or weights: the method, its
+    arguments and their values, and that timm knows the backbone (and its tag)."""
+    from bench.backbones import resolve_name
+
+    validate_method(config.method, config.method_args)
+    resolve_name(config.backbone)
+
+
 def method_arguments(name: str) -> dict[str, Any]:
     """Every argument a (combined) method accepts, with its default."""
     from methods import method_arguments as arguments

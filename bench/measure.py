@@ -103,8 +103,9 @@ class SavedTensorMeter:
     on a GPU). Each storage counts once, however many views of it are saved; storages of
     ``exclude`` (the parameters, counted separately) are not counted."""
 
-    def __init__(self, exclude=()):
-        self._excluded = {(t.device, t.untyped_storage().data_ptr()) for t in exclude}
+    def __init__(self, exclude=(), active: bool = True):
+        self.active = active  # inactive: a no-op (the training loop counts its first step only)
+        self._excluded = {(t.device, t.untyped_storage().data_ptr()) for t in exclude} if active else set()
         self._storages: dict[tuple, int] = {}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda saved: saved)
 
@@ -122,8 +123,39 @@ class SavedTensorMeter:
         return sum(self._storages.values())
 
     def __enter__(self) -> "SavedTensorMeter":
-        self._hooks.__enter__()
+        if self.active:
+            self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hooks.__exit__(*exc)
+        if self.active:
+            self._hooks.__exit__(*exc)
+
+
+def tensor_bytes(value) -> int:
+    """Bytes of the tensors in a (nested) optimiser state."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(tensor_bytes(v) for v in value)
+    return 0
+
+
+def counted_training_memory(learner: MetricLearner, optimizers, saved_activation_bytes: int) -> int:
+    """Training memory counted, the same on any device: every parameter, the gradients of the
+    trained ones (a sparse table's batch rows only), the optimisers' state and what autograd
+    saved for backward in one step (``SavedTensorMeter``). A lower bound of a GPU's peak: it
+    leaves out backward's temporaries and the allocator's slack."""
+    params = sum(p.numel() * p.element_size() for p in learner.parameters())
+    grads = 0
+    for p in learner.parameters():
+        if p.grad is not None:
+            grads += tensor_bytes(p.grad._values() if p.grad.is_sparse else p.grad)
+        elif p.requires_grad:
+            grads += p.numel() * p.element_size()
+    sparse = {id(m.weight) for m in learner.modules() if isinstance(m, torch.nn.Embedding) and m.sparse}
+    grads -= sum(p.numel() * p.element_size() for p in learner.parameters() if id(p) in sparse and p.grad is None)
+    state = sum(tensor_bytes(o.state_dict()["state"]) for o in optimizers)
+    return int(params + grads + state + saved_activation_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import json
 import os
 import platform
 import socket
@@ -23,13 +24,13 @@ from typing import Any
 
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
-from bench.results import (RESULT_FILE, SCHEMA_VERSION, atomic_write_json, check_name, config_hash,
-                           make_cell_id, read_result)
+from bench.results import (RESULT_FILE, SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, config_hash,
+                           foreign_reason, move_aside, read_result)
 
 LOCK_FILE = ".lock"
 RUNS_LOG = "runs.log"  # one line per start and end of this cell: requeues and retries stay visible
 WEIGHTS_FILE = "trainable.safetensors"
-PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "numpy", "submitit")
+PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "numpy", "submitit", "safetensors")
 
 
 @contextmanager
@@ -53,40 +54,70 @@ def cell_lock(cell_dir: Path):
 
 
 def is_locked(cell_dir: Path) -> bool:
-    """True while some process runs this cell (on this host or a shared filesystem with locks)."""
+    """True while some process runs this cell (on this host or a shared filesystem with locks).
+    Opens the lock file read-only and never creates it: ``status`` works on read-only results
+    (copied from a cluster) and writes nothing."""
     path = Path(cell_dir) / LOCK_FILE
-    if not path.exists():
+    try:
+        handle = open(path, "rb")
+    except OSError:  # no lock file (never ran here), or unreadable: nobody holds it
         return False
-    with open(path, "a+") as handle:
+    with handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
             return True
+        except OSError:
+            return False
         fcntl.flock(handle, fcntl.LOCK_UN)
     return False
 
 
 def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: bool = False,
              progress=None) -> dict[str, Any] | None:
+    """Run one cell unless it is done; None when another process holds it. A finished result is
+    reused only when it is this cell's (its cell id, suite and configuration hash); a corrupt,
+    foreign or misplaced one is moved aside (``result.json.<why>-<time>``), never deleted."""
     cell_dir = Path(cell_dir)
+    if cell_dir.is_symlink():
+        raise UserError(f"{cell_dir}: a cell folder must not be a symlink (it would count one run twice); "
+                        "replace it with a folder of its own")
+    identity_hash = config_hash(config.identity())
+    emit = progress or (lambda event: None)
     with cell_lock(cell_dir) as held:
         if not held:
             return None
         result_path = cell_dir / RESULT_FILE
         if fresh:
             for name in (RESULT_FILE, "checkpoint.pt", WEIGHTS_FILE):
-                (cell_dir / name).unlink(missing_ok=True)
-        elif result_path.exists():
-            try:
-                existing = read_result(result_path)
-                if existing["status"] == "ok":
-                    return existing
-            except UserError:
-                pass  # unreadable: run again
+                path = cell_dir / name
+                if path.is_dir() and not path.is_symlink():
+                    move_aside(path, "in-the-way")
+                path.unlink(missing_ok=True)
+        elif result_path.exists() or result_path.is_symlink():
+            existing, why = _existing_result(result_path, cell_dir, config.suite, identity_hash)
+            if existing is not None:
+                return existing
+            moved = move_aside(result_path, why)
+            emit({"event": "note", "text": f"{result_path} moved aside to {moved.name}: {why}; running the cell"})
         log_run(cell_dir, "start")
-        result = _run_locked(config, cell_dir, key, progress)
+        result = _run_locked(config, cell_dir, key, identity_hash, progress)
         log_run(cell_dir, f"end {result['status']}")
         return result
+
+
+def _existing_result(path: Path, cell_dir: Path, suite: str, identity_hash: str):
+    """(the result to reuse, None) or (None, why it is moved aside); failed results are rerun."""
+    try:
+        existing = read_result(path)
+    except UserError:
+        return None, "corrupt"
+    reason = foreign_reason(existing, cell_dir, suite, identity_hash)
+    if reason is not None:
+        return None, "foreign"
+    if existing["status"] == "ok":
+        return existing, ""
+    return None, "failed"
 
 
 def log_run(cell_dir: Path, what: str) -> None:
@@ -96,48 +127,62 @@ def log_run(cell_dir: Path, what: str) -> None:
         log.write(f"{stamp} {socket.gethostname()} pid={os.getpid()} slurm_job={job} {what}\n")
 
 
-def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], progress) -> dict[str, Any]:
+def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identity_hash: str,
+                progress) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc)
     wall_start = time.perf_counter()
     result: dict[str, Any] = {
-        "schema": SCHEMA_VERSION, "suite": config.suite, "cell_id": cell_dir.name, "status": "failed",
-        "reason": None, "key": key, "config": config.to_dict(), "epochs": [], "final": None, "oracle": None,
-        "measurements": None, "slurm": slurm_ids(), "provenance": None,
+        "schema": SCHEMA_VERSION, "suite": config.suite, "cell_id": cell_dir.name, "identity_hash": identity_hash,
+        "status": "failed", "reason": None, "key": key, "config": config.to_dict(), "data": None, "model": None,
+        "epochs": [], "final": None, "oracle": None, "measurements": None, "slurm": slurm_ids(),
+        "provenance": None,
     }
     emit = progress or (lambda event: None)
+    outcome = None
     try:
         from bench.train import train_cell
 
-        outcome = train_cell(config, cell_dir, config_hash(config.identity()), progress)
+        outcome = train_cell(config, cell_dir, identity_hash, progress, data_record=result)
         result.update(status="ok", epochs=outcome.epochs, final=outcome.final, oracle=outcome.oracle,
                       measurements=outcome.measurements, skipped_images=outcome.num_skipped_images,
                       model=outcome.model)
-        _save_weights(outcome.learner, cell_dir / WEIGHTS_FILE)
-        (cell_dir / "checkpoint.pt").unlink(missing_ok=True)
+        _save_weights(outcome.learner, cell_dir / WEIGHTS_FILE, result)
     except CellFailure as failure:  # the cell's own reason (NaN loss): the finished epochs stay
         result["epochs"] = failure.history
         result["reason"] = str(failure)
-    except UserError as e:  # bad input, named by the message
+    except UserError as e:  # bad input or a full disk, named by the message
         result["reason"] = str(e)
     except Exception as e:  # a bug: it must never stop the grid, and its traceback goes beside it
         result["reason"] = f"{type(e).__name__}: {e} (traceback in {cell_dir / 'error.log'})"
         (cell_dir / "error.log").write_text(traceback.format_exc())
+    if result["status"] != "ok":
+        result.update(status="failed", final=None, oracle=None)
     finished = dt.datetime.now(dt.timezone.utc)
     if result["measurements"] is not None:
         result["measurements"]["wall_time_s"] = time.perf_counter() - wall_start
     result["provenance"] = provenance(started, finished)
+    # The result first (fsync'd), then the checkpoint goes: a kill in between keeps the training.
     atomic_write_json(cell_dir / RESULT_FILE, result)
+    if result["status"] == "ok":
+        from bench.train import remove_checkpoint
+
+        remove_checkpoint(cell_dir)
     emit({"event": "cell_end", "status": result["status"], "reason": result["reason"]})
     return result
 
 
-def _save_weights(learner, path: Path) -> None:
-    from safetensors.torch import save_file
+def _save_weights(learner, path: Path, result: dict[str, Any]) -> None:
+    """``trainable.safetensors``: what trained (``bench.load_cell`` puts it back on the backbone),
+    with the cell's identity in the file's metadata."""
+    from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in learner.trainable_state_dict().items()}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, path)
+    config = result["config"]
+    metadata = {"cell_id": result["cell_id"], "suite": result["suite"], "method": str(config["method"]),
+                "backbone": str((result.get("model") or {}).get("backbone") or config["backbone"]),
+                "identity_hash": result["identity_hash"], "config": json.dumps(config, sort_keys=True, default=str),
+                "versions": json.dumps(package_versions(), sort_keys=True)}
+    atomic_write_bytes(path, save(state, metadata=metadata))
 
 
 def slurm_ids() -> dict[str, str] | None:
@@ -158,14 +203,19 @@ def git_state() -> tuple[str | None, bool | None]:
         return None, None
 
 
-def provenance(started: dt.datetime, finished: dt.datetime) -> dict[str, Any]:
-    commit, dirty = git_state()
+def package_versions() -> dict[str, str]:
     versions = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             pass
+    return versions
+
+
+def provenance(started: dt.datetime, finished: dt.datetime) -> dict[str, Any]:
+    commit, dirty = git_state()
+    versions = package_versions()
     return {"git_commit": commit, "git_dirty": dirty, "host": socket.gethostname(),
             "python": platform.python_version(), "platform": platform.platform(), "packages": versions,
             "argv": sys.argv, "started": started.isoformat(), "finished": finished.isoformat()}

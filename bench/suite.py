@@ -37,9 +37,9 @@ This module imports no torch: ``status`` loads suites with ``check_methods=False
 """
 from __future__ import annotations
 
-import os
-
 import itertools
+import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +122,11 @@ class Suite:
                 continue
             config = self._resolve(key, axis_values, data_root)
             cell_id = make_cell_id(key, config.identity())
+            earlier = cells.get(cell_id)
+            if earlier is not None and earlier.key != key:
+                raise self.fail("grid.method", f"{_describe(earlier.key)} and {_describe(key)} are the same cell "
+                                               "(a label is only a display name): give them different arguments "
+                                               "or drop one")
             cells.setdefault(cell_id, Cell(self.name, key, config, cell_id))  # sub-grids may overlap
         if not cells:
             raise self.fail("exclude", "removes every cell of the grid")
@@ -256,9 +261,80 @@ def load_suite(name_or_path: str | Path, *, check_methods: bool = True) -> Suite
     return suite
 
 
+MAX_SUITE_BYTES = 1 * 2**20  # the shipped suites are a few kB
+MAX_ALIASES = 100  # anchors make suites short; more aliases than this is not a suite
+MAX_EXPANDED_NODES = 100_000  # nested aliases ("billion laughs") expand exponentially
+
+
+class SuiteLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate keys (naming both lines) and documents whose
+    anchors and aliases expand beyond any real suite."""
+
+    aliases = 0
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases += 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.composer.ComposerError(None, None, f"more than {MAX_ALIASES} aliases (*name)",
+                                                  self.peek_event().start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node):
+        _check_expansion(node)
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # '<<: *anchor' keys may be overridden by explicit ones, by design
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:
+                continue  # unhashable keys are refused by the base class
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first on line {first}, again on line {line})",
+                    key_node.start_mark)
+            seen[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _check_expansion(root) -> None:
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        sizes[id(node)] = 1  # a node that contains itself counts once
+        children = node.value if isinstance(node.value, list) else []
+        total = 1
+        for child in children:
+            for part in (child if isinstance(child, tuple) else (child,)):
+                total += size(part)
+                if total > MAX_EXPANDED_NODES:
+                    raise yaml.composer.ComposerError(
+                        None, None, f"the anchors and aliases expand to more than {MAX_EXPANDED_NODES:,} values",
+                        node.start_mark)
+        sizes[id(node)] = total
+        return total
+
+    size(root)
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+    except OSError as e:
+        raise SuiteError(f"{path}: cannot read suite file: {e}") from None
+    if size > MAX_SUITE_BYTES:
+        raise SuiteError(f"{path}: {size / 2**20:.1f} MiB is too large for a suite file "
+                         f"(at most {MAX_SUITE_BYTES // 2**20} MiB)")
+    try:
+        data = yaml.load(path.read_text(), Loader=SuiteLoader)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -513,7 +589,10 @@ def _check_methods(suite: Suite) -> None:
 
 
 def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
-    """Every backbone is a timm model (and tag) or one of the project's small ViTs."""
+    """Every backbone is a timm model (and tag) or one of the project's small ViTs, and every
+    cell's method takes every argument the cell gives it, with a valid value: a typo fails the
+    whole suite here (exit 2), before anything runs or any folder is made."""
+    from bench import learner
     from bench.backbones import resolve_name
 
     for name in sorted({c.config.backbone for c in cells}):
@@ -521,6 +600,16 @@ def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
             resolve_name(name)
         except UserError as e:
             raise suite.fail(_where_set(suite, "backbone", name), str(e).removeprefix("backbone: ")) from None
+    checked: set[str] = set()
+    for cell in cells:
+        signature = json.dumps([cell.config.method, cell.config.method_args], sort_keys=True, default=str)
+        if signature in checked:
+            continue
+        checked.add(signature)
+        try:
+            learner.validate_method(cell.config.method, cell.config.method_args)
+        except UserError as e:
+            raise suite.fail(f"cell {_describe(cell.key)}", str(e)) from None
 
 
 def _where_set(suite: Suite, field_name: str, value: Any) -> str:

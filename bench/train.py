@@ -7,7 +7,7 @@ and restarted therefore ends with the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
-import os
+import io
 import random
 import time
 from dataclasses import dataclass, field
@@ -27,7 +27,9 @@ from bench.errors import CellFailure, UserError
 from bench.evaluate import compute_embeddings, retrieval_metrics
 from bench.learner import build_learner
 from bench.optim import LazySGD, SparseAdamW
-from bench.measure import StepTimer, device_name, parameter_counts, peak_memory, reset_peak_memory
+from bench.results import atomic_write_bytes, move_aside
+from bench.measure import (SavedTensorMeter, StepTimer, counted_training_memory, device_name, parameter_counts,
+                           peak_memory, reset_peak_memory)
 from bench.model import MetricLearner
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -142,7 +144,7 @@ def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
     sampler = dml_data.ClassBalancedBatchSampler(
         splits.train.labels, config.batch_size, config.samples_per_class, seed=config.seed,
         num_batches=_num_batches(config, len(splits.train.labels)))
-    common = dict(num_workers=config.num_workers, pin_memory=device.type == "cuda",
+    common = dict(num_workers=dml_data.loader_workers(config.num_workers), pin_memory=device.type == "cuda",
                   persistent_workers=False)
     train = DataLoader(dml_data.ImageDataset(splits.train, train_tf), batch_sampler=sampler, **common)
 
@@ -177,9 +179,49 @@ def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> dict[s
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Atomic (a kill leaves the previous checkpoint), and a full disk is one clear message."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path, identity_hash: str, emit) -> dict[str, Any] | None:
+    """The checkpoint's state, or None to start from epoch 0: when there is none, when it is of
+    another configuration, or when it does not load (moved aside and said, never deleted)."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or "epoch" not in state:
+            raise ValueError("not a checkpoint of this suite")
+    except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
+        moved = move_aside(path, "corrupt")
+        emit({"event": "note", "text": f"{path} does not load ({type(e).__name__}); moved aside to "
+                                       f"{moved.name}, restarting the cell from epoch 0"})
+        return None
+    if state.get("identity") != identity_hash:
+        return None
+    return state
+
+
+def remove_checkpoint(cell_dir: Path) -> None:
+    (Path(cell_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+
+
+def check_recall_ks(ks: tuple[int, ...], splits, dataset: str) -> None:
+    """Fail before training when a split cannot have the deepest R@K (a small SOP subset has no
+    R@1000): every K needs that many other images to rank."""
+    if splits.query is not None and splits.gallery is not None:
+        split_name, candidates = "gallery", len(splits.gallery)
+    elif splits.test is not None:
+        split_name, candidates = "test", len(splits.test) - 1
+    else:
+        return
+    if ks[-1] > candidates:
+        possible = [k for k in ks if k <= candidates]
+        raise UserError(f"recall@{ks[-1]} needs {ks[-1]} images to rank, but the {split_name} split of {dataset} "
+                        f"has {candidates} (the largest possible K is {candidates}); set the cell field recall_ks, "
+                        f"e.g. recall_ks: {possible or [1]}")
 
 
 def rng_state() -> dict[str, Any]:
@@ -205,13 +247,21 @@ def _tuples(x):
     return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress: Progress = None) -> Outcome:
+def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress: Progress = None,
+               data_record: dict[str, Any] | None = None) -> Outcome:
+    """Train and evaluate one cell; ``data_record["data"]`` gets the split summary as soon as the
+    data is read, so that a failure later still shows which split it ran on."""
     device = select_device(config.device)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     emit = progress or (lambda event: None)
     splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
                                    seed=config.seed, skip_corrupt=config.skip_corrupt_images)
+    if data_record is not None:
+        data_record["data"] = splits.record()
+    emit({"event": "data", "summary": splits.record()})
+    ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
+    check_recall_ks(ks, splits, config.dataset)
     seed_everything(config.seed)
     learner = build_learner(config, splits.train.num_classes).to(device)
     image_cfg = data_config(learner.model.backbone, config.image_size)
@@ -221,32 +271,32 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     amp_dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
-    ks = catalog.dataset(config.dataset).eval_ks
     timer = StepTimer(device)
     history: list[dict[str, Any]] = []
     eval_seconds = 0.0
     start_epoch = 0
 
     checkpoint_path = cell_dir / CHECKPOINT_FILE
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-        if state.get("identity") == identity_hash:
-            learner.load_trainable_state_dict(state["learner"])
-            for o, s in zip(optimizers, state["optimizers"]):
-                o.load_state_dict(s)
-            for sch, s in zip(schedulers, state["schedulers"]):
-                sch.load_state_dict(s)
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            timer.load_state_dict(state["timer"])
-            history = list(state["history"])
-            eval_seconds = float(state["eval_seconds"])
-            start_epoch = int(state["epoch"])
-            set_rng_state(state["rng"])
+    state = load_checkpoint(checkpoint_path, identity_hash, emit)
+    if state is not None:
+        learner.load_trainable_state_dict(state["learner"])
+        for o, s in zip(optimizers, state["optimizers"]):
+            o.load_state_dict(s)
+        for sch, s in zip(schedulers, state["schedulers"]):
+            sch.load_state_dict(s)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        timer.load_state_dict(state["timer"])
+        history = list(state["history"])
+        eval_seconds = float(state["eval_seconds"])
+        start_epoch = int(state["epoch"])
+        set_rng_state(state["rng"])
+        state = None  # applied: a resumed process must not hold a second copy of the weights
 
     emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": start_epoch,
           "steps": len(sampler)})
     reset_peak_memory(device)
+    saved_bytes = 0  # what autograd keeps for backward in one step, counted on the first one
     for epoch in range(start_epoch + 1, config.epochs + 1):
         sampler.set_epoch(epoch)
         learner.train()
@@ -255,10 +305,11 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         for step, (images, labels) in enumerate(train_loader):
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
-            with timer.step(step, len(labels)):
+            with timer.step(step, len(labels)), SavedTensorMeter(learner.parameters(), active=not saved_bytes) as meter:
                 try:
                     loss = train_step(learner, images, labels, optimizers, scaler=scaler,
                                       grad_clip=config.grad_clip, amp_dtype=amp_dtype)
+                    saved_bytes = saved_bytes or meter.bytes
                 except NonFiniteLoss as e:
                     raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}", history) from None
             loss_value = loss.item()
@@ -298,8 +349,15 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         emit({"event": "epoch_end", "epoch": 0, "train_loss": float("nan"), "test": history[0]["test"],
               "val": history[0]["val"]})
 
+    counted = counted_training_memory(learner, optimizers, saved_bytes)
     memory, memory_kind = peak_memory(device)
+    if memory_kind == "cpu_peak_rss":
+        # every local cell shares one process: its peak RSS is the process's, not this cell's
+        process_rss, memory, memory_kind = memory, counted, "counted_training"
+    else:
+        process_rss = None
     measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
+                    "counted_memory_bytes": counted, "process_peak_rss_bytes": process_rss,
                     **timer.summary(), "eval_time_s": eval_seconds, "device": device_name(device),
                     "resumed_from_epoch": start_epoch}
     final, oracle = select_epochs(history, config.selection_rule)

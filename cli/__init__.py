@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--wait", action="store_true", help="with slurm: wait for the jobs to finish")
     p.add_argument("--no-report", action="store_true", help="skip the report after a local run")
+    p.add_argument("--no-data-check", action="store_true",
+                   help="do not check the data roots here first (a login node that cannot see the data)")
 
     p = sub.add_parser("status", help="table of a suite's cells: done, running, failed, pending")
     p.add_argument("suite")

@@ -12,10 +12,16 @@ from cli.progress import ProgressView
 
 
 def cmd_cell(args) -> int:
+    from bench.learner import validate_cell
     from bench.runner import run_cell
 
     console = make_console()
     fields = parse_assignments(args.set, "--set")
+    owned = {"dataset": "--dataset", "data_root": "--data-root", "backbone": "--backbone", "method": "--method",
+             "seed": "--seed", "method_args": "--method-arg KEY=VALUE", "weights": "--weights", "epochs": "--epochs"}
+    for name in fields:
+        if name in owned:
+            raise ConfigError(f"--set {name}=...: {name} is set by its own option; use {owned[name]}")
     fields.update(dataset=args.dataset, data_root=os.path.abspath(args.data_root), backbone=args.backbone,
                   method=args.method, seed=args.seed,
                   method_args=parse_assignments(args.method_arg, "--method-arg"))
@@ -24,6 +30,7 @@ def cmd_cell(args) -> int:
     if args.epochs is not None:
         fields["epochs"] = args.epochs
     config = CellConfig.from_dict(fields, where="cell")
+    validate_cell(config)  # a typo in a name fails here, before any folder is made
     suite_dir = Path(args.out) / check_name(config.suite, "suite name")
     key = {"dataset": config.dataset, "backbone": config.backbone, "method": config.method, "seed": config.seed}
     cell_dir = suite_dir / make_cell_id(key, config.identity())

@@ -5,13 +5,16 @@ import json
 
 from rich.table import Table
 
-from bench.config import parse_assignments
+from bench.config import ConfigError, parse_assignments
 from cli.console import make_console, print_table
 
 
 def cmd_describe(args) -> int:
     from bench.learner import count_parameters, method_arg_specs, method_arguments, method_names
 
+    for option, value in (("--num-classes", args.num_classes), ("--embedding-size", args.embedding_size)):
+        if value < 1:
+            raise ConfigError(f"{option} must be a positive integer, got {value}")
     names = args.method or method_names()
     for name in names:
         method_arguments(name)  # unknown names fail before any model is built

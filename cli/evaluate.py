@@ -6,6 +6,7 @@ import sys
 
 from rich.table import Table
 
+from bench.catalog import metric_display
 from bench.evaluate import EvaluationError, load_array, retrieval_metrics
 from cli.console import make_console, print_table
 
@@ -33,10 +34,13 @@ def cmd_evaluate(args) -> int:
         sys.stdout.write("\n")
         return 0
     mode = "queries vs gallery" if gallery is not None else "each embedding vs all others"
-    table = Table(title=args.embeddings, caption=mode)
+    console = make_console()
+    console.print(f"{args.embeddings}: {mode}; R@K and MAP@R in % (--json gives fractions)", highlight=False)
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
-        table.add_row(name, f"{value:.4f}" if isinstance(value, float) else str(value))
-    print_table(make_console(), table)
+        shown = f"{100 * value:.2f}" if "@" in name else str(value)
+        table.add_row(metric_display(name) if "@" in name else name, shown)
+    print_table(console, table)
     return 0

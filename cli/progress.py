@@ -44,6 +44,8 @@ class ProgressView:
             self.progress.__exit__(*exc)
 
     def __call__(self, event: Event) -> None:
+        if event.get("event") == "cell_end":
+            return  # the command prints the cell's outcome itself
         if not self.bars:
             line = describe(event)
             if line is not None:

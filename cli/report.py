@@ -58,7 +58,8 @@ def print_summary(results, console=None, top: int | None = 3) -> None:
     console = console or make_console()
     counts = status_counts(results.cells)
     console.print(f"[bold]{len(results.cells)} cells[/]: [green]{counts['ok']} ok[/], "
-                  f"[red]{counts['failed']} failed[/], [yellow]{counts['missing']} missing[/]")
+                  f"[red]{counts['failed']} failed[/], [yellow]{counts['missing']} missing[/]"
+                  + "".join(f", [magenta]{counts[s]} {s}[/] (not counted)" for s in ("corrupt", "foreign") if counts[s]))
     rows = summary_rows(results, top)
     if rows.empty:
         return

@@ -12,7 +12,8 @@ from bench.suite import Cell, Suite, load_suite
 from cli.console import make_console, print_table
 from cli.progress import ProgressView
 
-STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": "blue", "pending": "yellow"}
+STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": "blue", "pending": "yellow",
+                 "corrupt": "magenta", "foreign": "magenta"}
 
 
 def cmd_run(args) -> int:
@@ -27,9 +28,11 @@ def cmd_run(args) -> int:
     if args.dry_run:
         print_table(console, grid_table(suite, cells, states, hyperparameters=True))
         console.print(totals_line(states))
+        if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
+            dispatch.check_data(cells)
         return 0
 
-    dispatch.write_cells_file(suite_dir, every_cell)
+    dispatch.write_cells_file(suite_dir, suite, every_cell)
     todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
     if args.max_cells is not None:
         todo = todo[: max(args.max_cells, 0)]
@@ -46,6 +49,8 @@ def cmd_run(args) -> int:
 
     with ProgressView(console) as on_event:
         dispatch.prepare_data(suite, todo, on_event)
+        if not args.no_data_check:
+            dispatch.check_data(todo)
         if executor == "local":
             failed = dispatch.run_local(todo, suite_dir, fresh=args.fresh, on_event=on_event)
     if executor == "local":

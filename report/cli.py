@@ -6,10 +6,12 @@ bench.errors, so a laptop with pandas/matplotlib can report a cluster's results.
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from bench.results import atomic_write_text, check_name
+from bench.results import atomic_write_text, check_name, dir_mode
 from report.load import NOT_CELLS, ReportError, SuiteResults, load_suite
 from report.tables import KINDS, build_table, check_kind, default_kind
 
@@ -68,12 +70,51 @@ def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None
 
 def write_report(results: SuiteResults, out_dir: Path, table: str | None = None,
                  oracle: bool = False) -> dict[str, Path]:
-    from report import plots, render, summary  # matplotlib only when a report is written
-
+    """Build the report in a fresh folder beside ``out_dir`` and swap it in: a reader (or a
+    second report run with another ``--table``) sees one whole report, never a mix of two."""
     if results.cells.empty:
         raise ReportError(f"{results.suite_dir}: no cell folders and no cells.json: nothing to report")
     kind = check_kind(table) if table else (suite_table(results.suite) or default_kind(results.suite, results.cells))
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".building", dir=out_dir.parent))
+    try:
+        os.chmod(staging, dir_mode())  # mkdtemp makes 0700: colleagues could not open the report
+        written = _write_into(results, staging, kind, oracle)
+        swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {name: out_dir / name for name in written}
+
+
+# What the reporter writes at the top of its folder; anything else there is the user's and stays.
+OWNED_NAMES = {"tables", "figures", "index.md", "index.html", "cells.csv", "epochs.csv", "significance.csv",
+               "seeds.csv", "tuning.csv", "assets"}
+
+
+def swap_in(staging: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``staging``, keeping the entries of ``out_dir`` the report does not
+    own; serialised by a lock beside it."""
+    import fcntl
+
+    with open(out_dir.parent / f".{out_dir.name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if out_dir.is_dir():
+            for entry in out_dir.iterdir():
+                if entry.name not in OWNED_NAMES and not (staging / entry.name).exists():
+                    os.replace(entry, staging / entry.name)
+            retired = out_dir.with_name(f".{out_dir.name}.retired-{os.getpid()}")
+            os.replace(out_dir, retired)
+            os.replace(staging, out_dir)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, out_dir)
+
+
+def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -> dict[str, Path]:
+    from report import plots, render, summary  # matplotlib only when a report is written
+
     written: dict[str, Path] = {}
 
     built = build_table(results, kind, oracle=oracle)
@@ -87,22 +128,7 @@ def write_report(results: SuiteResults, out_dir: Path, table: str | None = None,
         for path in figures[stem]:
             written[f"figures/{path.name}"] = path
     written["index.md"] = summary.write_index(out_dir, results, built, written, figures)
-    remove_stale_outputs(out_dir, set(written.values()))
     return {_relative(name, path, out_dir): path for name, path in written.items()}
-
-
-OWNED = {"tables": (".tex", ".md", ".csv"), "figures": (".png", ".pdf")}
-
-
-def remove_stale_outputs(out_dir: Path, written: set[Path]) -> None:
-    """A figure the data no longer supports (or another --table) must not linger beside the
-    new report; only our own subfolders and file types are touched."""
-    for folder, suffixes in OWNED.items():
-        if not (out_dir / folder).is_dir():
-            continue
-        for path in (out_dir / folder).iterdir():
-            if path.is_file() and path.suffix in suffixes and path not in written:
-                path.unlink()
 
 
 def _relative(name: str, path: Path, out_dir: Path) -> str:

@@ -10,6 +10,7 @@ named in ``SuiteResults.stale``.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UserError
-from bench.results import RESULT_FILE, ResultError, read_result
+from bench.results import RESULT_FILE, ResultError, foreign_reason, read_result
 from report import names
 
 EXPECTED_CELLS_FILE = "cells.json"
@@ -58,7 +59,7 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
     suite_dir = Path(suite_dir)
     if not suite_dir.is_dir():
         raise ReportError(f"no results folder {suite_dir}: it does not exist or is not a folder")
-    expected = read_expected_cells(suite_dir / EXPECTED_CELLS_FILE)
+    expected, expected_hashes = read_expected_cells(suite_dir / EXPECTED_CELLS_FILE)
 
     rows: list[dict[str, Any]] = []
     epoch_rows: list[dict[str, Any]] = []
@@ -68,7 +69,7 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
     for cell_dir in sorted(p for p in suite_dir.iterdir() if p.is_dir()):
         if cell_dir.name.startswith(".") or cell_dir.name in skip:
             continue
-        row, epochs = read_cell(cell_dir, expected)
+        row, epochs = read_cell(cell_dir, expected, expected_hashes)
         if expected and row["cell_id"] not in expected and cell_dir.name not in expected:
             # from an earlier version of the suite (its config, hence its id, changed): averaging
             # it with the current cells of the same key would mix two setups
@@ -92,10 +93,11 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
                         stale=stale)
 
 
-def read_expected_cells(path: Path) -> dict[str, dict[str, Any]]:
-    """``cells.json``: a list of ``{"cell_id", "key"}`` the dispatcher planned (optional)."""
+def read_expected_cells(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """``cells.json`` (optional): the cells the dispatcher planned, ``{"cell_id", "key",
+    "identity_hash"}`` each; returns their keys and configuration hashes by cell id."""
     if not path.exists():
-        return {}
+        return {}, {}
     try:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -104,7 +106,7 @@ def read_expected_cells(path: Path) -> dict[str, dict[str, Any]]:
         data = data["cells"]
     if not isinstance(data, list):
         raise ReportError(f"{path}: expected a JSON list of {{\"cell_id\": ..., \"key\": {{...}}}}")
-    expected = {}
+    expected, hashes = {}, {}
     for i, entry in enumerate(data):
         if not isinstance(entry, dict) or not isinstance(entry.get("cell_id"), str):
             raise ReportError(f"{path}: entry {i} has no string 'cell_id'")
@@ -112,21 +114,39 @@ def read_expected_cells(path: Path) -> dict[str, dict[str, Any]]:
         if not isinstance(key, dict):
             raise ReportError(f"{path}: entry {i} ({entry['cell_id']}): 'key' must be a mapping")
         expected[entry["cell_id"]] = key
-    return expected
+        if isinstance(entry.get("identity_hash"), str):
+            hashes[entry["cell_id"]] = entry["identity_hash"]
+    return expected, hashes
 
 
-def read_cell(cell_dir: Path, expected: dict[str, dict]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def read_cell(cell_dir: Path, expected: dict[str, dict], expected_hashes: dict[str, str] | None = None
+              ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A cell's row and epoch rows. Rows of a corrupt result file (status ``corrupt``) or of a
+    result that is not this folder's cell (``foreign``: copied from another cell or suite, or a
+    symlinked folder) are kept with their reason and never counted."""
     path = cell_dir / RESULT_FILE
+    key = expected.get(cell_dir.name, {})
+    expected_hashes = expected_hashes or {}
+    if cell_dir.is_symlink():
+        return problem_row(cell_dir.name, key, "foreign", f"{cell_dir} is a symlink to {os.readlink(cell_dir)}"), []
     if not path.exists():
-        return missing_row(cell_dir.name, expected.get(cell_dir.name, {}), "no result.json yet"), []
+        return missing_row(cell_dir.name, key, "no result.json yet"), []
     try:
         result = read_result(path)
     except ResultError as e:
-        # A corrupt file is not "still running" (writes are atomic): show it as failed.
-        row = missing_row(cell_dir.name, expected.get(cell_dir.name, {}), str(e))
-        row["status"] = "failed"
-        return row, []
+        return problem_row(cell_dir.name, key, "corrupt", str(e)), []
+    reason = foreign_reason(result, cell_dir, None, expected_hashes.get(cell_dir.name))
+    if reason is not None:
+        return problem_row(cell_dir.name, key, "foreign", f"{path}: {reason}"), []
+    if key:  # the suite's current key: a renamed label shows without rerunning the cell
+        result = {**result, "key": {**(result.get("key") or {}), **key}}
     return cell_row(result, cell_dir), epoch_rows(result, cell_dir)
+
+
+def problem_row(cell_id: str, key: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
+    row = missing_row(cell_id, key, reason)
+    row["status"] = status
+    return row
 
 
 def flatten_key(key: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -191,8 +211,10 @@ def epoch_rows(result: dict[str, Any], cell_dir: Path) -> list[dict[str, Any]]:
     rows = []
     for entry in result.get("epochs") or []:
         row = {"cell_id": cell_id, "status": result["status"], **key}
-        for name in ("epoch", "train_loss", "lr", "time_s"):
-            row[name] = entry.get(name)
+        row["epoch"] = entry.get("epoch")
+        # per-epoch values under "epoch/": a swept config field (lr) keeps its own column
+        for name in ("train_loss", "lr", "time_s"):
+            row[f"epoch/{name}"] = entry.get(name)
         row.update({f"test/{k}": v for k, v in metric_items(entry.get("test")).items()})
         row.update({f"val/{k}": v for k, v in metric_items(entry.get("val")).items()})
         rows.append(row)
@@ -220,7 +242,7 @@ def cell_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
 
 
 def epoch_columns(rows: list[dict[str, Any]], axes: list[str]) -> list[str]:
-    head = ["cell_id", "status", *axes, "epoch", "train_loss", "lr", "time_s"]
+    head = ["cell_id", "status", *axes, "epoch", "epoch/train_loss", "epoch/lr", "epoch/time_s"]
     rest: list[str] = []
     for row in rows:
         rest.extend(c for c in row if c not in head and c not in rest)

@@ -37,7 +37,7 @@ def _link(path: Path, out_dir: Path) -> str:
 
 def status_counts(cells: pd.DataFrame) -> dict[str, int]:
     counts = cells["status"].value_counts() if "status" in cells else pd.Series(dtype=int)
-    return {status: int(counts.get(status, 0)) for status in ("ok", "failed", "missing")}
+    return {status: int(counts.get(status, 0)) for status in ("ok", "failed", "corrupt", "foreign", "missing")}
 
 
 def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dict[str, Path],
@@ -48,7 +48,8 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
         f"# Report: suite `{results.suite}`",
         "",
         f"Results read from `{results.suite_dir}`: {len(results.cells)} cells, {counts['ok']} ok, "
-        f"{counts['failed']} failed, {counts['missing']} missing.",
+        f"{counts['failed']} failed, {counts['missing']} missing"
+        + "".join(f", {counts[s]} {s} (not counted)" for s in ("corrupt", "foreign") if counts[s]) + ".",
         "",
         f"- Protocol: test split, {protocol_text(results.ok)}; {seeds_text(table.seeds)}.",
         f"- Table shape: `{table.kind}` (choose another with `--table`).",

@@ -87,6 +87,9 @@ class Table:
     rows: list[Row]
     notes: list[str] = field(default_factory=list)
     seeds: int = 1  # the most seeds of any row; rows with fewer show "(n=k)"
+    # "" (best of our rows), "val": a sweep's rows bolded where validation R@1 is best (the
+    # honest choice of a setting), "test": a sweep without validation, bolded on test (an oracle)
+    bold_by: str = ""
 
     @property
     def label(self) -> str:
@@ -101,9 +104,12 @@ class Table:
         return out
 
     def best(self, column: Column) -> set[int]:
-        """Indices of our rows with the best displayed value of a column, per section."""
+        """Indices of our rows with the best displayed value of a column, per section; in a sweep
+        with a validation split, the rows whose setting validation R@1 selects."""
         if column.better is None:
             return set()
+        if self.bold_by == "val":
+            return self._selected_by_validation(column)
         winners: set[int] = set()
         for section in self.sections:
             candidates = [(i, r.values.get(column.key)) for i, r in enumerate(self.rows)
@@ -115,6 +121,30 @@ class Table:
             target = pick(v for _, v in candidates)
             winners.update(i for i, v in candidates if v == target)
         return winners
+
+
+    def _selected_by_validation(self, column: Column) -> set[int]:
+        key = validation_key(column.key.split("/")[0] if "/" in column.key else None)
+        winners: set[int] = set()
+        for section in self.sections:
+            candidates = [(i, r.values.get(key)) for i, r in enumerate(self.rows)
+                          if r.source == "ours" and r.section == section]
+            candidates = [(i, round(s.mean, 1)) for i, s in candidates if s is not None and not s.empty]
+            if candidates:
+                target = max(v for _, v in candidates)
+                winners.update(i for i, v in candidates if v == target)
+        return winners
+
+
+def validation_key(dataset: Any) -> str:
+    return f"{dataset}/val/recall@1[%]" if dataset is not None else "val/recall@1[%]"
+
+
+def validation_specs(layout: "Layout") -> list["Spec"]:
+    """Hidden columns: validation R@1 per dataset group, what a sweep's bold row is chosen by."""
+    datasets = layout.datasets or [None]
+    return [Spec(Column(validation_key(d), "val R@1"), "val/recall@1", where={} if d is None else {"dataset": d})
+            for d in datasets]
 
 
 def slug(text: str) -> str:
@@ -281,6 +311,7 @@ class Layout:
     specs: list[Spec]
     lead: str
     datasets: list[Any] = field(default_factory=list)  # column groups with a delta column
+    selects_settings: bool = False  # rows are settings of a sweep: bold is a choice of setting
 
 
 def build_table(results: SuiteResults, kind: str, oracle: bool = False) -> Table:
@@ -290,7 +321,9 @@ def build_table(results: SuiteResults, kind: str, oracle: bool = False) -> Table
     layout = LAYOUTS[kind.split("_")[0] if kind.startswith("ablation") else kind](results, records, kind, oracle)
     plans = plan_rows(records, layout.key_fn, layout.section_fn, layout.stub_fn, layout.sort_fn)
 
-    rows = [Row(p.stub, {s.column.key: s.stat(p.cells) for s in layout.specs}, "ours", p.section) for p in plans]
+    hidden = validation_specs(layout) if layout.selects_settings else []
+    rows = [Row(p.stub, {s.column.key: s.stat(p.cells) for s in layout.specs + hidden}, "ours", p.section)
+            for p in plans]
     columns = [s.column for s in layout.specs]
     if kind == "table1":
         add_full_ft_percentages(rows, plans)
@@ -302,6 +335,10 @@ def build_table(results: SuiteResults, kind: str, oracle: bool = False) -> Table
 
     table = Table(kind, results.suite, "", layout.stub_titles, columns,
                   interleave(rows, paper_rows), seeds=max([_seed_count(p) for p in plans] or [1]))
+    if hidden and all(not r.values[s.column.key].empty for r in rows for s in hidden):
+        table.bold_by = "val"
+    elif layout.selects_settings:
+        table.bold_by = "test"
     table.notes = cell_notes(results, records) + paper_notes + percentage_notes(kind, rows, plans)
     table.caption = caption(layout, results, table, bool(paper_rows), oracle)
     return table
@@ -469,7 +506,7 @@ def layout_ablation(results: SuiteResults, records: list[dict], kind: str, oracl
         section_fn=lambda r: "",
         stub_fn=stub,
         sort_fn=lambda r: (_method_sort(r), names.backbone_rank(r.get("backbone")), _extras_sort(r, swept)),
-        specs=specs, datasets=datasets, lead=f"Ablation over {what}",
+        specs=specs, datasets=datasets, lead=f"Ablation over {what}", selects_settings=bool(swept),
     )
 
 
@@ -654,7 +691,9 @@ def cell_notes(results: SuiteResults, records: list[dict]) -> list[str]:
     """Failed and missing cells, with their reasons (those without a key included)."""
     cells = results.cells
     notes = []
-    for status, title in (("failed", "Failed cells"), ("missing", "Missing cells")):
+    for status, title in (("failed", "Failed cells"), ("corrupt", "Corrupt result files (not counted)"),
+                          ("foreign", "Results that are not their folder's cell (not counted)"),
+                          ("missing", "Missing cells")):
         chosen = cells[cells["status"] == status]
         if chosen.empty:
             continue
@@ -706,8 +745,11 @@ def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: boo
         parts.append(f"Median training step latency in ms on {devices_text(ok)}; {seeds_text(table.seeds)}. "
                      "Bold: fastest of our rows.")
     else:
-        parts.append(f"Test-split R@K and MAP@R in %, {protocol_text(ok)}; {seeds_text(table.seeds)}. "
-                     "Bold: best of our rows.")
+        bold = {"val": "Bold: the setting that validation R@1 selects (class-disjoint validation classes).",
+                "test": "Bold: best test value of our rows; picking a setting by it is a choice made on the test "
+                        "set (an oracle, optimistic).",
+                "": "Bold: best of our rows."}[table.bold_by]
+        parts.append(f"Test-split R@K and MAP@R in %, {protocol_text(ok)}; {seeds_text(table.seeds)}. {bold}")
     if layout.kind == "table1":
         parts.append("Tunable parameters in millions and peak memory in GiB "
                      f"({memory_text(ok)}), with % of full fine-tuning.")

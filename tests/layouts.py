@@ -116,3 +116,51 @@ def make_inaturalist(folder: Path, *, train_classes: int = 3, test_classes: int 
                 lines.append(path)
         (folder / f"Inaturalist_{split}_set1.txt").write_text("\n".join(lines) + "\n")
     return folder
+
+
+# --- the official archives, as they untar ------------------------------------------------------
+
+def make_cub_official(parent: Path, *, num_classes: int = 200) -> Path:
+    """``CUB_200_2011/``: images/<NNN.Name>/, images.txt, image_class_labels.txt, train_test_split.txt."""
+    folder = make_cub200(parent / "CUB_200_2011", num_classes=num_classes)
+    images = sorted((folder / "images").rglob("*.jpg"))
+    rel = [p.relative_to(folder / "images").as_posix() for p in images]
+    (folder / "images.txt").write_text("".join(f"{i} {r}\n" for i, r in enumerate(rel, 1)))
+    (folder / "image_class_labels.txt").write_text("".join(f"{i} {int(r[:3])}\n" for i, r in enumerate(rel, 1)))
+    (folder / "train_test_split.txt").write_text("".join(f"{i} {i % 2}\n" for i in range(1, len(rel) + 1)))
+    return folder
+
+
+def make_cars_official(folder: Path, *, images_per_class: int = 1) -> Path:
+    """``car_ims/000001.jpg`` ... and ``cars_annos.mat`` (annotations, class_names), as Stanford ships it."""
+    import numpy as np
+    from scipy.io import savemat
+
+    names = [f"{CAR_MAKES[i % len(CAR_MAKES)]} Model {i} {2000 + i % 13}" for i in range(196)]
+    rows = []
+    for class_id in range(1, 197):
+        for k in range(images_per_class):
+            path = f"car_ims/{len(rows) + 1:06d}.jpg"
+            write_image(folder / path)
+            rows.append((path, 10, 10, 50, 50, class_id, k % 2))
+    dtype = [("relative_im_path", "O"), ("bbox_x1", "O"), ("bbox_y1", "O"), ("bbox_x2", "O"), ("bbox_y2", "O"),
+             ("class", "O"), ("test", "O")]
+    annotations = np.array([tuple(row) for row in rows], dtype=dtype)
+    savemat(str(folder / "cars_annos.mat"), {"annotations": annotations,
+                                              "class_names": np.array(names, dtype=object)})
+    return folder
+
+
+def make_sop_official(parent: Path, **kwargs) -> Path:
+    """``Stanford_Online_Products/`` with Ebay_train.txt / Ebay_test.txt at its top level."""
+    return make_sop(parent / "Stanford_Online_Products", index_in_info_files=False, images_in_subfolder=False,
+                    **kwargs)
+
+
+def make_inshop_official(parent: Path, **kwargs) -> Path:
+    """``In-shop Clothes Retrieval Benchmark/Eval/list_eval_partition.txt`` + ``Img/img/...``."""
+    folder = parent / "In-shop Clothes Retrieval Benchmark"
+    make_inshop(folder / "Img", **kwargs)
+    (folder / "Eval").mkdir(parents=True, exist_ok=True)
+    (folder / "Img" / "list_eval_partition.txt").rename(folder / "Eval" / "list_eval_partition.txt")
+    return folder

@@ -20,7 +20,7 @@ CELL = ["cell", "--backbone", "vit_test", "--weights", "none", "--set", "num_wor
 def build_synthetic(root: Path) -> Path:
     from bench.data import make_synthetic_dataset
 
-    make_synthetic_dataset(root / "synthetic", num_classes=4, images_per_class=4, image_size=32)
+    make_synthetic_dataset(root / "synthetic", num_classes=4, images_per_class=5, image_size=32)
     return root
 
 

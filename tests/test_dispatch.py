@@ -19,7 +19,9 @@ from bench import dispatch
 from bench.dispatch import CellState
 from bench.suite import SUITES_DIR, load_suite
 
-BREAK_LINEAR_PROBE = {"when": {"method": "linear_probe"}, "set": {"num_prompts": 3}}
+# A cell that fails when it runs (not at load: a bad name would stop the whole suite): the
+# synthetic test split cannot have R@500, which the runner finds before training.
+BREAK_LINEAR_PROBE = {"when": {"method": "linear_probe"}, "set": {"recall_ks": [1, 500]}}
 
 
 def write_suite(tmp_path: Path, name: str, *, defaults=None, resources=None, overrides=(), grid=None) -> Path:
@@ -67,12 +69,14 @@ def test_local_run_skips_done_and_failed_cells_and_reruns_what_is_missing(tmp_pa
     results = results_of(suite_dir)
     assert sorted(r["status"] for r in results.values()) == ["failed", "ok", "ok", "ok"]
     failed = next(r for r in results.values() if r["status"] == "failed")
-    assert failed["key"]["method"] == "linear_probe" and "num_prompts" in failed["reason"]
+    assert failed["key"]["method"] == "linear_probe" and "recall@500" in failed["reason"]
     expected = [{"cell_id": c.cell_id, "key": c.key} for c in load_suite(path).cells()]
-    assert json.loads((suite_dir / "cells.json").read_text()) == expected
+    written = json.loads((suite_dir / "cells.json").read_text())
+    assert written["suite_file"] == str(path.resolve())
+    assert [{k: c[k] for k in ("cell_id", "key")} for c in written["cells"]] == expected
 
     listing = status(capsys, path, out)
-    assert "4 cells: 3 done, 1 failed" in listing and "num_prompts" in listing
+    assert "4 cells: 3 done, 1 failed" in listing and "recall@500" in listing
 
     before = mtimes(suite_dir)
     code, text = run(capsys, *common)
@@ -103,7 +107,7 @@ def test_states_come_from_result_files_locks_and_slurm_job_files(tmp_path, monke
         (suite_dir / cell.cell_id).mkdir(parents=True)
         (suite_dir / cell.cell_id / "result.json").write_text(json.dumps(
             {"status": status_, "reason": "NaN loss at epoch 2" if status_ == "failed" else None,
-             "final": {"test": {"recall@1": 0.5}}}))
+             "cell_id": cell.cell_id, "suite": "smoke", "final": {"test": {"recall@1": 0.5}}}))
     for cell, job_id in ((queued, "41_2"), (lost, "41_3")):
         (suite_dir / cell.cell_id).mkdir(parents=True)
         (suite_dir / cell.cell_id / "job.json").write_text(json.dumps({"job_id": job_id, "log": "x.out"}))
@@ -143,7 +147,7 @@ def test_a_requeued_task_resumes_even_when_the_first_start_was_fresh(monkeypatch
 
 @pytest.fixture
 def fast_wait(monkeypatch):
-    monkeypatch.setattr(dispatch, "WAIT_POLL_S", 1.0)
+    monkeypatch.setenv("BENCH_SLURM_POLL_S", "1")  # the one-node test cluster answers at once
 
 
 @pytest.mark.slurm
@@ -162,7 +166,7 @@ def test_smoke_suite_through_a_slurm_job_array(slurm_cluster, fast_wait, tmp_pat
     assert {r["slurm"]["slurm_array_task_id"] for r in results.values()} == {"0", "1", "2", "3"}
     listing = status(capsys, path, out)
     assert "3 done, 1 failed" in listing
-    assert re.search(r"linear_probe.*failed.*num_prompts", listing)
+    assert re.search(r"linear_probe.*failed.*recall@500", listing)
 
     jobs_before = {p.parent.name: p.read_text() for p in suite_dir.glob("*/job.json")}
     code, text = run(capsys, *common, "--wait")

@@ -115,7 +115,6 @@ def submit(tmp_path, name, synthetic_root, defaults) -> tuple[Path, Path]:
 
 
 def wait_for_suite(suite: Path, suite_dir: Path) -> None:
-    dispatch.WAIT_POLL_S = 1.0
     cells = load_suite(suite).cells()
     dispatch.wait_for_jobs(cells, suite_dir, poll_s=1)
 

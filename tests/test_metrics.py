@@ -618,8 +618,8 @@ def test_cmd_evaluate_gallery_mode_and_table(saved_embeddings, capsys):
     table = capsys.readouterr().out
     expected = retrieval_metrics(x[:50], labels[:50], (1, 4), gallery_embeddings=x[50:],
                                  gallery_labels=labels[50:])
-    assert "recall@4" in table and "map@r" in table
-    assert f"{expected['recall@1']:.4f}" in table and f"{expected['map@r']:.4f}" in table
+    assert "R@4" in table and "MAP@R" in table and "in %" in table  # as the rest of the suite prints
+    assert f"{100 * expected['recall@1']:.2f}" in table and f"{100 * expected['map@r']:.2f}" in table
 
 
 def test_cmd_evaluate_file_errors(saved_embeddings):

@@ -20,7 +20,7 @@ from rich.console import Console
 
 from bench.errors import UserError
 from report import names, published
-from report.cli import build_report, remove_stale_outputs, resolve_suite_dir, suite_table
+from report.cli import build_report, resolve_suite_dir, suite_table
 from report.load import ReportError, load_suite
 from report.plots import make_figures, pareto_front
 from report.render import tex, to_latex, to_markdown, write_table
@@ -78,7 +78,7 @@ def test_load_keeps_failed_and_missing_cells(results_root):
             "memory_kind", "selection"} <= set(res.cells.columns)
     # 14 finished cells x 3 epochs, and the failed cell's one epoch
     assert len(res.epochs) == 14 * 3 + 1
-    assert {"cell_id", "epoch", "train_loss", "test/recall@1", "method_name"} <= set(res.epochs.columns)
+    assert {"cell_id", "epoch", "epoch/train_loss", "test/recall@1", "method_name"} <= set(res.epochs.columns)
 
 
 def test_folder_without_result_is_missing_and_report_folder_is_not_a_cell(tmp_path):
@@ -92,7 +92,7 @@ def test_folder_without_result_is_missing_and_report_folder_is_not_a_cell(tmp_pa
     res = load_suite(suite)
     by_id = res.cells.set_index("cell_id")["status"].to_dict()
     assert by_id["pending-cell"] == "missing"
-    assert by_id["broken"] == "failed"  # corrupt file: shown, with the parse error as reason
+    assert by_id["broken"] == "corrupt"  # shown, never counted, with the parse error as reason
     assert "report" not in by_id
     assert "cannot read" in res.cells.set_index("cell_id").loc["broken", "reason"]
 
@@ -400,15 +400,6 @@ def test_pareto_front():
 
 
 # --- summary page and terminal --------------------------------------------------------------
-
-def test_stale_outputs_are_removed(tmp_path):
-    for name in ("tables/generic.md", "tables/table1.md", "figures/old.png", "figures/notes.txt", "mine.png"):
-        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / name).write_text("x")
-    remove_stale_outputs(tmp_path, {tmp_path / "tables" / "table1.md"})
-    left = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file())
-    assert left == ["figures/notes.txt", "mine.png", "tables/table1.md"]  # only our own kinds of file
-
 
 def test_index_links_every_output(report):
     index = report["index.md"]

@@ -226,7 +226,8 @@ def test_ablation_latency_smoke_and_demo_suites():
 @pytest.mark.parametrize("suite, cells", [("table2", 27), ("table1", 36)])
 def test_dry_run_prints_the_whole_grid_and_writes_nothing(tmp_path, suite, cells):
     out = subprocess.run([sys.executable, "run_suite.py", "run", suite, "--dry-run", "--executor", "local",
-                          "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=120)
+                          "--no-data-check", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
     assert out.returncode == 0, out.stderr
     assert f"{cells} cells: {cells} pending" in out.stdout
     rows = table_rows(out.stdout)

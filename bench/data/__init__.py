@@ -10,15 +10,35 @@ Public API::
                            class_offset=0, family_seed=0) -> Path
     verify_images(paths) -> list of paths that do not decode
 """
-from bench.data.datasets import DATASET_NAMES, DatasetSplits, Split, load_dataset
+from bench.data.datasets import DATASET_NAMES, DatasetSplits, Split, check_dataset, load_dataset
 from bench.data.errors import DataError
 from bench.data.images import ImageDataset, load_image, verify_images
 from bench.data.sampler import ClassBalancedBatchSampler
 from bench.data.transforms import build_transforms
 
+
+def available_cpus() -> int:
+    """CPUs this process may use: SLURM's --cpus-per-task when set, else the affinity mask."""
+    import os
+
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK")
+    if slurm and slurm.isdigit() and int(slurm) > 0:
+        return int(slurm)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def loader_workers(num_workers: int | str) -> int:
+    """``num_workers: auto``: one loader process per CPU of the job, leaving one for training."""
+    if num_workers == "auto":
+        return max(available_cpus() - 1, 0)
+    return int(num_workers)
+
 __all__ = [
     "DATASET_NAMES",
     "ClassBalancedBatchSampler",
+    "available_cpus",
+    "check_dataset",
+    "loader_workers",
     "DataError",
     "DatasetSplits",
     "ImageDataset",

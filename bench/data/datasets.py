@@ -72,6 +72,25 @@ class DatasetSplits:
     gallery: Split | None  # inshop only, same class list as query
     num_skipped: int = 0  # empty or undecodable images left out (skip_corrupt=True)
 
+    def record(self) -> dict:
+        """What ``result.json`` keeps of the splits (``data``), so that a wrong split is visible:
+        per split the classes, images and first and last class names; the lone queries (a test
+        image with no other image of its class to find, left out of every metric)."""
+        present = [(name, getattr(self, name)) for name in ("train", "val", "test", "query", "gallery")]
+        splits = {name: {"classes": split.num_classes, "images": len(split),
+                         "first_class": split.class_names[0], "last_class": split.class_names[-1]}
+                  for name, split in present if split is not None}
+        return {"dataset": self.name, "root": self.root, "splits": splits, "lone_queries": self.lone_queries(),
+                "skipped_images": self.num_skipped}
+
+    def lone_queries(self) -> int:
+        if self.query is not None and self.gallery is not None:
+            in_gallery = set(self.gallery.labels.tolist())
+            return int(sum(1 for label in self.query.labels.tolist() if label not in in_gallery))
+        if self.test is None:
+            return 0
+        return int((np.bincount(self.test.labels) == 1).sum())
+
     def summary(self) -> str:
         """'cub200: train 100 classes / 5864 images, test 100 / 5924' for logs."""
         present = [(name, getattr(self, name)) for name in ("train", "val", "test", "query", "gallery")]
@@ -97,12 +116,41 @@ def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int =
         raise DataError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
     layout = LAYOUTS[name]
     root = resolve_root(name, data_root, layout)
-    entries, num_skipped = drop_unreadable(layout.parse(root), root, skip_corrupt)
+    parsed = layout.parse(root)
+    check_disjoint(parsed, root)
+    entries, num_skipped = drop_unreadable(parsed, root, skip_corrupt)
     splits = make_splits(entries, root)
     train, val = carve_validation(splits["train"], val_fraction, seed)
     return DatasetSplits(name=name, root=str(root), train=train, val=val,
                          test=splits.get("test"), query=splits.get("query"),
                          gallery=splits.get("gallery"), num_skipped=num_skipped)
+
+
+def check_dataset(name: str, data_root) -> None:
+    """What ``load_dataset`` checks before reading any image: the folder, the layout, the index
+    files, paths inside the dataset folder and disjoint splits (cheap: run before queueing)."""
+    if name not in LAYOUTS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    layout = LAYOUTS[name]
+    root = resolve_root(name, data_root, layout)
+    check_disjoint(layout.parse(root), root)
+
+
+def check_disjoint(entries: dict[str, list[Entry]], root) -> None:
+    """DML's protocol evaluates on classes never trained on: train must share no image and no
+    class with the evaluation splits (query and gallery share classes by design)."""
+    evaluated = [split for split in ("test", "query", "gallery") if split in entries]
+    train_paths = {os.path.normpath(path) for path, _ in entries["train"]}
+    train_classes = {name for _, name in entries["train"]}
+    for split in evaluated:
+        shared = [path for path, _ in entries[split] if os.path.normpath(path) in train_paths]
+        if shared:
+            raise DataError(f"{root}: {len(shared)} images are listed in both train and {split}: "
+                            f"{list_some(shared)}; the splits must not overlap")
+        classes = sorted({name for _, name in entries[split]} & train_classes)
+        if classes:
+            raise DataError(f"{root}: {len(classes)} classes are in both train and {split} "
+                            f"({list_some(classes)}); deep metric learning evaluates on unseen classes")
 
 
 def drop_unreadable(entries: dict[str, list[Entry]], root, skip_corrupt: bool):

@@ -11,24 +11,42 @@ from bench.data.errors import DataError
 
 # What PIL raises for files that are not images or are cut short (UnidentifiedImageError and
 # "image file is truncated" are OSErrors; some broken headers surface as SyntaxError or
-# ValueError).
-_DECODE_ERRORS = (OSError, SyntaxError, ValueError)
+# ValueError), and for images too large to be a photo (a 20000 x 20000 PNG: more than twice
+# PIL's MAX_IMAGE_PIXELS, a decompression bomb).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# 16- and 32-bit greyscale: PIL's convert("RGB") clips them to white; scale them to 8 bits.
+_WIDE_GREY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
 
 def load_image(path: str) -> Image.Image:
     """The fully decoded image in RGB."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            return to_rgb(image, path)
     except _DECODE_ERRORS as error:
-        raise DataError(f"{path}: cannot read image ({error}); delete or replace the file, or "
-                        "load the dataset with skip_corrupt=True to leave such files out") from error
+        raise DataError(f"{path}: cannot read image ({type(error).__name__}: {error}); delete or replace "
+                        "the file, or load the dataset with skip_corrupt=True to leave such files out") from error
+
+
+def to_rgb(image: Image.Image, path: str) -> Image.Image:
+    if image.mode in _WIDE_GREY:
+        import numpy as np
+
+        values = np.asarray(image, dtype=np.float64)
+        if image.mode == "I" and values.max(initial=0) > 65535:
+            raise ValueError(f"32-bit greyscale values up to {values.max():.0f}: not a 16-bit image")
+        scaled = np.clip(values / _WIDE_GREY[image.mode] * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if image.mode == "F":
+        raise ValueError("floating-point image mode F; convert it to 8-bit RGB first")
+    return image.convert("RGB")
 
 
 def is_readable_image(path: str) -> bool:
     try:
         with Image.open(path) as image:
             image.load()
+            to_rgb(image, path)
         return True
     except _DECODE_ERRORS:
         return False
