@@ -19,7 +19,7 @@ test: setup
 	$(BIN)/python -m pytest -q -ra $(ARGS)
 
 demo: setup
-	$(BIN)/python run_suite.py run demo --executor local $(ARGS)
+	$(BIN)/python run_suite.py run demo --executor local --jobs 2 $(ARGS)
 
 suite: setup
 	$(BIN)/python run_suite.py run $(SUITE) $(ARGS)

@@ -32,7 +32,7 @@ RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suit
 # Fields added after the first release: hashed only when set to something else than the default,
 # so that adding a field never renames the cells finished before it existed.
 HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init", "recall_ks", "train_fraction", "train_classes_fraction",
-                                            "output")
+                                            "output", "evaluate_test")
 OUTPUTS = ("cls", "mean")
 LOGGERS = ("tensorboard", "wandb", "csv")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -94,6 +94,8 @@ class CellConfig:
     train_classes_fraction: float = bounded(1.0, above=0.0, max=1.0)  # a seeded share of the train classes
     eval_every: int = bounded(1, min=1)
     recall_ks: list[int] | None = None  # R@K to report; None: the dataset's (bench.catalog)
+    # False: the test split is never evaluated (tuning trials: they are chosen on validation only)
+    evaluate_test: bool = True
     skip_corrupt_images: bool = False
 
     num_workers: int | str = 4  # data loader processes; "auto": the CPUs this job may use
@@ -135,6 +137,8 @@ class CellConfig:
             fail("batch_size", "a batch needs at least two classes (batch_size / samples_per_class >= 2)")
         if self.selection == "val" and not self.val_fraction:
             fail("selection", "'val' needs a validation split: set val_fraction > 0")
+        if not self.evaluate_test and not self.val_fraction:
+            fail("evaluate_test", "false needs a validation split to evaluate: set val_fraction > 0")
         if not isinstance(self.method_args, dict):
             fail("method_args", f"must be a mapping, got {type(self.method_args).__name__}")
         if not isinstance(self.device, str) or not DEVICE_PATTERN.match(self.device):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data.hooks import ensure_demo_data, exclusive_lock, generate_once
-from bench.demo_weights import (BACKBONE, DEFAULT_RECIPE, PRETRAIN_THREADS, SOURCE_CLASS_OFFSET, Recipe,
+from bench.demo_weights import (BACKBONE, DEFAULT_RECIPE, SOURCE_CLASS_OFFSET, Recipe, pretrain_threads,
                                 cache_dir, version, weights_file)
 from bench import demo_weights
 
@@ -61,7 +61,7 @@ def prepare_demo(data_root) -> Path:
 # --- pretraining -----------------------------------------------------------------------------
 
 def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None = None,
-             threads: int = PRETRAIN_THREADS, quiet: bool = False) -> dict[str, Any]:
+             threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
     """Train ``demo_vit`` on the source classes; write ``out`` (safetensors) and ``out.json``.
 
     The source images are generated into ``source_dir`` (default: beside ``out``) and kept,
@@ -79,6 +79,7 @@ def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None
     source = _source_data(source_dir / f"demo-source-{version(recipe)}", recipe)
     images, labels, held_out = _load_images(source, recipe)
     train_seconds_start = time.perf_counter()
+    threads = threads or pretrain_threads()
     with _deterministic(recipe.seed), _torch_threads(threads):
         backbone, heads = _train(images[~held_out], labels[~held_out], recipe)
         accuracy = _held_out_accuracy(backbone, heads, images[held_out], labels[held_out])

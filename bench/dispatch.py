@@ -124,8 +124,11 @@ def _result_state(path: Path, cell: Cell | None = None) -> CellState:
             return CellState("foreign", f"{path}: not this cell's result: {reason} (moved aside when the cell runs)")
     if result["status"] == "failed":
         return CellState("failed", str(result.get("reason")))
-    test = ((result.get("final") or {}).get("test") or {})
-    return CellState("done", f"R@1 {100 * test['recall@1']:.1f}" if "recall@1" in test else "")
+    final = result.get("final") or {}
+    test, val = final.get("test") or {}, final.get("val") or {}
+    if "recall@1" in test:
+        return CellState("done", f"R@1 {100 * test['recall@1']:.1f}")
+    return CellState("done", f"val R@1 {100 * val['recall@1']:.1f}" if "recall@1" in val else "")
 
 
 def read_job_file(cell_dir: Path) -> dict[str, Any] | None:
@@ -235,31 +238,67 @@ def cell_name(cell: Cell) -> str:
 # local executor
 
 
-def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, on_event: Listener = ignore) -> int:
-    """Run the cells here one after another; returns the number of failed cells."""
+def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, on_event: Listener = ignore,
+              jobs: int = 1) -> int:
+    """Run the cells on this machine; returns the number of failed cells. ``jobs`` > 1 runs that
+    many cells at once, each in a process of its own (spawned, so that no thread pool is forked);
+    their progress then shows per cell, not per step."""
+    on_event({"event": "suite_start", "total": len(cells)})
+    if jobs > 1 and len(cells) > 1:
+        return _run_parallel(cells, suite_dir, fresh, on_event, jobs)
+    failed = 0
+    for cell in cells:
+        on_event({"event": "cell_begin", "name": cell_name(cell)})
+        status, detail = _run_one(cell, suite_dir, fresh, on_event)
+        failed += status == "failed"
+        on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
+    return failed
+
+
+def _run_one(cell: Cell, suite_dir: Path, fresh: bool, on_event: Listener = ignore) -> tuple[str, str]:
+    """(status, detail) of one cell run here; an error that prevents even the failure record is
+    reported as the cell's failure, and the grid goes on."""
     from bench.runner import run_cell
 
+    try:
+        result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
+    except Exception as e:  # not even a failure record could be written: say so, run the rest
+        return "failed", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+    if result is None:
+        return "running elsewhere", ""
+    if result["status"] == "ok":
+        return "done", _result_state(suite_dir / cell.cell_id / RESULT_FILE).detail
+    return "failed", str(result["reason"])
+
+
+def _run_parallel(cells: list[Cell], suite_dir: Path, fresh: bool, on_event: Listener, jobs: int) -> int:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     failed = 0
-    on_event({"event": "suite_start", "total": len(cells)})
-    for cell in cells:
-        name = cell_name(cell)
-        on_event({"event": "cell_begin", "name": name})
-        try:
-            result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
-        except Exception as e:  # not even a failure record could be written: say so, run the rest
-            failed += 1
-            reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-            on_event({"event": "cell_done", "name": name, "status": "failed", "detail": reason})
-            continue
-        if result is None:
-            status, detail = "running elsewhere", ""
-        elif result["status"] == "ok":
-            status, detail = "done", _result_state(suite_dir / cell.cell_id / RESULT_FILE).detail
-        else:
-            failed += 1
-            status, detail = "failed", str(result["reason"])
-        on_event({"event": "cell_done", "name": name, "status": status, "detail": detail})
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {}
+        for cell in cells:
+            on_event({"event": "cell_begin", "name": cell_name(cell)})
+            futures[pool.submit(_run_one, cell, suite_dir, fresh)] = cell
+        for future in as_completed(futures):
+            cell = futures[future]
+            try:
+                status, detail = future.result()
+            except Exception as e:  # the worker process died (killed, out of memory)
+                status, detail = "failed", f"worker process ended: {type(e).__name__}: {e}"
+            failed += status == "failed"
+            on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
     return failed
+
+
+def write_tuning_file(suite_dir: Path, suite: Suite, plan) -> None:
+    """``tuning.json``: the search plan, every method's trials with their scores, the winners."""
+    from bench.tune import TUNING_FILE
+
+    atomic_write_json(suite_dir / TUNING_FILE, {"plan": suite.tune.to_dict(), "methods": plan.tuning,
+                                                "waiting": len(plan.waiting)})
 
 
 # ---------------------------------------------------------------------------------------------

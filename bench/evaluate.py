@@ -20,6 +20,7 @@ Conventions, fixed here once so that every number in the suite means the same th
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,21 @@ CHUNK_BYTES = 256 * 2**20
 
 # faiss GPU indexes cannot return more neighbours than this (GPU k-selection limit).
 FAISS_GPU_MAX_K = 2048
+
+
+@dataclass
+class PerQuery:
+    """One row per scored query (lone queries are left out, as in the metrics)."""
+    query_index: np.ndarray  # int64 [Q]: the query's index in its split
+    label: np.ndarray  # [Q]: its label
+    ks: np.ndarray  # int64 [len(K)]
+    hit_at_k: np.ndarray  # bool [Q, len(K)]: a same-class image among its K nearest
+    ap_at_r: np.ndarray  # float64 [Q]: its average precision at R
+    engine: str = ""  # the kNN engine that ranked them
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"query_index": self.query_index, "label": self.label, "ks": self.ks, "hit_at_k": self.hit_at_k,
+                "ap_at_r": self.ap_at_r}
 
 
 class EvaluationError(UserError, ValueError):
@@ -297,6 +313,7 @@ class _FaissSearcher:
     def __init__(self, gallery: np.ndarray, use_gpu: bool):
         import faiss
 
+        self.kind = "faiss-gpu" if use_gpu else "faiss-cpu"
         self.gallery = gallery
         index = faiss.IndexFlatIP(gallery.shape[1])
         if use_gpu:
@@ -347,6 +364,7 @@ class _BlockSearcher:
         import torch
 
         self.torch = torch
+        self.kind = kind
         self.use_numpy = kind == "blas-cpu"
         self.device = torch.device("cuda" if kind == "torch-cuda" else "cpu")
         self.can_count = self.device.type == "cpu"
@@ -529,7 +547,8 @@ def retrieval_metrics(
     backend: str = "auto",
     normalize: bool = True,
     chunk_size: int | None = None,
-) -> dict[str, float | int]:
+    return_per_query: bool = False,
+):
     """Recall@K for each K and MAP@R (SPEC section 3).
 
     Without a gallery every embedding is a query against all the others (CUB, Cars, SOP,
@@ -539,7 +558,9 @@ def retrieval_metrics(
     ``chunk_size`` is the number of queries searched at once (default: about 256 MB of
     working memory).
 
-    Returns ``{"recall@K": ..., "map@r": ..., "num_queries": ..., "num_lone_queries": ...}``.
+    Returns ``{"recall@K": ..., "map@r": ..., "num_queries": ..., "num_lone_queries": ...}``;
+    with ``return_per_query``, also each scored query's record (``PerQuery``), whose means are
+    these metrics exactly (the paired significance tests of the reporter resample them).
     """
     _check_backend(backend)
     ks = _check_ks(ks)
@@ -576,22 +597,29 @@ def retrieval_metrics(
         members = _class_members(gallery_codes, len(class_sizes))
         positives_of = lambda rows: members[query_codes[rows]]  # noqa: E731
 
-    hits = dict.fromkeys(ks, 0)
-    ap_sum = 0.0
+    hit_at_k = np.zeros((len(scored), len(ks)), dtype=bool)
+    ap_at_r = np.zeros(len(scored), dtype=np.float64)
+    ks_array = np.asarray(ks)
+    done = 0
     chunks = _iter_neighbours(searcher, query, scored, list_length, self_search=self_search,
                               chunk_size=_chunk_rows(chunk_size, searcher, len(gallery), list_length),
                               positives_of=positives_of)
     for rows, _, neighbours, counted_ranks in chunks:
         same_class = gallery_codes[neighbours] == query_codes[rows, None]
         first_hit = _first_hit_ranks(same_class) if counted_ranks is None else counted_ranks
-        for k in ks:
-            hits[k] += int(np.count_nonzero(first_hit < k))
-        ap_sum += float(_average_precision_at_r(same_class, r_per_query[rows]).sum())
+        hit_at_k[done:done + len(rows)] = first_hit[:, None] < ks_array[None, :]
+        ap_at_r[done:done + len(rows)] = _average_precision_at_r(same_class, r_per_query[rows])
+        done += len(rows)
 
-    metrics: dict[str, float | int] = {f"recall@{k}": hits[k] / len(scored) for k in ks}
-    metrics["map@r"] = ap_sum / len(scored)
+    # Means of the per-query records, computed once: a per_query.npz's means equal these exactly.
+    metrics: dict[str, float | int] = {f"recall@{k}": float(hit_at_k[:, j].mean()) for j, k in enumerate(ks)}
+    metrics["map@r"] = float(ap_at_r.mean())
     metrics["num_queries"] = len(scored)
     metrics["num_lone_queries"] = len(query) - len(scored)
+    if return_per_query:
+        return metrics, PerQuery(query_index=scored.astype(np.int64), label=np.asarray(query_labels)[scored],
+                                 ks=np.asarray(ks, dtype=np.int64), hit_at_k=hit_at_k, ap_at_r=ap_at_r,
+                                 engine=searcher.kind)
     return metrics
 
 

@@ -101,6 +101,8 @@ def make_cell_id(key: dict[str, Any], config: dict[str, Any]) -> str:
     display label is left out, as it is of the hash: renaming a row never reruns its cells."""
     parts = [str(key.get(k)) for k in ("dataset", "backbone", "method") if key.get(k)]
     parts.append(f"s{key.get('seed', 0)}")
+    if key.get("trial") is not None:  # a tuning trial (bench.tune)
+        parts.append(f"t{key['trial']}")
     prefix = "-".join(parts)
     prefix = re.sub(r"[^A-Za-z0-9._-]+", "_", prefix)[:90].strip("._-") or "cell"
     return check_name(f"{prefix}-{config_hash(config)}", "cell id")
@@ -214,9 +216,10 @@ def check_schema(data: Any, path: Path) -> None:
             raise ResultError(f"{path}: field {name!r} must be {expected}, got {type(data[name]).__name__}")
     if data["status"] == "ok":
         final = data.get("final")
-        if not isinstance(final, dict) or not isinstance(final.get("test"), dict):
+        tested = (data.get("config") or {}).get("evaluate_test", True)
+        if not isinstance(final, dict) or not isinstance(final.get("test"), dict if tested else (dict, type(None))):
             raise ResultError(f"{path}: an ok result needs 'final' with its 'test' metrics")
-        bad = [k for k, v in final["test"].items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
+        bad = [k for k, v in (final["test"] or {}).items() if not isinstance(v, (int, float)) or isinstance(v, bool)]
         if bad:
             raise ResultError(f"{path}: final.test.{bad[0]} must be a number")
         if not all(isinstance(e, dict) for e in data.get("epochs") or []):

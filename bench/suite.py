@@ -51,11 +51,12 @@ from bench.catalog import closest
 from bench.config import DATASETS, CellConfig
 from bench.errors import UserError
 from bench.results import check_name, make_cell_id
+from bench.tune import TunePlan, parse_tune, winner
 
 SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 TOP_LEVEL = ("name", "description", "grid", "defaults", "overrides", "exclude", "protocol",
-             "resources", "report", "prepare")
+             "resources", "report", "prepare", "tune")
 # `prepare` names a function of the project's own packages that makes a data root ready (e.g.
 # generated data); run once per data root before any cell. Suite files stay data, not code.
 PREPARE_PACKAGES = ("bench.",)
@@ -98,6 +99,27 @@ class Cell:
 
 
 @dataclass
+class SuitePlan:
+    cells: list[Cell]  # what can run now
+    waiting: list[dict[str, Any]] = field(default_factory=list)  # final cells waiting for their trials
+    tuning: list[dict[str, Any]] = field(default_factory=list)  # per method: space, trials, winner
+
+
+def _trial_score(results_dir: Path | None, cell: Cell, metric: str, read_result, result_file, error):
+    """A trial's validation score; None when it failed; "pending" while it has no result."""
+    if results_dir is None:
+        return "pending"
+    try:
+        result = read_result(Path(results_dir) / cell.cell_id / result_file)
+    except (error, FileNotFoundError):
+        return "pending"
+    if result["status"] != "ok":
+        return None
+    value = ((result.get("final") or {}).get("val") or {}).get(metric)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+@dataclass
 class Suite:
     name: str
     path: Path
@@ -110,12 +132,82 @@ class Suite:
     resources: dict[str, Any]
     report: dict[str, Any]
     prepare: str | None = None  # "module:function", called with each data root before running
+    tune: TunePlan | None = None  # equal-budget tuning (bench.tune): trial cells, then the winners
+    set_fields: dict[str, Any] = field(default_factory=dict)  # run --set: on every cell, above all
 
     def fail(self, where: str, message: str) -> SuiteError:
         return SuiteError(f"{self.path}: {where}: {message}")
 
-    def cells(self, data_root: str | None = None, only: list[str] | None = None) -> list[Cell]:
-        """Every cell of the suite, resolved and validated; `only` keeps cells matching KEY=VALUE."""
+    def cells(self, data_root: str | None = None, only: list[str] | None = None,
+              results_dir: Path | None = None) -> list[Cell]:
+        """Every cell of the suite that can be resolved now, validated; `only` keeps cells
+        matching KEY=VALUE. With ``tune``, the trial cells, and the final cells of every method
+        whose trials have all ended in ``results_dir`` (``plan`` also says which wait)."""
+        return self.plan(data_root, only, results_dir).cells
+
+    def plan(self, data_root: str | None = None, only: list[str] | None = None,
+             results_dir: Path | None = None) -> "SuitePlan":
+        cells = self._grid_cells(data_root)
+        waiting: list[dict[str, Any]] = []
+        tuning: list[dict[str, Any]] = []
+        if self.tune is not None:
+            cells, waiting, tuning = self._tuned(cells, data_root, results_dir)
+        return SuitePlan(self.select(cells, only) if only else cells, waiting, tuning)
+
+    def _tuned(self, grid_cells: list[Cell], data_root, results_dir):
+        """Stage 1 (trials) and stage 2 (winners) of equal-budget tuning, from the grid's cells."""
+        from bench.results import RESULT_FILE, ResultError, read_result
+
+        plan = self.tune
+        groups: dict[str, list[Cell]] = {}
+        for cell in grid_cells:
+            group = {k: v for k, v in cell.key.items() if k != "seed"}
+            groups.setdefault(json.dumps(group, sort_keys=True, default=str), []).append(cell)
+        cells: list[Cell] = []
+        waiting: list[dict[str, Any]] = []
+        tuning: list[dict[str, Any]] = []
+        for members in groups.values():
+            base = members[0]
+            params = plan.space_for(base.config.method, base.key.get("label"), None)
+            points = plan.trials(params)
+            trial_records = []
+            for t, point in enumerate(points):
+                scores: list[float | None] | None = []
+                for seed in plan.seeds:
+                    key = {**{k: v for k, v in base.key.items() if k != "seed"}, "seed": seed, "stage": "trial",
+                           "trial": t}
+                    config = self._with(base, {**point, "seed": seed, "val_fraction": plan.val_fraction,
+                                               "selection": "last", "evaluate_test": False})
+                    cell = Cell(self.name, key, config, make_cell_id(key, config.identity()))
+                    cells.append(cell)
+                    if scores is not None:
+                        score = _trial_score(results_dir, cell, plan.metric, read_result, RESULT_FILE, ResultError)
+                        scores = None if score == "pending" else scores + [score]
+                trial_records.append({"trial": t, "params": point, "scores": scores})
+            group_key = {k: v for k, v in base.key.items() if k != "seed"}
+            best = winner(trial_records, plan.metric) if points else {"trial": None, "params": {}}
+            tuning.append({"key": group_key, "space": {p.name: p.describe() for p in params},
+                           "trials": trial_records, "winner": best})
+            for member in members:
+                key = {**member.key, "stage": "final"}
+                if best is None:
+                    waiting.append(key)
+                    continue
+                config = self._with(member, best["params"])
+                cells.append(Cell(self.name, key, config, make_cell_id(key, config.identity())))
+        return cells, waiting, tuning
+
+    def _with(self, cell: Cell, fields: dict[str, Any]) -> CellConfig:
+        """A cell's config with tuned values: config fields as they are, the rest method args."""
+        data = cell.config.to_dict()
+        for name, value in fields.items():
+            if name in CONFIG_FIELDS:
+                data[name] = value
+            else:
+                data["method_args"] = {**data["method_args"], name: value}
+        return CellConfig.from_dict(data, where=f"{self.path}: tune")
+
+    def _grid_cells(self, data_root: str | None) -> list[Cell]:
         cells: dict[str, Cell] = {}
         for key, axis_values in self._keys():
             if any(_matches(rule, key) for rule in self.exclude):
@@ -130,7 +222,7 @@ class Suite:
             cells.setdefault(cell_id, Cell(self.name, key, config, cell_id))  # sub-grids may overlap
         if not cells:
             raise self.fail("exclude", "removes every cell of the grid")
-        return self.select(list(cells.values()), only) if only else list(cells.values())
+        return list(cells.values())
 
     def _keys(self):
         """(key, {axis: value}) for every point of every sub-grid, in file order."""
@@ -175,6 +267,7 @@ class Suite:
         if backbone in catalog.BACKBONES:  # an alias: its timm name and the paper's embedding size
             merged["backbone"] = catalog.BACKBONES[backbone].timm_name
             merged.setdefault("embedding_size", catalog.BACKBONES[backbone].embedding_size)
+        merged.update(self.set_fields)
         merged["method_args"] = method_args
         merged["suite"] = self.name
         # absolute: SLURM tasks and later shells may run elsewhere (not part of the cell id)
@@ -249,10 +342,19 @@ def suite_path(name_or_path: str | Path) -> Path:
     return path
 
 
-def load_suite(name_or_path: str | Path, *, check_methods: bool = True) -> Suite:
-    """Parse and validate a suite; every cell is resolved once so that errors surface here."""
+def load_suite(name_or_path: str | Path, *, check_methods: bool = True,
+               overrides: dict[str, Any] | None = None) -> Suite:
+    """Parse and validate a suite; every cell is resolved once so that errors surface here.
+    ``overrides`` (``run --set FIELD=VALUE``) set config fields on every cell, above everything."""
     path = suite_path(name_or_path)
     suite = _parse(path, _read_yaml(path))
+    for name in overrides or {}:
+        if name not in CONFIG_FIELDS:
+            raise SuiteError(f"--set {name}: not a config field{closest(name, sorted(CONFIG_FIELDS))}")
+        if name in KEY_FIELDS or name in ("suite", "method_args") or any(name in g for g in suite.grids):
+            raise SuiteError(f"--set {name}: {name} is a key field or a grid axis of {suite.name}; it cannot be "
+                             "set for every cell")
+    suite.set_fields = dict(overrides or {})
     if check_methods:
         _check_methods(suite)
     cells = suite.cells()
@@ -402,7 +504,13 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
         raise fail("prepare", f"must be 'module:function' in the project's packages "
                               f"({', '.join(PREPARE_PACKAGES)}), got {prepare!r}")
 
-    return Suite(name=name, path=path, description=description, grids=grids, defaults=defaults,
+    tune = parse_tune(data.get("tune"), fail)
+    if tune is not None:
+        for name_ in (p.name for p in tune.space.get("default", [])):
+            if name_ not in CONFIG_FIELDS:
+                raise fail(f"tune.space.default.{name_}", "default holds config fields only (lr, proxy_lr, ...); "
+                                                          "put a method argument under its method's entry")
+    return Suite(tune=tune, name=name, path=path, description=description, grids=grids, defaults=defaults,
                  overrides=overrides, exclude=exclude, protocol=protocol, resources=resources,
                  report=report, prepare=prepare)
 

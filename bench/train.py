@@ -24,7 +24,7 @@ from bench import data as dml_data
 from bench.backbones import data_config
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
-from bench.evaluate import compute_embeddings, retrieval_metrics
+from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics
 from bench.learner import build_learner
 from bench.optim import LazySGD, SparseAdamW
 from bench.results import atomic_write_bytes, move_aside
@@ -45,6 +45,8 @@ class Outcome:
     num_skipped_images: int = 0
     learner: MetricLearner | None = field(default=None, repr=False)
     model: dict[str, Any] = field(default_factory=dict)  # what was built: resolved backbone, input
+    evaluation: dict[str, Any] | None = field(default=None, repr=False)  # the reported epoch's, per split
+    splits: Any = field(default=None, repr=False)
 
 
 def select_device(name: str) -> torch.device:
@@ -163,19 +165,77 @@ def _num_batches(config: CellConfig, num_images: int) -> int:
     return min(full, config.max_steps_per_epoch) if config.max_steps_per_epoch else full
 
 
-def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> dict[str, Any] | None:
+@dataclass
+class SplitEvaluation:
+    """One split evaluated: its metrics, each query's record, and the embeddings (In-Shop: the
+    queries' in ``embeddings``, the gallery's in ``gallery``)."""
+    metrics: dict[str, Any]
+    per_query: PerQuery
+    embeddings: np.ndarray
+    labels: np.ndarray
+    gallery: np.ndarray | None = None
+    gallery_labels: np.ndarray | None = None
+
+
+def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitEvaluation | None:
     """R@K and MAP@R of one split; In-Shop (query/gallery) when ``name == 'test'`` and it has them."""
     if name == "test" and loaders.get("query") is not None:
         q, ql = compute_embeddings(learner.model, loaders["query"], device, amp_dtype)
         g, gl = compute_embeddings(learner.model, loaders["gallery"], device, amp_dtype)
-        return retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl)
+        metrics, per_query = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl,
+                                               return_per_query=True)
+        return SplitEvaluation(metrics, per_query, q, ql, g, gl)
     loader = loaders.get(name)
     if loader is None:
         return None
     emb, labels = compute_embeddings(learner.model, loader, device, amp_dtype)
     if name == "val":  # a small validation split cannot have SOP's R@1000: report the Ks it has
         ks = [k for k in ks if k < len(labels)] or [1]
-    return retrieval_metrics(emb, labels, ks)
+    metrics, per_query = retrieval_metrics(emb, labels, ks, return_per_query=True)
+    return SplitEvaluation(metrics, per_query, emb, labels)
+
+
+def _metrics(evaluation: SplitEvaluation | None) -> dict[str, Any] | None:
+    return None if evaluation is None else evaluation.metrics
+
+
+PER_QUERY_FILE = "per_query.npz"
+VAL_PER_QUERY_FILE = "val_per_query.npz"
+BEST_FILE = "best.safetensors"  # the best-validation epoch's trained state, while training
+
+
+def write_per_query(cell_dir: Path, test: SplitEvaluation | None, val: SplitEvaluation | None) -> None:
+    """``per_query.npz`` (the reported epoch's test queries: query_index, label, ks, hit_at_k,
+    ap_at_r) and a compact ``val_per_query.npz`` (float32 AP) for the validation split."""
+    if test is not None:
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **test.per_query.arrays())
+        atomic_write_bytes(cell_dir / PER_QUERY_FILE, buffer.getvalue())
+    if val is not None:
+        arrays = val.per_query.arrays()
+        arrays["ap_at_r"] = arrays["ap_at_r"].astype(np.float32)
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, **arrays)
+        atomic_write_bytes(cell_dir / VAL_PER_QUERY_FILE, buffer.getvalue())
+
+
+def save_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in learner.trainable_state_dict().items()}
+    atomic_write_bytes(cell_dir / BEST_FILE, save(state, metadata={"epoch": str(epoch)}))
+
+
+def restore_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
+    from safetensors.torch import load
+
+    path = cell_dir / BEST_FILE
+    if not path.is_file():
+        raise CellFailure(f"{path}: the weights of the validation-selected epoch {epoch} are missing; rerun the "
+                          "cell with --fresh")
+    state = load(path.read_bytes())
+    learner.load_trainable_state_dict({k: v.to(t.device) for (k, v), t in zip(
+        state.items(), (learner.trainable_state_dict()[k] for k in state))})
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -205,7 +265,9 @@ def load_checkpoint(path: Path, identity_hash: str, emit) -> dict[str, Any] | No
 
 
 def remove_checkpoint(cell_dir: Path) -> None:
-    (Path(cell_dir) / CHECKPOINT_FILE).unlink(missing_ok=True)
+    """After the result is written: the files that only a resumed run needs."""
+    for name in (CHECKPOINT_FILE, BEST_FILE):
+        (Path(cell_dir) / name).unlink(missing_ok=True)
 
 
 def check_recall_ks(ks: tuple[int, ...], splits, dataset: str) -> None:
@@ -261,7 +323,8 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         data_record["data"] = splits.record()
     emit({"event": "data", "summary": splits.record()})
     ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
-    check_recall_ks(ks, splits, config.dataset)
+    if config.evaluate_test:
+        check_recall_ks(ks, splits, config.dataset)
     seed_everything(config.seed)
     learner = build_learner(config, splits.train.num_classes).to(device)
     image_cfg = data_config(learner.model.backbone, config.image_size)
@@ -297,6 +360,7 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
           "steps": len(sampler)})
     reset_peak_memory(device)
     saved_bytes = 0  # what autograd keeps for backward in one step, counted on the first one
+    last_evaluation: dict[str, Any] | None = None  # the latest evaluated epoch, kept for the report
     for epoch in range(start_epoch + 1, config.epochs + 1):
         sampler.set_epoch(epoch)
         learner.train()
@@ -326,9 +390,13 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
                                   "time_s": train_seconds, "val": None, "test": None}
         if epoch % config.eval_every == 0 or epoch == config.epochs:
             eval_start = time.perf_counter()
-            record["val"] = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
-            record["test"] = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)
+            val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
+            test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) if config.evaluate_test else None
+            record["val"], record["test"] = _metrics(val), _metrics(test)
+            last_evaluation = {"epoch": epoch, "test": test, "val": val}
             eval_seconds += time.perf_counter() - eval_start
+            if config.selection_rule == "val" and val is not None and is_best_validation(history, record):
+                save_best(cell_dir, learner, epoch)
         history.append(record)
         save_checkpoint(checkpoint_path, {
             "identity": identity_hash, "epoch": epoch, "learner": learner.trainable_state_dict(),
@@ -342,12 +410,30 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
 
     if not trains:
         eval_start = time.perf_counter()
-        history = [{"epoch": 0, "train_loss": None, "lr": None, "time_s": 0.0,
-                    "val": evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype),
-                    "test": evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)}]
+        val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
+        test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) if config.evaluate_test else None
+        last_evaluation = {"epoch": 0, "test": test, "val": val}
+        history = [{"epoch": 0, "train_loss": None, "lr": None, "time_s": 0.0, "val": _metrics(val),
+                    "test": _metrics(test)}]
         eval_seconds = time.perf_counter() - eval_start
         emit({"event": "epoch_end", "epoch": 0, "train_loss": float("nan"), "test": history[0]["test"],
               "val": history[0]["val"]})
+
+    final, oracle = select_epochs(history, config.selection_rule)
+    if last_evaluation is None or last_evaluation["epoch"] != final["epoch"]:
+        # the reported epoch is not the one in memory (validation chose an earlier one, or the run
+        # resumed after its last epoch): put its weights back and evaluate it again, as it was
+        if final["epoch"] != history[-1]["epoch"]:
+            restore_best(cell_dir, learner, final["epoch"])
+        eval_start = time.perf_counter()
+        last_evaluation = {"epoch": final["epoch"],
+                           "val": evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype),
+                           "test": evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)
+                           if config.evaluate_test else None}
+        eval_seconds += time.perf_counter() - eval_start
+        final["test"], final["val"] = _metrics(last_evaluation["test"]), _metrics(last_evaluation["val"])
+    write_per_query(cell_dir, last_evaluation["test"], last_evaluation["val"])
+    engine = (last_evaluation["test"] or last_evaluation["val"]).per_query.engine
 
     counted = counted_training_memory(learner, optimizers, saved_bytes)
     memory, memory_kind = peak_memory(device)
@@ -359,25 +445,46 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
                     "counted_memory_bytes": counted, "process_peak_rss_bytes": process_rss,
                     **timer.summary(), "eval_time_s": eval_seconds, "device": device_name(device),
-                    "resumed_from_epoch": start_epoch}
-    final, oracle = select_epochs(history, config.selection_rule)
+                    "resumed_from_epoch": start_epoch, "knn_engine": engine,
+                    "faiss_package": faiss_package()}
     model = {"backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
              "weights": config.weights, "image_size": image_cfg.image_size, "mean": list(image_cfg.mean),
              "std": list(image_cfg.std),
              "embedding_size": config.embedding_size if trains else learner.model.width}
-    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner, model)
+    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner, model, last_evaluation, splits)
+
+
+def is_best_validation(history: list[dict[str, Any]], record: dict[str, Any]) -> bool:
+    """Whether this epoch's validation R@1 beats every earlier one (ties keep the earlier epoch,
+    as ``select_epochs`` does)."""
+    earlier = [h["val"]["recall@1"] for h in history if h.get("val")]
+    return not earlier or record["val"]["recall@1"] > max(earlier)
+
+
+def faiss_package() -> str | None:
+    """Which faiss wheel is installed ('faiss-gpu-cu12 1.14.1.post1'), for result.json."""
+    from importlib import metadata
+
+    for name in ("faiss-gpu-cu12", "faiss-gpu", "faiss-cpu"):
+        try:
+            return f"{name} {metadata.version(name)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def select_epochs(history: list[dict[str, Any]], rule: str) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The reported epoch (last, or best validation R@1) and the oracle (best test R@1)."""
-    evaluated = [h for h in history if h["test"] is not None]
+    evaluated = [h for h in history if h["test"] is not None or h["val"] is not None]
     if not evaluated:
         raise CellFailure("no evaluated epoch", history)
     if rule == "val":
         chosen = max((h for h in evaluated if h["val"]), key=lambda h: h["val"]["recall@1"])
     else:
         chosen = evaluated[-1]
-    best = max(evaluated, key=lambda h: h["test"]["recall@1"])
     final = {"epoch": chosen["epoch"], "selection": rule, "test": chosen["test"], "val": chosen["val"]}
-    oracle = {"epoch": best["epoch"], "test": best["test"]}
-    return final, oracle
+    tested = [h for h in evaluated if h["test"] is not None]
+    if not tested:  # a tuning trial: never looked at the test split
+        return final, None
+    best = max(tested, key=lambda h: h["test"]["recall@1"])
+    return final, {"epoch": best["epoch"], "test": best["test"]}

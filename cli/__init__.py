@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results")
     p.add_argument("--wait", action="store_true", help="with slurm: wait for the jobs to finish")
     p.add_argument("--no-report", action="store_true", help="skip the report after a local run")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a config field for every cell of the suite, repeatable")
+    p.add_argument("--jobs", type=int, default=1, help="local executor: cells run at once (default 1)")
     p.add_argument("--no-data-check", action="store_true",
                    help="do not check the data roots here first (a login node that cannot see the data)")
 

@@ -48,7 +48,7 @@ def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
         console.print(f"[red]failed[/]: {result['reason']}", highlight=False)
         console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
         return
-    test = result["final"]["test"]
+    test = result["final"]["test"] or result["final"]["val"] or {}
     metrics = "  ".join(f"{k} {100 * v:.2f}" for k, v in test.items() if k.startswith(("recall@", "map@")))
     m = result["measurements"]
     console.print(f"[green]ok[/] epoch {result['final']['epoch']} ({result['final']['selection']}): {metrics}")

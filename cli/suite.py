@@ -8,6 +8,7 @@ from rich.table import Table
 
 from bench import dispatch
 from bench.dispatch import CellState, cell_name, text, totals_line
+from bench.config import parse_assignments
 from bench.suite import Cell, Suite, load_suite
 from cli.console import make_console, print_table
 from cli.progress import ProgressView
@@ -17,48 +18,74 @@ STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": 
 
 
 def cmd_run(args) -> int:
+    """Run what can run; with tuning, the final cells of a method become runnable once its trials
+    have ended: locally (and with --wait on SLURM) the loop goes straight on to them."""
     console = make_console()
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, overrides=parse_assignments(getattr(args, "set", []) or [], "--set"))
     suite_dir = Path(args.out).resolve() / suite.name
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
-    every_cell = suite.cells(data_root=data_root)
-    cells = suite.select(every_cell, args.only) if args.only else every_cell
-    states = dispatch.collect_states(cells, suite_dir)
-
-    if args.dry_run:
-        print_table(console, grid_table(suite, cells, states, hyperparameters=True))
-        console.print(totals_line(states))
-        if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
-            dispatch.check_data(cells)
-        return 0
-
-    dispatch.write_cells_file(suite_dir, suite, every_cell)
-    todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
-    if args.max_cells is not None:
-        todo = todo[: max(args.max_cells, 0)]
-    for reason, count in skipped.items():
-        console.print(f"{count} cells {reason}")
     executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
-    if not todo:
-        console.print(f"{suite.name}: nothing to run ({totals_line(states)})")
-        if executor == "local" and not args.no_report:
-            from cli.report import print_suite_summary
+    done_before: set[str] = set()
+    code, prepared, ran_any = 0, False, False
+    while True:
+        plan = suite.plan(data_root=data_root, results_dir=suite_dir)
+        cells = suite.select(plan.cells, args.only) if args.only else plan.cells
+        states = dispatch.collect_states(cells, suite_dir)
+        if args.dry_run:
+            print_table(console, grid_table(suite, cells, states, hyperparameters=True))
+            console.print(totals_line(states) + waiting_text(plan))
+            if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
+                dispatch.check_data(cells)
+            return 0
+        dispatch.write_cells_file(suite_dir, suite, plan.cells)
+        if suite.tune is not None:
+            dispatch.write_tuning_file(suite_dir, suite, plan)
+        todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
+        todo = [c for c in todo if c.cell_id not in done_before]  # a stage runs its cells once per call
+        if args.max_cells is not None:
+            todo = todo[: max(args.max_cells, 0)]
+        if not done_before:
+            for reason, count in skipped.items():
+                console.print(f"{count} cells {reason}")
+        if not todo:
+            if not ran_any:
+                console.print(f"{suite.name}: nothing to run ({totals_line(states)}{waiting_text(plan)})")
+            break
+        ran_any = True
+        done_before.update(c.cell_id for c in todo)
+        with ProgressView(console) as on_event:
+            if not prepared:
+                dispatch.prepare_data(suite, todo, on_event)
+                prepared = True
+            if not args.no_data_check:
+                dispatch.check_data(todo)
+            if executor == "local":
+                failed = dispatch.run_local(todo, suite_dir, fresh=args.fresh, on_event=on_event,
+                                            jobs=getattr(args, "jobs", 1) or 1)
+                code = max(code, 1 if failed else 0)
+                continue
+        result = _submit(console, suite, todo, suite_dir, executor, args)
+        code = max(code, result)
+        if executor == "slurm" and not args.wait:
+            if plan.waiting:
+                console.print(f"{len(plan.waiting)} final cells wait for their tuning trials: rerun this command "
+                              "once the trials have ended (or pass --wait)", highlight=False)
+            return code
+    if executor == "local" and not args.no_report:
+        from cli.report import print_suite_summary, report_after_run
 
-            print_suite_summary(suite_dir, console)
-        return 0
-
-    with ProgressView(console) as on_event:
-        dispatch.prepare_data(suite, todo, on_event)
-        if not args.no_data_check:
-            dispatch.check_data(todo)
-        if executor == "local":
-            failed = dispatch.run_local(todo, suite_dir, fresh=args.fresh, on_event=on_event)
-    if executor == "local":
-        if not args.no_report:
-            from cli.report import report_after_run
-
+        if ran_any:
             report_after_run(suite_dir, suite.report.get("table"), console)
-        return 1 if failed else 0
+        else:
+            print_suite_summary(suite_dir, console)
+    return code
+
+
+def waiting_text(plan) -> str:
+    return f"; {len(plan.waiting)} final cells wait for their tuning trials" if plan.waiting else ""
+
+
+def _submit(console, suite: Suite, todo: list[Cell], suite_dir: Path, executor: str, args) -> int:
     jobs = dispatch.submit(suite, todo, suite_dir, executor, fresh=args.fresh)
     if executor == "debug":
         for job in jobs:  # the debug executor runs a job when its result is asked for
@@ -84,10 +111,11 @@ def cmd_run(args) -> int:
 def cmd_status(args) -> int:
     console = make_console()
     suite = load_suite(args.suite, check_methods=False)  # no torch: status runs anywhere
-    cells = suite.cells()
-    states = dispatch.collect_states(cells, Path(args.out).resolve() / suite.name)
-    print_table(console, grid_table(suite, cells, states, hyperparameters=False))
-    console.print(totals_line(states))
+    suite_dir = Path(args.out).resolve() / suite.name
+    plan = suite.plan(results_dir=suite_dir)
+    states = dispatch.collect_states(plan.cells, suite_dir)
+    print_table(console, grid_table(suite, plan.cells, states, hyperparameters=False))
+    console.print(totals_line(states) + waiting_text(plan))
     return 0
 
 

@@ -115,19 +115,34 @@ def swap_in(staging: Path, out_dir: Path) -> None:
 def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -> dict[str, Path]:
     from report import plots, render, summary  # matplotlib only when a report is written
 
-    written: dict[str, Path] = {}
+    from report import tuning
+    from report.significance import significance
 
-    built = build_table(results, kind, oracle=oracle)
+    written: dict[str, Path] = {}
+    # short timing runs (latency) say nothing about accuracy: no tests there
+    sig = significance(results) if kind != "latency" else None
+    built = build_table(results, kind, oracle=oracle, significance=sig)
     for ext, path in render.write_table(built, out_dir / "tables").items():
         written[f"table.{ext}"] = path
     written.update(_write_frames(results, out_dir))
+    if sig is not None:
+        written["significance.csv"] = out_dir / "significance.csv"
+        atomic_write_text(written["significance.csv"], sig.frame.to_csv(index=False, float_format="%.6g"))
+    if results.tuning:
+        written["tuning.csv"] = out_dir / "tuning.csv"
+        atomic_write_text(written["tuning.csv"], tuning.trials_frame(results.tuning).to_csv(index=False))
 
     figures: dict[str, list[Path]] = {}
-    for stem, fig in plots.make_figures(results, kind).items():
+    made = plots.make_figures(results, kind)
+    if sig is not None and not sig.empty:
+        made["significance"] = plots.fig_significance(sig)
+    for stem, fig in made.items():
+        if fig is None:
+            continue
         figures[stem] = plots.save_figure(fig, out_dir / "figures" / stem)
         for path in figures[stem]:
             written[f"figures/{path.name}"] = path
-    written["index.md"] = summary.write_index(out_dir, results, built, written, figures)
+    written["index.md"] = summary.write_index(out_dir, results, built, written, figures, significance=sig)
     return {_relative(name, path, out_dir): path for name, path in written.items()}
 
 

@@ -22,6 +22,7 @@ from bench.results import RESULT_FILE, ResultError, foreign_reason, read_result
 from report import names
 
 EXPECTED_CELLS_FILE = "cells.json"
+TUNING_FILE = "tuning.json"  # bench.tune.TUNING_FILE (the reporter never imports the engine's tuning)
 STANDARD_AXES = ("dataset", "backbone", "method", "label", "seed")
 # Config fields tables need even when the suite did not sweep them (latency is per batch size,
 # table2's row names show the embedding size).
@@ -43,6 +44,8 @@ class SuiteResults:
     epochs: pd.DataFrame  # one row per finished epoch of every cell that has a result file
     axes: list[str] = field(default_factory=list)  # key fields, standard ones first
     stale: list[str] = field(default_factory=list)  # folders cells.json does not list: left out
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning trials (stage 1), kept apart
+    tuning: dict[str, Any] | None = None  # tuning.json: the plan, each method's trials, the winners
 
     @property
     def grid_axes(self) -> list[str]:
@@ -84,13 +87,39 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
             rows.append(missing_row(cell_id, key, "never started: no folder"))
             key_lists.append(rows[-1].pop(KEY_NAMES))
 
+    # Tuning: trial cells (stage 1) are reported apart; the tables hold the final cells.
+    trial_ids = {r["cell_id"] for r in rows if r.get("stage") == "trial"}
+    trial_rows = [r for r in rows if r["cell_id"] in trial_ids]
+    kept = [(r, k) for r, k in zip(rows, key_lists) if r["cell_id"] not in trial_ids]
+    rows, key_lists = [r for r, _ in kept], [[n for n in k if n not in ("stage", "trial")] for _, k in kept]
+    epoch_rows = [e for e in epoch_rows if e["cell_id"] not in trial_ids]
+    for row in rows:
+        row.pop("stage", None), row.pop("trial", None)
+    for row in epoch_rows:
+        row.pop("stage", None), row.pop("trial", None)
     axes = collect_axes(key_lists)
     cells = pd.DataFrame(rows, columns=cell_columns(rows, axes))
     add_display_columns(cells)
     epochs = pd.DataFrame(epoch_rows, columns=epoch_columns(epoch_rows, axes))
     add_display_columns(epochs)
+    trials = pd.DataFrame(trial_rows)
+    if not trials.empty:
+        add_display_columns(trials)
     return SuiteResults(suite=suite_dir.name, suite_dir=suite_dir, cells=cells, epochs=epochs, axes=axes,
-                        stale=stale)
+                        stale=stale, trials=trials, tuning=read_tuning(suite_dir / TUNING_FILE))
+
+
+def read_tuning(path: Path) -> dict[str, Any] | None:
+    """``tuning.json`` written by the dispatcher (bench.tune), or None."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ReportError(f"{path}: cannot read the tuning record: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("methods"), list):
+        raise ReportError(f"{path}: not a tuning record (expected 'plan' and 'methods')")
+    return data
 
 
 def read_expected_cells(path: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:

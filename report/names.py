@@ -38,6 +38,7 @@ AXES = {
 }
 
 MEMORY_KINDS = {
+    "counted_training": "training memory counted: parameters, gradients, optimiser state and saved activations",
     "cuda_max_allocated": "peak CUDA memory allocated",
     "cpu_peak_rss": "peak CPU RSS of the process",
 }

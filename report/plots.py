@@ -96,9 +96,17 @@ def _legend(fig: Figure, axes: list[Any], title: str | None = None) -> None:
             handles.setdefault(label, handle)
     # our series first, references (paper values, Pareto front) after them
     order = sorted(handles, key=lambda label: label.startswith(("paper", "Pareto")))
-    if order:
-        fig.legend([handles[k] for k in order], order, loc="outside lower center",
-                   ncols=_legend_columns(fig, order), title=title)
+    if not order:
+        return
+    columns = _legend_columns(fig, order)
+    rows = -(-len(order) // columns)
+    if rows > 4:  # a tall legend below would squeeze the panels to nothing: put it beside them
+        size = mpl.font_manager.FontProperties(size=mpl.rcParams["legend.fontsize"]).get_size_in_points()
+        extra = (max(len(label) for label in order) * 0.6 + 5) * size / 72
+        fig.set_size_inches(fig.get_figwidth() + extra, max(fig.get_figheight(), 0.32 * len(order) + 1))
+        fig.legend([handles[k] for k in order], order, loc="outside right upper", ncols=1, title=title)
+        return
+    fig.legend([handles[k] for k in order], order, loc="outside lower center", ncols=columns, title=title)
 
 
 def _legend_columns(fig: Figure, labels: list[str]) -> int:
@@ -133,15 +141,20 @@ COSTS = {
 }
 
 
-MEMORY_SHORT = {"cuda_max_allocated": "CUDA memory allocated", "cpu_peak_rss": "CPU memory (RSS)"}
+MEMORY_SHORT = {"cuda_max_allocated": "Peak CUDA memory allocated", "cpu_peak_rss": "Peak CPU memory (RSS)",
+                "counted_training": "Training memory, counted"}
 
 
 def fig_accuracy_vs_cost(results: SuiteResults, cost: str) -> Figure | None:
     """R@1 against trainable parameters or peak memory, a panel per dataset, Pareto front marked."""
     column, scale, xlabel, log, what = COSTS[cost]
     ok = _ok(results)
+    if cost == "memory" and "memory_kind" in ok and set(ok["memory_kind"].dropna()) == {"counted_training"}:
+        what = "training memory (counted)"
     if cost == "memory" and "memory_kind" in ok and ok["memory_kind"].nunique() == 1:
-        xlabel = f"Peak {MEMORY_SHORT.get(ok['memory_kind'].iloc[0], 'memory')} (GiB)"
+        xlabel = f"{MEMORY_SHORT.get(ok['memory_kind'].iloc[0], 'Peak memory')} (GiB)"
+    if cost == "memory" and column in ok and pd.to_numeric(ok[column], errors="coerce").max() < 2**30:
+        scale, xlabel = 1 / 2**20, xlabel.replace("(GiB)", "(MiB)")  # small models: MiB reads better
     if column not in ok or ok[column].isna().all() or ok["method_name"].nunique() < 2:
         return None
     stats = summarize(ok, ["dataset", "dataset_name", "row_label"],
@@ -378,6 +391,50 @@ def _paper_marks(ax, records, metric, values) -> None:
         # white with a black edge: visible on top of any bar colour
         ax.scatter(xs, ys, marker=("D", "s", "^", "o")[j % 4], s=45, facecolors="white", edgecolors="black",
                    linewidths=1.2, zorder=4, label=f"paper, {names.dataset_display(dataset)} ({records[0].source})")
+
+
+# --- significance --------------------------------------------------------------------------
+
+def fig_significance(sig) -> Figure | None:
+    """Each method's difference to its group's best, with the 95 % bootstrap interval; filled
+    markers are significant after Holm's correction, hollow ones are not."""
+    from report.significance import ALPHA, METRICS
+
+    panels = [(group, metric) for (group, metric) in sig.best]
+    if not panels:
+        return None
+    height = max(len(sig.not_worse.get(key, ())) for key in panels)
+    height = max(height, *(len({*part["method_a"], *part["method_b"]}) - 1 for part in
+                           (sig.frame[(sig.frame["table"] == g) & (sig.frame["metric"] == METRICS[m])] for g, m in panels)))
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(panels), rows=max(1, len(panels) // 2))
+        fig.set_size_inches(PANEL[0] * min(len(panels), 2) + 3, max(PANEL[1], 0.4 * height + 2.2) *
+                            max(1, len(panels) // 2))
+        for ax, (group, metric) in zip(axes, panels):
+            best = sig.best[(group, metric)]
+            part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])
+                             & ((sig.frame["method_a"] == best) | (sig.frame["method_b"] == best))]
+            # as "other minus best": negative is worse
+            rows = [(r.method_b if r.method_a == best else r.method_a,
+                     -r.diff if r.method_a == best else r.diff,
+                     -r.ci_high if r.method_a == best else r.ci_low,
+                     -r.ci_low if r.method_a == best else r.ci_high, r.p_holm) for r in part.itertuples()]
+            rows.sort(key=lambda r: r[1])
+            y = np.arange(len(rows))
+            for i, (name, diff, low, high, p) in enumerate(rows):
+                significant = p < ALPHA
+                colour = sns.color_palette(PALETTE)[3] if significant else "0.45"
+                ax.errorbar(diff, i, xerr=[[diff - low], [high - diff]], fmt="o", color=colour, capsize=3,
+                            markerfacecolor=colour if significant else "white", markersize=7, zorder=3,
+                            label=f"significant (p_holm < {ALPHA})" if significant else "not significant")
+            ax.axvline(0, color="0.2", lw=1)
+            ax.set_ylim(-0.6, len(rows) - 0.4)
+            ax.set_yticks(y, [r[0] for r in rows])
+            ax.set_xlabel(f"{METRICS[metric]} minus {best}'s (points)")
+            ax.set_title(f"{group}: {METRICS[metric]}")
+        fig.suptitle("Differences to the best method (hierarchical paired bootstrap, 95% intervals)")
+        _legend(fig, axes)
+    return fig
 
 
 # --- all of them ---------------------------------------------------------------------------

@@ -65,13 +65,14 @@ def tex_header(text: str) -> str:
 def _cell(table: Table, column: Column, row_index: int, bold: set[int], latex: bool) -> str:
     row = table.rows[row_index]
     value, std, suffix = format_parts(column, row.values.get(column.key), row.source, table.seeds)
+    marked = (row_index, column.key) in table.marked
     if latex:
         text = tex(value) + (r" $\pm$ " + std if std else "")
         text = rf"\textbf{{{text}}}" if row_index in bold and text else text
-        return text + tex(suffix)
+        return text + (r"$^\dagger$" if marked else "") + tex(suffix)
     text = value + (f" ± {std}" if std else "")
     text = f"**{text}**" if row_index in bold and text else text
-    return md(text + suffix)
+    return md(text + ("†" if marked else "") + suffix)
 
 
 def _groups(columns: list[Column]) -> list[tuple[str, int]]:
@@ -181,6 +182,8 @@ def to_frame(table: Table) -> pd.DataFrame:
             empty = stat is None or stat.empty
             record[f"{column.key}:mean"] = math.nan if empty else stat.mean
             record[f"{column.key}:std"] = math.nan if empty else stat.std
+            record[f"{column.key}:ci95_low"] = math.nan if empty else stat.ci_low
+            record[f"{column.key}:ci95_high"] = math.nan if empty else stat.ci_high
             record[f"{column.key}:n"] = 0 if stat is None else stat.n
             if column.fmt in ("params", "memory"):
                 record[f"{column.key}:pct_of_full_ft"] = math.nan if empty or stat.pct is None else stat.pct

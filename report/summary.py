@@ -15,6 +15,7 @@ from report.tables import Table, protocol_text, seeds_text
 
 TOP_PER_DATASET = 3
 FIGURE_TITLES = {
+    "significance": "Differences to the best method, with 95% bootstrap intervals",
     "acc_vs_params": "R@1 vs trainable parameters (Pareto front marked)",
     "acc_vs_memory": "R@1 vs peak memory (Pareto front marked)",
     "latency": "Training step latency by method and batch size",
@@ -41,7 +42,7 @@ def status_counts(cells: pd.DataFrame) -> dict[str, int]:
 
 
 def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dict[str, Path],
-                figures: dict[str, list[Path]]) -> Path:
+                figures: dict[str, list[Path]], significance=None) -> Path:
     """``index.md``: protocol, counts, the table inline, links to every file, failed cells."""
     counts = status_counts(results.cells)
     lines = [
@@ -58,13 +59,14 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
         "",
         f"`{table.kind}`: [Markdown]({_link(written['table.md'], out_dir)}) · "
         f"[LaTeX]({_link(written['table.tex'], out_dir)}) (`\\input` it; needs `\\usepackage{{booktabs}}`) · "
-        f"[CSV]({_link(written['table.csv'], out_dir)}) (mean, std, n per column)",
+        f"[CSV]({_link(written['table.csv'], out_dir)}) (mean, std, 95% interval, n per column)",
         "",
         written["table.md"].read_text().rstrip(),
         "",
-        "## Figures",
-        "",
     ]
+    lines += significance_section(significance, written, out_dir)
+    lines += tuning_section(results, written, out_dir)
+    lines += ["## Figures", ""]
     if not figures:
         lines += ["The data supports no figure (no finished cells with the needed measurements).", ""]
     for stem, paths in figures.items():
@@ -86,6 +88,41 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
     path = out_dir / "index.md"
     atomic_write_text(path, "\n".join(lines) + "\n")
     return path
+
+
+def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[str]:
+    if sig is None:
+        return []
+    from report.significance import sentences
+
+    lines = ["## What the differences mean", ""]
+    lines += ["Paired comparisons of every two methods of a group, on R@1 and MAP@R: the difference of their "
+              "means over seeds, with a 95% interval and a p-value from a hierarchical paired bootstrap "
+              "(2,000 resamples of the seeds and of the test queries, the same query resample for both "
+              "methods), Holm-corrected over the pairs of a group and metric.", ""]
+    lines += [f"- {s}" for s in sentences(sig)] + [""]
+    lines += [f"- {n}" for n in sig.notes]
+    if "significance.csv" in written:
+        lines += [f"All pairs: [significance.csv]({_link(written['significance.csv'], out_dir)}).", ""]
+    return lines
+
+
+def tuning_section(results: SuiteResults, written: dict[str, Path], out_dir: Path) -> list[str]:
+    from report import tuning
+
+    frame = tuning.summary_frame(results.tuning)
+    if frame.empty:
+        return []
+    lines = ["## Tuning", "", tuning.plan_text(results.tuning), ""]
+    lines += ["| " + " | ".join(map(md, frame.columns)) + " |", "|" + "|".join(["---"] * len(frame.columns)) + "|"]
+    lines += ["| " + " | ".join(md(str(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
+    lines.append("")
+    if "tuning.csv" in written:
+        lines += [f"Every trial: [tuning.csv]({_link(written['tuning.csv'], out_dir)}).", ""]
+    waiting = (results.tuning or {}).get("waiting")
+    if waiting:
+        lines += [f"{waiting} final cells still wait for their trials.", ""]
+    return lines
 
 
 def problem_cells(cells: pd.DataFrame) -> list[str]:

@@ -90,6 +90,7 @@ class Table:
     # "" (best of our rows), "val": a sweep's rows bolded where validation R@1 is best (the
     # honest choice of a setting), "test": a sweep without validation, bolded on test (an oracle)
     bold_by: str = ""
+    marked: set[tuple[int, str]] = field(default_factory=set)  # (row, column): not worse than the best
 
     @property
     def label(self) -> str:
@@ -161,7 +162,9 @@ def format_parts(column: Column, stat: Stat | None, source: str, seeds: int) -> 
     """(value, std, suffix) as plain text; renderers add ± and bold in their own syntax."""
     if stat is None or stat.empty:
         return ("-" if source == "ours" and column.fmt != "delta" else "", "", "")
-    std = "" if stat.n <= 1 or math.isnan(stat.std) else f"{stat.std:.{decimals(column)}f}"
+    # the half width of the 95 % t interval over seeds (none from a single seed)
+    half = (stat.ci_high - stat.ci_low) / 2
+    std = "" if stat.n <= 1 or math.isnan(half) else f"{half:.{decimals(column)}f}"
     # parameters and memory do not depend on the seed: fewer seeds there is no caveat
     seed_caveat = source == "ours" and column.fmt in ("metric", "latency") and 0 < stat.n < seeds
     suffix = f" (n={stat.n})" if seed_caveat else ""
@@ -169,7 +172,8 @@ def format_parts(column: Column, stat: Stat | None, source: str, seeds: int) -> 
         value = f"{_params_text(stat.mean)}M" + (f" ({_pct_text(stat.pct)}%)" if stat.pct is not None else "")
         return value, "", suffix
     if column.fmt == "memory":
-        value = f"{stat.mean:.1f}G" + (f" ({stat.pct:.1f}%)" if stat.pct is not None else "")
+        amount = f"{stat.mean:.1f}G" if stat.mean >= 1 else f"{stat.mean * 1024:.0f}M"  # small models: MiB
+        value = amount + (f" ({stat.pct:.1f}%)" if stat.pct is not None else "")
         return value, "", suffix
     if column.fmt == "delta":
         return f"{stat.mean:+.1f}", "", ""
@@ -314,8 +318,9 @@ class Layout:
     selects_settings: bool = False  # rows are settings of a sweep: bold is a choice of setting
 
 
-def build_table(results: SuiteResults, kind: str, oracle: bool = False) -> Table:
-    """One table of a suite in the given shape."""
+def build_table(results: SuiteResults, kind: str, oracle: bool = False, significance=None) -> Table:
+    """One table of a suite in the given shape; ``significance`` (report.significance) marks the
+    R@1 and MAP@R of rows not significantly worse than their group's best."""
     check_kind(kind)
     records = [r for r in results.cells.to_dict("records") if not names.is_missing(r.get("method"))]
     layout = LAYOUTS[kind.split("_")[0] if kind.startswith("ablation") else kind](results, records, kind, oracle)
@@ -340,8 +345,24 @@ def build_table(results: SuiteResults, kind: str, oracle: bool = False) -> Table
     elif layout.selects_settings:
         table.bold_by = "test"
     table.notes = cell_notes(results, records) + paper_notes + percentage_notes(kind, rows, plans)
+    if significance is not None and not significance.empty:
+        mark_not_worse(table, plans, layout, significance)
     table.caption = caption(layout, results, table, bool(paper_rows), oracle)
     return table
+
+
+MARK = "†"
+
+
+def mark_not_worse(table: Table, plans: list[RowPlan], layout: Layout, significance) -> None:
+    for index, (row, plan) in enumerate(zip(table.rows, plans)):
+        for spec in layout.specs:
+            if spec.value not in ("recall@1", "map@r"):
+                continue
+            cells = [c["cell_id"] for c in plan.cells
+                     if c["status"] == "ok" and all(_text(c.get(k)) == _text(v) for k, v in spec.where.items())]
+            if cells and significance.marked(cells, spec.value):
+                table.marked.add((index, spec.column.key))
 
 
 def _seed_count(plan: RowPlan) -> int:
@@ -722,7 +743,10 @@ def protocol_text(ok: pd.DataFrame) -> str:
 
 
 def seeds_text(seeds: int) -> str:
-    return f"mean ± std over {seeds} seeds (sample std)" if seeds > 1 else "single seed"
+    if seeds > 1:
+        return (f"mean ± half width of the 95% confidence interval over n = {seeds} seeds (t distribution, "
+                f"n - 1 = {seeds - 1} degrees of freedom)")
+    return "single seed: no interval"
 
 
 def memory_text(ok: pd.DataFrame) -> str:
@@ -764,5 +788,8 @@ def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: boo
         parts.append(f"Rows prefixed paper: are published numbers ({published.CITATION}); the paper reports "
                      "single runs and likely the best test epoch."
                      + (" Δ R@1: ours minus paper." if has_delta else ""))
+    if table.marked:
+        parts.append(f"{MARK}: not significantly worse than the best row of its group (hierarchical paired bootstrap "
+                     "over seeds and test queries, Holm-corrected, p >= 0.05; report/significance.csv).")
     parts.append("A dash: no finished run (failed and missing cells are listed below).")
     return " ".join(parts)

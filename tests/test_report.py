@@ -63,6 +63,15 @@ def pct(values) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values)
 
 
+def shown(values, offset: float = 0.0) -> str:
+    """'mean ± h' as the tables print it: h is the half width of the 95 % t interval."""
+    from scipy import stats
+
+    mean, std = pct(values)
+    n = len([v for v in values if v is not None])
+    return f"{mean + offset:.1f} ± {stats.t.ppf(0.975, n - 1) * std / n ** 0.5:.1f}"
+
+
 # --- loading ---------------------------------------------------------------------------------
 
 def test_load_keeps_failed_and_missing_cells(results_root):
@@ -147,11 +156,11 @@ def test_table1_markdown_bold_dashes_and_notes(report):
     rows = md_rows(text)
     header = rows["Method"]
     r1, mapr = header.index("R@1"), header.index("MAP@R")
-    assert rows["VPTSP-G (B)"][r1] == "**86.8 ± 0.3**"
-    assert rows["VPTSP-G (B)"][mapr] == "**52.8 ± 0.4**"
-    assert rows["Full fine-tuning"][r1] == "85.5 ± 0.5"
-    assert rows["Linear probing"][r1] == "84.6 ± 0.7"
-    assert rows["Adapter"][r1] == "83.2 ± 0.3 (n=2)"  # a failed seed
+    assert rows["VPTSP-G (B)"][r1] == f"**{shown(fx.TABLE1_R1['vptsp_g+bitfit'])}**" == "**86.8 ± 0.7**"
+    assert rows["VPTSP-G (B)"][mapr] == f"**{shown(fx.TABLE1_MAP['vptsp_g+bitfit'])}**"
+    assert rows["Full fine-tuning"][r1] == shown(fx.TABLE1_R1["full_ft"]) == "85.5 ± 1.2"
+    assert rows["Linear probing"][r1] == shown(fx.TABLE1_R1["linear_probe"])
+    assert rows["Adapter"][r1] == shown(fx.TABLE1_R1["adapter"]) + " (n=2)"  # a failed seed
     bold_r1 = [name for name, cells in rows.items() if cells[r1].startswith("**")]
     assert bold_r1 == ["VPTSP-G (B)"]  # best of ours only, paper rows never bold
     assert rows["LoRA"][:4] == ["-", "-", "-", "-"]
@@ -161,15 +170,15 @@ def test_table1_markdown_bold_dashes_and_notes(report):
     assert rows["VPTSP-G (B)"][header.index("Δ R@1 vs paper")] == "+0.2"
     assert f"Failed cells (1): cub200-adapter-vit_s16-s0 ({fx.FAILED_REASON})" in text
     assert f"Missing cells (1): {fx.MISSING_CELL}" in text
-    assert "last epoch" in text and "3 seeds" in text
+    assert "last epoch" in text and "n = 3 seeds" in text and "95% confidence interval" in text
     assert "oracle" not in text  # only with --oracle
 
 
 def test_table1_latex_escapes_and_bold(report):
     text = report["tables/table1.tex"].read_text()
     assert r"\toprule" in text and r"\midrule" in text and r"\bottomrule" in text
-    assert r"\textbf{86.8 $\pm$ 0.3}" in text
-    assert r"85.5 $\pm$ 0.5" in text
+    assert r"\textbf{86.8 $\pm$ 0.7}" in text
+    assert r"85.5 $\pm$ 1.2" in text
     assert r"cub200-adapter-vit\_s16-s0" in text and "NaN loss at epoch 2, step 17" in text
     assert r"21.9M (100.0\%)" in text
     assert "±" not in text and "Δ" not in text  # pdflatex-safe
@@ -184,7 +193,7 @@ def test_oracle_column_only_when_asked(results_root):
     assert "R@1 oracle (best test epoch, optimistic)" in text
     assert any(c.title == ORACLE_TITLE for c in oracle.columns)
     # fixtures put the best epoch 0.2 pp above the final one
-    assert md_rows(text)["VPTSP-G (B)"][[c.title for c in oracle.columns].index(ORACLE_TITLE)] == "**87.0 ± 0.3**"
+    assert md_rows(text)["VPTSP-G (B)"][[c.title for c in oracle.columns].index(ORACLE_TITLE)] == f"**{shown(fx.TABLE1_R1['vptsp_g+bitfit'], 0.2)}**"
 
 
 def test_caption_names_validation_selection(tmp_path):

@@ -218,9 +218,12 @@ def test_ablation_latency_smoke_and_demo_suites():
     assert all((c.config.dataset, c.config.backbone, c.config.weights, c.config.epochs) ==
                ("synthetic", "vit_test", "none", 2) for c in smoke)
 
-    demo = load_suite("demo").cells()
-    assert {c.config.method for c in demo} == set(methods.method_names())
-    assert {c.key["seed"] for c in demo} == {0, 1}
+    demo = load_suite("demo").plan()  # before any result: the trials, and the untuned zero-shot rows
+    assert {c.config.method for c in demo.cells} == set(methods.method_names())
+    trials = [c for c in demo.cells if c.key["stage"] == "trial"]
+    assert len(trials) == 2 * (len(methods.method_names()) - 1)  # an equal budget of 2; zero_shot: none
+    assert all(not c.config.evaluate_test and c.config.val_fraction == 0.2 for c in trials)
+    assert {k["seed"] for k in demo.waiting} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("suite, cells", [("table2", 27), ("table1", 36)])
