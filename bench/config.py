@@ -32,7 +32,7 @@ RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suit
 # Fields added after the first release: hashed only when set to something else than the default,
 # so that adding a field never renames the cells finished before it existed.
 HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init", "recall_ks", "train_fraction", "train_classes_fraction",
-                                            "output", "evaluate_test")
+                                            "output", "evaluate_test", "jpeg_draft")
 OUTPUTS = ("cls", "mean")
 LOGGERS = ("tensorboard", "wandb", "csv")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -97,6 +97,9 @@ class CellConfig:
     # False: the test split is never evaluated (tuning trials: they are chosen on validation only)
     evaluate_test: bool = True
     skip_corrupt_images: bool = False
+    # Decode JPEGs at a reduced DCT scale keeping the shorter side >= jpeg_draft x image_size
+    # (evaluation: >= the 256/224 resize); None decodes every pixel, as the reference does.
+    jpeg_draft: float | None = bounded(None, min=1.0)
 
     num_workers: int | str = 4  # data loader processes; "auto": the CPUs this job may use
     # CPU threads for torch in this cell; None = torch's default (one per core). On a busy

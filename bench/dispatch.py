@@ -368,14 +368,14 @@ def check_slurm_reachable() -> None:
                         "--executor local to run the cells here")
 
 
-def make_executor(kind: str, folder: Path, suite: Suite) -> submitit.Executor:
+def make_executor(kind: str, folder: Path, suite: Suite, resources: dict[str, Any] | None = None) -> submitit.Executor:
     if kind == "debug":
         return submitit.AutoExecutor(folder=folder, cluster="debug")
     if not shutil.which("sbatch"):
         raise UserError("--executor slurm: sbatch is not on PATH; use --executor local, or bring up a "
                         "one-node cluster here with: bash scripts/slurm-local.sh up")
     check_slurm_reachable()
-    resources = suite.resources
+    resources = suite.resources if resources is None else resources
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm",
                                      slurm_max_num_timeout=resources.get("max_num_timeout", 3))
     parameters = {EXECUTOR_PARAMETERS[k]: v for k, v in resources.items() if k in EXECUTOR_PARAMETERS}
@@ -386,15 +386,24 @@ def make_executor(kind: str, folder: Path, suite: Suite) -> submitit.Executor:
 
 
 def submit(suite: Suite, cells: list[Cell], suite_dir: Path, kind: str, *, fresh: bool) -> list[submitit.Job]:
-    """One job array, one cell per task; each cell's job id goes to its job.json."""
-    executor = make_executor(kind, suite_dir / SUBMITIT_DIR, suite)
+    """One job array per distinct resource request (cells sized by overrides), one cell per
+    task; each cell's job id goes to its job.json. Returns the jobs in the order of ``cells``."""
+    groups: dict[str, list[int]] = {}
+    for index, cell in enumerate(cells):
+        groups.setdefault(json.dumps(cell.resources or suite.resources, sort_keys=True), []).append(index)
+    jobs: list[Any] = [None] * len(cells)
     cell_dirs = [str(suite_dir / c.cell_id) for c in cells]
-    try:
-        jobs = executor.map_array(CellJob(), [c.config for c in cells], cell_dirs, [c.key for c in cells],
-                                  [fresh] * len(cells))
-    except submitit.core.utils.FailedJobError as e:
-        raise UserError(f"sbatch refused the job array (`sbatch` of {suite_dir / SUBMITIT_DIR}): {e}; if SLURM is "
-                        "not reachable from here, use --executor local") from None
+    for request, indexes in groups.items():
+        executor = make_executor(kind, suite_dir / SUBMITIT_DIR, suite, json.loads(request))
+        try:
+            submitted_jobs = executor.map_array(CellJob(), [cells[i].config for i in indexes],
+                                                [cell_dirs[i] for i in indexes], [cells[i].key for i in indexes],
+                                                [fresh] * len(indexes))
+        except submitit.core.utils.FailedJobError as e:
+            raise UserError(f"sbatch refused the job array (`sbatch` of {suite_dir / SUBMITIT_DIR}): {e}; if SLURM "
+                            "is not reachable from here, use --executor local") from None
+        for i, job in zip(indexes, submitted_jobs):
+            jobs[i] = job
     if kind == "slurm":
         submitted = dt.datetime.now(dt.timezone.utc).isoformat()
         for cell_dir, job in zip(cell_dirs, jobs):

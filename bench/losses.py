@@ -26,6 +26,7 @@ class ProxyAnchorLoss(nn.Module):
         self.delta = delta
         self.positive_average = positive_average
         self.proxies = nn.Parameter(torch.empty(num_classes, embedding_size))
+        self.proxies.per_class = True  # one row per class: counted apart (bench.measure.parameter_counts)
         nn.init.kaiming_normal_(self.proxies, mode="fan_out")
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor,

@@ -24,11 +24,16 @@ def parameter_counts(learner: MetricLearner) -> dict[str, int]:
     model = learner.model
     head_and_proxies = total(model.head.parameters()) + total(learner.criterion.parameters())
     trainable = total(learner.parameters())
+    # per class: one row (or one set of prompts) per training class, so the count grows with the
+    # dataset (SOP's class prompts are 262M); shared: the rest, what a PEFT table should compare
+    per_class = total(p for p in learner.parameters() if getattr(p, "per_class", False))
     return {
         "params_total": total(learner.parameters(), trainable_only=False),
         "params_backbone": total(model.backbone.parameters(), trainable_only=False),
         "params_trainable": trainable,
         "params_trainable_no_head": trainable - head_and_proxies,
+        "params_shared": trainable - per_class,
+        "params_per_class": per_class,
     }
 
 

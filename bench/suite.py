@@ -88,6 +88,7 @@ class Override:
     when: dict[str, list[Any]]  # key name -> accepted values
     fields: dict[str, Any]  # config fields
     method_args: dict[str, Any]
+    resources: dict[str, Any] = field(default_factory=dict)  # this cell's SLURM request (time, mem, ...)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class Cell:
     key: dict[str, Any]
     config: CellConfig
     cell_id: str
+    resources: dict[str, Any] = field(default_factory=dict)  # the suite's, then matching overrides'
 
 
 @dataclass
@@ -178,7 +180,7 @@ class Suite:
                            "trial": t}
                     config = self._with(base, {**point, "seed": seed, "val_fraction": plan.val_fraction,
                                                "selection": "last", "evaluate_test": False})
-                    cell = Cell(self.name, key, config, make_cell_id(key, config.identity()))
+                    cell = Cell(self.name, key, config, make_cell_id(key, config.identity()), base.resources)
                     cells.append(cell)
                     if scores is not None:
                         score = _trial_score(results_dir, cell, plan.metric, read_result, RESULT_FILE, ResultError)
@@ -194,7 +196,7 @@ class Suite:
                     waiting.append(key)
                     continue
                 config = self._with(member, best["params"])
-                cells.append(Cell(self.name, key, config, make_cell_id(key, config.identity())))
+                cells.append(Cell(self.name, key, config, make_cell_id(key, config.identity()), member.resources))
         return cells, waiting, tuning
 
     def _with(self, cell: Cell, fields: dict[str, Any]) -> CellConfig:
@@ -219,7 +221,11 @@ class Suite:
                 raise self.fail("grid.method", f"{_describe(earlier.key)} and {_describe(key)} are the same cell "
                                                "(a label is only a display name): give them different arguments "
                                                "or drop one")
-            cells.setdefault(cell_id, Cell(self.name, key, config, cell_id))  # sub-grids may overlap
+            resources = dict(self.resources)
+            for override in self.overrides:
+                if _matches(override.when, key):
+                    resources.update(override.resources)
+            cells.setdefault(cell_id, Cell(self.name, key, config, cell_id, resources))  # sub-grids may overlap
         if not cells:
             raise self.fail("exclude", "removes every cell of the grid")
         return list(cells.values())
@@ -483,17 +489,19 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
     overrides = []
     for i, item in enumerate(_list(data, "overrides", fail)):
         where = f"overrides[{i}]"
-        if not isinstance(item, dict) or set(item) - {"when", "set"} or "set" not in item:
-            raise fail(where, "must be a mapping {when: {...}, set: {...}}")
+        if (not isinstance(item, dict) or set(item) - {"when", "set", "resources"}
+                or not ({"set", "resources"} & set(item))):
+            raise fail(where, "must be a mapping {when: {...}, set: {...}, resources: {...}}")
         # no `when`: every cell (rarely useful beside `defaults`, but not wrong)
         when = _rule(item["when"], f"{where}.when", key_values, fail) if item.get("when") else {}
-        settings = _settings(item["set"], f"{where}.set", fail)
+        settings = _settings(item.get("set") or {}, f"{where}.set", fail)
+        cell_resources = _resources(item.get("resources") or {}, fail, f"{where}.resources")
         for k in settings:
             if k in axes or k in KEY_FIELDS:
                 raise fail(f"{where}.set.{k}", f"{k!r} is a grid axis or key field; the cell's own "
                                                "value would be overwritten: make it an axis value instead")
         method_args = settings.pop("method_args", {})
-        overrides.append(Override(when, settings, method_args))
+        overrides.append(Override(when, settings, method_args, cell_resources))
 
     exclude = [_rule(item, f"exclude[{i}]", key_values, fail)
                for i, item in enumerate(_list(data, "exclude", fail))]
@@ -568,16 +576,16 @@ def _check_value(name: str, value: Any, where: str, fail) -> None:
                           f"or a timm model name), got {value!r}")
 
 
-def _resources(raw: dict[str, Any], fail) -> dict[str, Any]:
+def _resources(raw: dict[str, Any], fail, where: str = "resources") -> dict[str, Any]:
     for k, v in raw.items():
         if k not in RESOURCES:
-            raise fail(f"resources.{k}", f"unknown key{closest(k, RESOURCES)}; allowed: {', '.join(RESOURCES)}")
+            raise fail(f"{where}.{k}", f"unknown key{closest(k, RESOURCES)}; allowed: {', '.join(RESOURCES)}")
         expected = RESOURCES[k]
         if isinstance(v, bool) or not isinstance(v, expected):
             names = " or ".join(t.__name__ for t in (expected if isinstance(expected, tuple) else (expected,)))
-            raise fail(f"resources.{k}", f"must be {names}, got {v!r} ({type(v).__name__})")
+            raise fail(f"{where}.{k}", f"must be {names}, got {v!r} ({type(v).__name__})")
     if not all(isinstance(line, str) for line in raw.get("setup", [])):
-        raise fail("resources.setup", "must be a list of shell lines (strings)")
+        raise fail(f"{where}.setup", "must be a list of shell lines (strings)")
     return raw
 
 

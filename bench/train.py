@@ -8,7 +8,10 @@ and restarted therefore ends with the same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import io
+import math
 import random
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,13 +29,15 @@ from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
 from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics
 from bench.learner import build_learner
+from bench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from bench.checkpoint import remove_checkpoint as remove_checkpoint_files
+from bench.loggers import EpochLog
 from bench.optim import LazySGD, SparseAdamW
 from bench.results import atomic_write_bytes, move_aside
 from bench.measure import (SavedTensorMeter, StepTimer, counted_training_memory, device_name, parameter_counts,
                            peak_memory, reset_peak_memory)
 from bench.model import MetricLearner
 
-CHECKPOINT_FILE = "checkpoint.pt"
 Progress = Callable[[dict[str, Any]], None] | None
 
 
@@ -148,12 +153,17 @@ def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
         num_batches=_num_batches(config, len(splits.train.labels)))
     common = dict(num_workers=dml_data.loader_workers(config.num_workers), pin_memory=device.type == "cuda",
                   persistent_workers=False)
-    train = DataLoader(dml_data.ImageDataset(splits.train, train_tf), batch_sampler=sampler, **common)
+    train_draft = eval_draft = None
+    if config.jpeg_draft:
+        train_draft = math.ceil(config.jpeg_draft * image_cfg.image_size)
+        eval_draft = max(train_draft, round(image_cfg.image_size * 256 / 224))  # the eval resize's input
+    train = DataLoader(dml_data.ImageDataset(splits.train, train_tf, train_draft),
+                       batch_sampler=dml_data.AugmentationSeeds(sampler, config.seed), **common)
 
     def eval_loader(split):
         if split is None:
             return None
-        return DataLoader(dml_data.ImageDataset(split, test_tf), batch_size=config.eval_batch_size,
+        return DataLoader(dml_data.ImageDataset(split, test_tf, eval_draft), batch_size=config.eval_batch_size,
                           shuffle=False, **common)
 
     evals = {name: eval_loader(getattr(splits, name)) for name in ("val", "test", "query", "gallery")}
@@ -238,36 +248,41 @@ def restore_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
         state.items(), (learner.trainable_state_dict()[k] for k in state))})
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Atomic (a kill leaves the previous checkpoint), and a full disk is one clear message."""
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def load_checkpoint(path: Path, identity_hash: str, emit) -> dict[str, Any] | None:
-    """The checkpoint's state, or None to start from epoch 0: when there is none, when it is of
-    another configuration, or when it does not load (moved aside and said, never deleted)."""
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or "epoch" not in state:
-            raise ValueError("not a checkpoint of this suite")
-    except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
-        moved = move_aside(path, "corrupt")
-        emit({"event": "note", "text": f"{path} does not load ({type(e).__name__}); moved aside to "
-                                       f"{moved.name}, restarting the cell from epoch 0"})
-        return None
-    if state.get("identity") != identity_hash:
-        return None
-    return state
-
-
 def remove_checkpoint(cell_dir: Path) -> None:
     """After the result is written: the files that only a resumed run needs."""
-    for name in (CHECKPOINT_FILE, BEST_FILE):
-        (Path(cell_dir) / name).unlink(missing_ok=True)
+    remove_checkpoint_files(cell_dir)
+    (Path(cell_dir) / BEST_FILE).unlink(missing_ok=True)
+
+
+class StopRequest:
+    """SLURM's warning signal (USR2, sent by submitit before a time limit or a preemption) asks
+    the loop to stop at the next step boundary: it checkpoints there, then hands the signal to
+    submitit's own handler, which requeues the job. Outside a SLURM job (no handler installed
+    for USR2) nothing changes."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        self.frame = None
+
+    def __enter__(self) -> "StopRequest":
+        previous = signal.getsignal(signal.SIGUSR2)
+        if callable(previous) and threading.current_thread() is threading.main_thread():
+            self.previous = previous
+            signal.signal(signal.SIGUSR2, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested, self.frame = True, frame
+
+    def hand_over(self, emit, epoch: int, step: int) -> None:
+        emit({"event": "note", "text": f"stop signal: checkpointed at epoch {epoch}, step {step}; requeueing"})
+        signal.signal(signal.SIGUSR2, self.previous)
+        self.previous(signal.SIGUSR2, self.frame)
+
+    def __exit__(self, *exc) -> None:
+        if self.previous is not None and signal.getsignal(signal.SIGUSR2) == self._handle:
+            signal.signal(signal.SIGUSR2, self.previous)
 
 
 def check_recall_ks(ks: tuple[int, ...], splits, dataset: str) -> None:
@@ -339,8 +354,8 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     eval_seconds = 0.0
     start_epoch = 0
 
-    checkpoint_path = cell_dir / CHECKPOINT_FILE
-    state = load_checkpoint(checkpoint_path, identity_hash, emit)
+    state = load_checkpoint(cell_dir, identity_hash, emit)
+    start_epoch, start_step, partial = 0, 0, None
     if state is not None:
         learner.load_trainable_state_dict(state["learner"])
         for o, s in zip(optimizers, state["optimizers"]):
@@ -352,61 +367,94 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         timer.load_state_dict(state["timer"])
         history = list(state["history"])
         eval_seconds = float(state["eval_seconds"])
-        start_epoch = int(state["epoch"])
+        start_epoch = int(state["epoch"])  # epochs finished
+        start_step = int(state.get("step", 0))  # steps of the next epoch already done (a mid-epoch save)
+        partial = state.get("partial")
         set_rng_state(state["rng"])
         state = None  # applied: a resumed process must not hold a second copy of the weights
 
-    emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": start_epoch,
-          "steps": len(sampler)})
-    reset_peak_memory(device)
-    saved_bytes = 0  # what autograd keeps for backward in one step, counted on the first one
-    last_evaluation: dict[str, Any] | None = None  # the latest evaluated epoch, kept for the report
-    for epoch in range(start_epoch + 1, config.epochs + 1):
-        sampler.set_epoch(epoch)
-        learner.train()
-        epoch_start = time.perf_counter()
-        loss_sum, steps = 0.0, 0
-        for step, (images, labels) in enumerate(train_loader):
-            images = images.to(device, non_blocking=True)
-            labels = labels.to(device, non_blocking=True)
-            with timer.step(step, len(labels)), SavedTensorMeter(learner.parameters(), active=not saved_bytes) as meter:
-                try:
-                    loss = train_step(learner, images, labels, optimizers, scaler=scaler,
-                                      grad_clip=config.grad_clip, amp_dtype=amp_dtype)
-                    saved_bytes = saved_bytes or meter.bytes
-                except NonFiniteLoss as e:
-                    raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}", history) from None
-            loss_value = loss.item()
-            loss_sum += loss_value
-            steps += 1
-            emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": len(sampler), "loss": loss_value})
-        train_seconds = time.perf_counter() - epoch_start
-        timer.add_epoch(steps * config.batch_size, train_seconds)
-        lr = optimizers[0].param_groups[0]["lr"]
-        for sch in schedulers:
-            sch.step()
-
-        record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "lr": lr,
-                                  "time_s": train_seconds, "val": None, "test": None}
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
-            eval_start = time.perf_counter()
-            val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
-            test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) if config.evaluate_test else None
-            record["val"], record["test"] = _metrics(val), _metrics(test)
-            last_evaluation = {"epoch": epoch, "test": test, "val": val}
-            eval_seconds += time.perf_counter() - eval_start
-            if config.selection_rule == "val" and val is not None and is_best_validation(history, record):
-                save_best(cell_dir, learner, epoch)
-        history.append(record)
-        save_checkpoint(checkpoint_path, {
-            "identity": identity_hash, "epoch": epoch, "learner": learner.trainable_state_dict(),
+    def save(epoch_done: int, step: int = 0, progress: dict[str, Any] | None = None) -> None:
+        save_checkpoint(cell_dir, {
+            "identity": identity_hash, "epoch": epoch_done, "step": step, "partial": progress,
+            "learner": learner.trainable_state_dict(),
             "optimizers": [o.state_dict() for o in optimizers],
             "schedulers": [s.state_dict() for s in schedulers],
             "scaler": scaler.state_dict() if scaler else None,
             "timer": timer.state_dict(), "history": history, "eval_seconds": eval_seconds, "rng": rng_state(),
         })
-        emit({"event": "epoch_end", "epoch": epoch, "train_loss": record["train_loss"],
-              "test": record["test"], "val": record["val"]})
+
+    epoch_log = EpochLog(cell_dir, config.logger, resume_after=start_epoch, run_name=cell_dir.name,
+                         project=config.suite, config=config.to_dict())
+    emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": start_epoch,
+          "steps": len(sampler)})
+    reset_peak_memory(device)
+    saved_bytes = 0  # what autograd keeps for backward in one step, counted on the first one
+    last_evaluation: dict[str, Any] | None = None  # the latest evaluated epoch, kept for the report
+    last_save = time.monotonic()
+    with StopRequest() as stop:
+        for epoch in range(start_epoch + 1, config.epochs + 1):
+            first = start_step if epoch == start_epoch + 1 else 0
+            sampler.set_epoch(epoch, start=first)
+            learner.train()
+            epoch_start = time.perf_counter()
+            loss_sum, steps, earlier_seconds = (partial["loss_sum"], partial["steps"], partial["seconds"]) \
+                if partial and first else (0.0, 0, 0.0)
+            for offset, (images, labels) in enumerate(train_loader):
+                step = first + offset
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                with timer.step(step, len(labels)), SavedTensorMeter(learner.parameters(),
+                                                                     active=not saved_bytes) as meter:
+                    try:
+                        loss = train_step(learner, images, labels, optimizers, scaler=scaler,
+                                          grad_clip=config.grad_clip, amp_dtype=amp_dtype)
+                        saved_bytes = saved_bytes or meter.bytes
+                    except NonFiniteLoss as e:
+                        raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}",
+                                          history) from None
+                loss_value = loss.item()
+                loss_sum += loss_value
+                steps += 1
+                emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": len(sampler), "loss": loss_value})
+                due = config.checkpoint_minutes and time.monotonic() - last_save >= 60 * config.checkpoint_minutes
+                if (stop.requested or due) and step + 1 < len(sampler):
+                    # inside the epoch: batches and augmentations are functions of (seed, epoch,
+                    # step), so the rest of this epoch replays exactly after a resume
+                    seconds = earlier_seconds + time.perf_counter() - epoch_start
+                    save(epoch - 1, step + 1, {"loss_sum": loss_sum, "steps": steps, "seconds": seconds})
+                    last_save = time.monotonic()
+                    if stop.requested:
+                        stop.hand_over(emit, epoch, step + 1)
+            train_seconds = earlier_seconds + time.perf_counter() - epoch_start
+            timer.add_epoch(steps * config.batch_size, train_seconds)
+            lr = optimizers[0].param_groups[0]["lr"]
+            for sch in schedulers:
+                sch.step()
+
+            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "lr": lr,
+                                      "time_s": train_seconds, "val": None, "test": None}
+            if epoch % config.eval_every == 0 or epoch == config.epochs:
+                eval_start = time.perf_counter()
+                val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
+                test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) \
+                    if config.evaluate_test else None
+                record["val"], record["test"] = _metrics(val), _metrics(test)
+                last_evaluation = {"epoch": epoch, "test": test, "val": val}
+                eval_seconds += time.perf_counter() - eval_start
+                if config.selection_rule == "val" and val is not None and is_best_validation(history, record):
+                    save_best(cell_dir, learner, epoch)
+            history.append(record)
+            if epoch % config.checkpoint_every == 0 or epoch == config.epochs or stop.requested:
+                save(epoch)
+                last_save = time.monotonic()
+            memory, _ = peak_memory(device)
+            epoch_log.epoch({**record, "step_ms_median": timer.summary()["step_latency_ms_median"],
+                             "memory_bytes": memory})
+            emit({"event": "epoch_end", "epoch": epoch, "train_loss": record["train_loss"],
+                  "test": record["test"], "val": record["val"]})
+            if stop.requested:
+                stop.hand_over(emit, epoch, 0)
+    epoch_log.close()
 
     if not trains:
         eval_start = time.perf_counter()

@@ -27,15 +27,17 @@ def cmd_describe(args) -> int:
         return 0
     table = Table(title=f"Trainable parameters: {args.backbone}, {args.num_classes} classes, "
                         f"embedding {args.embedding_size} (backbone {rows[0]['params_backbone']:,} params)")
-    for column in ("method", "trainable", "% of backbone", "without head+proxies", "% of backbone",
+    for column in ("method", "trainable", "shared", "% of backbone", "per class", "without head+proxies",
                    "non-default arguments"):
         table.add_column(column, justify="left" if column in ("method", "non-default arguments") else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['params_trainable']:,}", f"{r['percent_trainable']:.2f}",
-                      f"{r['params_trainable_no_head']:,}", f"{r['percent_trainable_no_head']:.2f}",
-                      ", ".join(f"{k}={v}" for k, v in r["changed_args"].items()))
+        table.add_row(r["method"], f"{r['params_trainable']:,}", f"{r['params_shared']:,}",
+                      f"{100 * r['params_shared'] / r['params_backbone']:.2f}", f"{r['params_per_class']:,}",
+                      f"{r['params_trainable_no_head']:,}", ", ".join(f"{k}={v}" for k, v in r["changed_args"].items()))
     console = make_console()
     print_table(console, table)
-    console.print("Every method also trains the head (LayerNorm + Linear) and the proxies; `--json` lists "
-                  "every argument with its type, default, range and help.", highlight=False)
+    console.print("trainable = shared + per class. Per class: the proxies and class prompts, one set per "
+                  "training class (they grow with the dataset); shared: everything else, whose % of the backbone "
+                  "is the paper's PEFT figure. Every method also trains the head (LayerNorm + Linear) and the "
+                  "proxies; `--json` lists every argument with its type, default, range and help.", highlight=False)
     return 0

@@ -94,7 +94,8 @@ def _submit(console, suite: Suite, todo: list[Cell], suite_dir: Path, executor: 
         console.print(totals_line(states))
         return 0 if all(s.state == "done" for s in states.values()) else 1
     follow = f"python run_suite.py status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
-    console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job {jobs[0].job_id.split('_')[0]} "
+    arrays = ", ".join(dict.fromkeys(j.job_id.split("_")[0] for j in jobs))
+    console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job array {arrays} "
                   f"(logs in {suite_dir / dispatch.SUBMITIT_DIR}); follow with: {follow}", highlight=False)
     if not args.wait:
         return 0
@@ -126,7 +127,8 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
     for name in key_names:
         table.add_column(name)
     if hyperparameters:
-        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "init", "positive avg", "method args"):
+        for name in ("optimizer", "lr", "proxy lr", "epochs", "batch", "init", "positive avg", "method args",
+                     "resources"):
             table.add_column(name)
     table.add_column("state")
     table.add_column("detail")
@@ -135,9 +137,27 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
         if hyperparameters:
             c = cell.config
             row += [c.optimizer, text(c.lr), text(c.proxy_lr), str(c.epochs), f"{c.batch_size}/{c.samples_per_class}",
-                    c.init, c.loss_positive_average, " ".join(f"{k}={text(v)}" for k, v in c.method_args.items())]
+                    c.init, c.loss_positive_average, " ".join(f"{k}={text(v)}" for k, v in c.method_args.items()),
+                    resources_text(cell.resources or suite.resources)]
         state = states[cell.cell_id]
         row.append(f"[{STATE_COLOURS[state.state]}]{state.state}[/]")
         row.append(state.detail)
         table.add_row(*row)
     return table
+
+
+def resources_text(resources: dict) -> str:
+    """'1 GPU, 8 CPU, 64 GB, 24 h' from a cell's SLURM request."""
+    parts = []
+    if resources.get("gpus_per_node"):
+        parts.append(f"{resources['gpus_per_node']} GPU")
+    if resources.get("cpus_per_task"):
+        parts.append(f"{resources['cpus_per_task']} CPU")
+    if resources.get("mem_gb"):
+        parts.append(f"{resources['mem_gb']:g} GB")
+    if resources.get("timeout_min"):
+        minutes = resources["timeout_min"]
+        parts.append(f"{minutes / 60:g} h" if minutes >= 60 else f"{minutes} min")
+    if resources.get("max_num_timeout"):
+        parts.append(f"requeue x{resources['max_num_timeout']}")
+    return ", ".join(parts) or "-"

@@ -55,6 +55,7 @@ class ClassPromptBank(nn.Module):
         # sparse optimisers (bench.optim), as the reference's memory bank does. A table on the
         # device is an ordinary dense parameter of the dense optimiser, as in the reference.
         self.table = nn.Embedding(num_classes, sum(counts) * self.width, sparse=offload)
+        self.table.weight.per_class = True  # grows with the class count: counted apart
         init_prompts_(self.table.weight, scheme, backbone, length=num_classes, num=max(counts))
 
     def _apply(self, fn, recurse=True):

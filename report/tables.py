@@ -418,6 +418,9 @@ def layout_table1(results: SuiteResults, records: list[dict], kind: str, oracle:
     specs = [
         Spec(Column("params_trainable[M]", "Tunable\nparams", fmt="params", better=None),
              "params_trainable", scale=1e-6, paper_metric="params_trainable_m", paper_pct="params_pct"),
+        Spec(Column("params_shared[M]", "of which\nshared", fmt="params", better=None), "params_shared", scale=1e-6),
+        Spec(Column("params_per_class[M]", "of which\nper class", fmt="params", better=None), "params_per_class",
+             scale=1e-6),
         Spec(Column("peak_memory[GiB]", "Peak\nmemory", fmt="memory", better=None),
              "peak_memory_bytes", scale=1 / 2**30, paper_metric="peak_memory_gib", paper_pct="memory_pct"),
         metric_spec("recall@1"),
@@ -569,6 +572,9 @@ def add_full_ft_percentages(rows: list[Row], plans: list[RowPlan]) -> None:
                      and not r.values["params_trainable[M]"].empty), None)
         for row, plan in pairs:
             params, memory = row.values["params_trainable[M]"], row.values["peak_memory[GiB]"]
+            shared = row.values.get("params_shared[M]")
+            if shared is not None:  # the paper's PEFT figure: shared parameters as % of the backbone
+                shared.pct = _share(shared, Spec(Column("", ""), "params_backbone", scale=1e-6).stat(plan.cells))
             if full is not None:
                 params.pct = _share(params, full.values["params_trainable[M]"])
                 memory.pct = _share(memory, full.values["peak_memory[GiB]"])
@@ -775,8 +781,10 @@ def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: boo
                 "": "Bold: best of our rows."}[table.bold_by]
         parts.append(f"Test-split R@K and MAP@R in %, {protocol_text(ok)}; {seeds_text(table.seeds)}. {bold}")
     if layout.kind == "table1":
-        parts.append("Tunable parameters in millions and peak memory in GiB "
-                     f"({memory_text(ok)}), with % of full fine-tuning.")
+        parts.append("Tunable parameters in millions (% of full fine-tuning), of which shared (independent of "
+                     "the class count; % of the backbone, the paper's PEFT figure) and per class (proxies and "
+                     f"class prompts, one set per training class); peak memory ({memory_text(ok)}), with % of "
+                     "full fine-tuning.")
     if oracle:
         parts.append("The oracle column takes each run's best test epoch: it selects on the test set and is "
                      "optimistic.")

@@ -13,7 +13,7 @@ Public API::
 from bench.data.datasets import DATASET_NAMES, DatasetSplits, Split, check_dataset, load_dataset
 from bench.data.errors import DataError
 from bench.data.images import ImageDataset, load_image, verify_images
-from bench.data.sampler import ClassBalancedBatchSampler
+from bench.data.sampler import AugmentationSeeds, ClassBalancedBatchSampler
 from bench.data.transforms import build_transforms
 
 
@@ -34,6 +34,7 @@ def loader_workers(num_workers: int | str) -> int:
     return int(num_workers)
 
 __all__ = [
+    "AugmentationSeeds",
     "DATASET_NAMES",
     "ClassBalancedBatchSampler",
     "available_cpus",

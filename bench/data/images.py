@@ -18,10 +18,14 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError
 _WIDE_GREY = {"I;16": 65535.0, "I;16B": 65535.0, "I;16L": 65535.0, "I;16N": 65535.0, "I": 65535.0}
 
 
-def load_image(path: str) -> Image.Image:
-    """The fully decoded image in RGB."""
+def load_image(path: str, draft: int | None = None) -> Image.Image:
+    """The decoded image in RGB. ``draft``: a JPEG is decoded at the smallest of the scales
+    1, 1/2, 1/4, 1/8 (PIL's draft mode: downscaling in the DCT, before the pixels exist) that
+    keeps its shorter side >= ``draft`` pixels; several times cheaper for large photos."""
     try:
         with Image.open(path) as image:
+            if draft and image.format == "JPEG":
+                image.draft("RGB", (draft, draft))
             return to_rgb(image, path)
     except _DECODE_ERRORS as error:
         raise DataError(f"{path}: cannot read image ({type(error).__name__}: {error}); delete or replace "
@@ -68,15 +72,19 @@ class ImageDataset(torch.utils.data.Dataset):
     Without a transform the item is the PIL image itself.
     """
 
-    def __init__(self, split, transform=None):
+    def __init__(self, split, transform=None, draft: int | None = None):
         self.split = split
         self.transform = transform
+        self.draft = draft  # JPEG draft decoding to this shorter side (load_image)
 
     def __len__(self) -> int:
         return len(self.split.paths)
 
-    def __getitem__(self, index: int):
-        image = load_image(self.split.paths[index])
+    def __getitem__(self, item):
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is not None:  # an augmentation seeded per image (sampler.AugmentationSeeds)
+            torch.manual_seed(seed)
+        image = load_image(self.split.paths[index], self.draft)
         if self.transform is not None:
             image = self.transform(image)
         return image, int(self.split.labels[index])

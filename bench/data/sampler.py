@@ -34,6 +34,7 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
         self.classes_per_batch = batch_size // samples_per_class
         self.seed = seed
         self.epoch = 0
+        self.start = 0
         classes, inverse = np.unique(labels, return_inverse=True)
         order = np.argsort(inverse, kind="stable")
         self.class_indices = np.split(order, np.cumsum(np.bincount(inverse))[:-1])
@@ -46,8 +47,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             raise DataError(f"{len(labels)} images make no full batch of {batch_size}; "
                             "lower batch_size or pass num_batches")
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        """The epoch whose batches to yield, from batch ``start`` on (a resumed, half-done epoch:
+        the first ``start`` batches are drawn and dropped, so the rest are the same)."""
         self.epoch = epoch
+        self.start = start
 
     def __len__(self) -> int:
         return self.num_batches
@@ -55,9 +59,11 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         class_stream = self._class_stream(rng)
-        for _ in range(self.num_batches):
+        for step in range(self.num_batches):
             batch = [self._samples_of(next(class_stream), rng) for _ in range(self.classes_per_batch)]
-            yield np.concatenate(batch).tolist()
+            if step >= self.start:
+                yield np.concatenate(batch).tolist()
+
 
     def _class_stream(self, rng: np.random.Generator) -> Iterator[int]:
         """Classes from successive permutations, never repeating one within a batch."""
@@ -80,3 +86,22 @@ class ClassBalancedBatchSampler(Sampler[list[int]]):
             return rng.choice(indices, size=self.samples_per_class, replace=False)
         repeats = rng.choice(indices, size=self.samples_per_class - len(indices), replace=True)
         return np.concatenate([rng.permutation(indices), repeats])
+
+
+class AugmentationSeeds(Sampler[list[tuple[int, int]]]):
+    """A batch sampler whose items carry their own random seed, ``(index, seed)``: each image's
+    augmentation is a function of (seed, epoch, step, position), whatever the loader's worker
+    count, and a run resumed inside an epoch draws exactly the crops it would have drawn."""
+
+    def __init__(self, batches: ClassBalancedBatchSampler, seed: int):
+        self.batches = batches
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        epoch = self.batches.epoch
+        for step, batch in enumerate(self.batches, start=self.batches.start):
+            base = np.random.SeedSequence([self.seed, epoch, step]).generate_state(len(batch), dtype=np.uint64)
+            yield [(index, int(s) & 0x7FFF_FFFF_FFFF_FFFF) for index, s in zip(batch, base)]

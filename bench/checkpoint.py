@@ -1,0 +1,161 @@
+"""Checkpoints that scale to SOP's class-prompt tables.
+
+A checkpoint is two files in the cell folder:
+
+- ``checkpoint.tables.<hash>.safetensors``: every tensor of at least ``TABLE_BYTES`` (the class
+  prompts and their optimiser state: 1 GiB each at SOP, ViT-S), in safetensors (no pickling,
+  written straight from the tensors' memory, read back through a memory map);
+- ``checkpoint.pt``: everything else (weights of the small modules, optimiser and scheduler
+  state, RNG, history), with each big tensor replaced by a reference into the tables file,
+  which it names by the hash of its content.
+
+Order: the tables file first (a new name), then ``checkpoint.pt`` by atomic rename, then the
+older tables files go. A crash between the two writes leaves the previous ``checkpoint.pt`` and
+the tables file it references: the previous checkpoint still loads.
+"""
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.results import atomic_write_bytes, disk_full, move_aside
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TABLES_PREFIX = "checkpoint.tables."
+TABLE_BYTES = 64 * 2**20
+_REF = "__checkpoint_table__"
+
+
+def _split(value: Any, tables: dict[str, torch.Tensor], path: str) -> Any:
+    """The state with big tensors moved into ``tables`` (keyed by their path in the state)."""
+    if isinstance(value, torch.Tensor) and value.numel() * value.element_size() >= TABLE_BYTES:
+        tables[path] = value.detach().cpu().contiguous()
+        return {_REF: path}
+    if isinstance(value, dict):
+        return {k: _split(v, tables, f"{path}/{k}") for k, v in value.items()}
+    if isinstance(value, list):
+        return [_split(v, tables, f"{path}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return tuple(_split(v, tables, f"{path}/{i}") for i, v in enumerate(value))
+    return value
+
+
+def _join(value: Any, tables) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {_REF}:
+            return tables(value[_REF])
+        return {k: _join(v, tables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, tables) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_join(v, tables) for v in value)
+    return value
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.blake2b(digest_size=12)
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(8 * 2**20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_checkpoint(cell_dir: Path, state: dict[str, Any]) -> None:
+    """Atomic, tables beside; a full disk is one clear message (the previous checkpoint stays)."""
+    cell_dir = Path(cell_dir)
+    tables: dict[str, torch.Tensor] = {}
+    small = _split(state, tables, "")
+    if tables:
+        from safetensors.torch import save_file
+
+        partial = cell_dir / f".{TABLES_PREFIX}{os.getpid()}.partial"
+        try:
+            save_file(tables, str(partial))
+            name = f"{TABLES_PREFIX}{file_hash(partial)}.safetensors"
+            os.replace(partial, cell_dir / name)
+        except BaseException as e:
+            partial.unlink(missing_ok=True)
+            needed = sum(t.numel() * t.element_size() for t in tables.values())
+            if isinstance(e, Exception) and shutil.disk_usage(cell_dir).free < needed:  # safetensors' own error type
+                raise disk_full(partial, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
+            raise
+        small["__tables__"] = {"file": name, "hash": name[len(TABLES_PREFIX):-len(".safetensors")]}
+    buffer = io.BytesIO()
+    torch.save(small, buffer)
+    atomic_write_bytes(cell_dir / CHECKPOINT_FILE, buffer.getvalue())
+    keep = small.get("__tables__", {}).get("file")
+    for old in cell_dir.glob(f"{TABLES_PREFIX}*.safetensors"):
+        if old.name != keep:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(cell_dir: Path, identity_hash: str, emit) -> dict[str, Any] | None:
+    """The checkpoint's state, or None to start from epoch 0: when there is none, when it is of
+    another configuration, or when it (or its tables file) does not load: then it is moved aside
+    and said, never deleted. Big tensors are read from a memory map and copied once."""
+    cell_dir = Path(cell_dir)
+    path = cell_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    try:
+        small = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(small, dict) or "epoch" not in small:
+            raise ValueError("not a checkpoint of this suite")
+        reference = small.pop("__tables__", None)
+        if small.get("identity") != identity_hash:
+            return None
+        if reference is None:
+            return small
+        tables_path = cell_dir / reference["file"]
+        if not tables_path.is_file():
+            raise FileNotFoundError(f"its tables file {tables_path.name} is missing")
+        with open(tables_path, "rb") as handle:
+            header, start = read_safetensors_header(handle)
+            return _join(small, lambda key: read_tensor(handle, header[key], start))
+    except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
+        moved = move_aside(path, "corrupt")
+        emit({"event": "note", "text": f"{path} does not load ({type(e).__name__}: {e}); moved aside to "
+                                       f"{moved.name}, restarting the cell from epoch 0"})
+        return None
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+def read_safetensors_header(handle) -> tuple[dict[str, Any], int]:
+    """The safetensors header (name -> dtype, shape, data offsets) and where the data starts."""
+    import json
+    import struct
+
+    (length,) = struct.unpack("<Q", handle.read(8))
+    header = json.loads(handle.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
+def read_tensor(handle, entry: dict[str, Any], start: int) -> torch.Tensor:
+    """One tensor read straight into its own memory (no memory map whose pages would count as
+    resident beside the copy: at SOP scale the resume then holds each table once)."""
+    begin, end = entry["data_offsets"]
+    tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(bytearray())
+    handle.seek(start + begin)
+    if end - begin and handle.readinto(view) != end - begin:
+        raise ValueError(f"tensor data cut short in {getattr(handle, 'name', 'the tables file')}")
+    return tensor
+
+
+def remove_checkpoint(cell_dir: Path) -> None:
+    cell_dir = Path(cell_dir)
+    (cell_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
+    for tables in cell_dir.glob(f"{TABLES_PREFIX}*.safetensors"):
+        tables.unlink(missing_ok=True)

@@ -1,0 +1,158 @@
+#!/usr/bin/env python3
+"""Checkpoint cost at SOP scale: VPTSP-G (B) on ViT-S/16 with SOP's 11,318 training classes
+(class prompts 5 x 12 tokens of 384: 1.04 GiB, kept in CPU memory with their AdamW state).
+
+Two ways, each timed on the same trained state:
+- ``single-file`` (round 1's code path, reproduced here): ``torch.save`` of everything into one
+  ``checkpoint.pt``; resume = ``torch.load`` and apply, keeping the loaded state referenced as
+  round 1 did;
+- ``tables`` (now): ``bench.checkpoint``: the big tables in a safetensors file beside a small
+  checkpoint; resume reads them through a memory map, copies once and releases them.
+
+Each resume runs in a fresh process (its peak RSS is its own). Random weights: the cost of a
+checkpoint does not depend on their values.
+
+    python benchmarks/bench_checkpoint.py [--classes 11318] [--backbone vit_s16]
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+ARGS = {"num_prompts": 90, "prompt_depth": 12, "num_class_prompts": 5, "class_prompt_depth": 12,
+        "class_prompt_offload": "cpu", "proxy_bias_ratio": 0.2}
+
+
+def build(backbone: str, classes: int):
+    from bench.config import CellConfig
+    from bench.learner import build_learner
+    from bench.train import build_optimizers
+
+    config = CellConfig(backbone=backbone, weights=None, embedding_size=384, method="vptsp_g+bitfit",
+                        method_args=ARGS, optimizer="adamw", lr=1e-4, weight_decay=1e-4)
+    torch.manual_seed(0)
+    learner = build_learner(config, classes)
+    return learner, build_optimizers(learner, config)
+
+
+def trained_state(backbone: str, classes: int, batch: int) -> dict:
+    from bench.train import train_step
+
+    learner, optimizers = build(backbone, classes)
+    learner.train()
+    for step in range(2):  # populate the optimisers' state (AdamW moments of every table row touched)
+        images = torch.randn(batch, 3, 224, 224)
+        labels = torch.arange(batch) + step * batch
+        train_step(learner, images, labels, optimizers)
+    return {"identity": "bench", "epoch": 1, "step": 0, "partial": None, "learner": learner.trainable_state_dict(),
+            "optimizers": [o.state_dict() for o in optimizers], "schedulers": [], "scaler": None,
+            "timer": {"step_seconds": [], "images": 0, "train_seconds": 0.0}, "history": [], "eval_seconds": 0.0,
+            "rng": {}}
+
+
+def save(mode: str, state: dict, folder: Path) -> tuple[float, int]:
+    from bench import checkpoint
+    from bench.results import atomic_write_bytes
+
+    start = time.perf_counter()
+    if mode == "single-file":
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        atomic_write_bytes(folder / "checkpoint.pt", buffer.getvalue())
+    else:
+        checkpoint.save_checkpoint(folder, state)
+    seconds = time.perf_counter() - start
+    size = sum(p.stat().st_size for p in folder.glob("checkpoint*"))
+    return seconds, size
+
+
+def resume_child(mode: str, folder: Path, backbone: str, classes: int) -> dict:
+    learner, optimizers = build(backbone, classes)
+    before = current_rss()
+    reset_peak_rss()  # the peak of loading, not of building the model
+    start = time.perf_counter()
+    if mode == "single-file":
+        state = torch.load(folder / "checkpoint.pt", map_location="cpu", weights_only=True)
+    else:
+        from bench import checkpoint
+
+        state = checkpoint.load_checkpoint(folder, "bench", lambda e: None)
+    learner.load_trainable_state_dict(state["learner"])
+    for optimizer, saved in zip(optimizers, state["optimizers"]):
+        optimizer.load_state_dict(saved)
+    if mode == "tables":
+        state = None  # released once applied (bench.train does this)
+    seconds = time.perf_counter() - start
+    peak = peak_rss()
+    return {"load_s": seconds, "peak_rss_gib": peak / 2**30, "built_rss_gib": before / 2**30,
+            "after_rss_gib": current_rss() / 2**30}
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def current_rss() -> int:
+    return _status("VmRSS")
+
+
+def peak_rss() -> int:
+    return _status("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="vit_s16")
+    parser.add_argument("--classes", type=int, default=11_318)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--child", choices=["single-file", "tables"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+    if args.child:
+        print(json.dumps(resume_child(args.child, Path(args.folder), args.backbone, args.classes)))
+        return 0
+    state = trained_state(args.backbone, args.classes, args.batch)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent.parent / "results")
+                                     if (Path(__file__).resolve().parent.parent / "results").is_dir() else None) as tmp:
+        for mode in ("single-file", "tables"):
+            folder = Path(tmp) / mode
+            folder.mkdir()
+            seconds, size = save(mode, state, folder)
+            child = subprocess.run([sys.executable, __file__, "--child", mode, "--folder", str(folder),
+                                    "--backbone", args.backbone, "--classes", str(args.classes)],
+                                   capture_output=True, text=True, check=True)
+            resumed = json.loads(child.stdout.strip().splitlines()[-1])
+            rows.append({"mode": mode, "save_s": seconds, "size_gib": size / 2**30, **resumed})
+    print(f"SOP-scale checkpoint: {args.backbone}, {args.classes} classes, VPTSP-G (B), class prompts "
+          f"5 x 12 in CPU memory, AdamW\n")
+    print("| checkpoint | save s | size GiB | resume s | RSS before loading GiB | peak RSS while loading GiB | "
+          "RSS after GiB |")
+    print("|---|--:|--:|--:|--:|--:|--:|")
+    for r in rows:
+        print(f"| {r['mode']} | {r['save_s']:.1f} | {r['size_gib']:.2f} | {r['load_s']:.1f} | "
+              f"{r['built_rss_gib']:.2f} | {r['peak_rss_gib']:.2f} | {r['after_rss_gib']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""Checkpoints that scale (issue 18): big tables in safetensors beside a small checkpoint,
+written so that a crash between the two leaves the previous epoch loadable; checkpoint_every,
+checkpoint_minutes and the SLURM stop signal, with resumes that end exactly as uninterrupted runs."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+
+from bench import checkpoint
+from bench.config import CellConfig
+from bench.runner import run_cell
+
+TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 3,
+        "max_steps_per_epoch": 4, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3,
+        "num_workers": 0, "device": "cpu", "method": "vptsp_g",
+        "method_args": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2,
+                        "class_prompt_offload": "cpu"}}
+
+
+class Stop(Exception):
+    pass
+
+
+def config(synthetic_root, **extra) -> CellConfig:
+    return CellConfig(dataset="synthetic", data_root=str(synthetic_root), **{**TINY, **extra})
+
+
+def outcome(result: dict) -> tuple:
+    assert result["status"] == "ok", result["reason"]
+    return result["final"]["test"], [e["train_loss"] for e in result["epochs"]]
+
+
+def stop_at(epoch: int, step: int | None = None):
+    def listener(event):
+        if event["event"] == "epoch_end" and step is None and event["epoch"] == epoch:
+            raise Stop
+        if event["event"] == "step" and step is not None and (event["epoch"], event["step"]) == (epoch, step):
+            raise Stop
+    return listener
+
+
+@pytest.fixture
+def small_tables(monkeypatch):
+    monkeypatch.setattr(checkpoint, "TABLE_BYTES", 1024)  # the test's class prompts count as big tables
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(synthetic_root, tmp_path_factory):
+    return outcome(run_cell(config(synthetic_root), tmp_path_factory.mktemp("whole") / "cell", key={}))
+
+
+def test_tables_go_to_safetensors_and_a_crash_resumes_to_the_same_result(synthetic_root, tmp_path, small_tables,
+                                                                        uninterrupted):
+    cell = tmp_path / "cell"
+    assert run_cell(config(synthetic_root), cell, key={}, progress=stop_at(2))["status"] == "failed"
+    (tables,) = cell.glob("checkpoint.tables.*.safetensors")
+    small = torch.load(cell / "checkpoint.pt", weights_only=True)
+    assert small["__tables__"]["file"] == tables.name and small["epoch"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(tables), framework="pt") as f:
+        assert any("class_prompts.table.weight" in key for key in f.keys())
+        assert any("exp_avg" in key for key in f.keys())  # SparseAdamW's state of the table
+    assert outcome(run_cell(config(synthetic_root), cell, key={})) == uninterrupted
+    assert not list(cell.glob("checkpoint*"))
+
+
+def test_a_crash_between_the_two_writes_leaves_the_previous_epoch_loadable(synthetic_root, tmp_path, small_tables,
+                                                                          monkeypatch):
+    cell = tmp_path / "cell"
+    run_cell(config(synthetic_root), cell, key={}, progress=stop_at(1))
+    first_tables = {p.name for p in cell.glob("checkpoint.tables.*")}
+    real = checkpoint.atomic_write_bytes
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", lambda path, data: (_ for _ in ()).throw(Stop()))
+    assert run_cell(config(synthetic_root), cell, key={})["status"] == "failed"  # died writing epoch 2's
+    monkeypatch.setattr(checkpoint, "atomic_write_bytes", real)
+    assert first_tables <= {p.name for p in cell.glob("checkpoint.tables.*")}
+    state = checkpoint.load_checkpoint(cell, torch.load(cell / "checkpoint.pt", weights_only=True)["identity"],
+                                       lambda e: pytest.fail(e["text"]))
+    assert state["epoch"] == 1 and "learner" in state
+
+
+def test_checkpoint_every_saves_only_those_epochs(synthetic_root, tmp_path):
+    cell = tmp_path / "cell"
+    run_cell(config(synthetic_root, checkpoint_every=2), cell, key={}, progress=stop_at(1))
+    assert not (cell / "checkpoint.pt").exists()
+    run_cell(config(synthetic_root, checkpoint_every=2), cell, key={}, progress=stop_at(3, step=1))
+    assert torch.load(cell / "checkpoint.pt", weights_only=True)["epoch"] == 2
+
+
+def test_checkpoint_minutes_saves_inside_an_epoch_and_resumes_exactly(synthetic_root, tmp_path, uninterrupted):
+    cell = tmp_path / "cell"
+    cfg = config(synthetic_root, checkpoint_minutes=1e-9)  # every step
+    assert run_cell(cfg, cell, key={}, progress=stop_at(2, step=3))["status"] == "failed"
+    state = torch.load(cell / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)  # epoch 2's first two steps are in it (it stopped in the 3rd)
+    assert outcome(run_cell(cfg, cell, key={})) == uninterrupted
+
+
+def test_the_slurm_stop_signal_checkpoints_first_then_hands_over(synthetic_root, tmp_path, uninterrupted):
+    cell = tmp_path / "cell"
+    handed = []
+
+    def submitit_handler(signum, frame):  # what submitit installs: requeue, then exit
+        handed.append(signum)
+        raise Stop
+
+    previous = signal.signal(signal.SIGUSR2, submitit_handler)
+    try:
+        def send(event):
+            if event["event"] == "step" and (event["epoch"], event["step"]) == (2, 2):
+                os.kill(os.getpid(), signal.SIGUSR2)
+        result = run_cell(config(synthetic_root), cell, key={}, progress=send)
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert handed == [signal.SIGUSR2] and result["status"] == "failed"
+    state = torch.load(cell / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"]) == (1, 2)
+    assert outcome(run_cell(config(synthetic_root), cell, key={})) == uninterrupted
+
+
+def test_augmentation_does_not_depend_on_the_worker_count(synthetic_root, tmp_path):
+    a = outcome(run_cell(config(synthetic_root, num_workers=0), tmp_path / "a", key={}))
+    b = outcome(run_cell(config(synthetic_root, num_workers=2), tmp_path / "b", key={}))
+    assert a == b
