@@ -3,16 +3,17 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 SUITE  ?= smoke
+FAISS  ?= cpu  # or gpu: faiss-gpu-cu12 instead of faiss-cpu (the extras exclude each other)
 ARGS   ?=
 
 .PHONY: setup test demo suite report status bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[test,$(strip $(FAISS))]'
 	touch $@
 
 test: setup

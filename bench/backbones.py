@@ -38,6 +38,12 @@ SMALL_VITS: dict[str, dict[str, Any]] = {
     # the demo's backbone, pretrained by the project on generated source classes
     "demo_vit": dict(arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4,
                      num_heads=3, mlp_ratio=2.0),
+    # tiny stand-ins of the pretraining-source ablation's architectures, for tests: register
+    # tokens and layer scale (DINOv2), a pre-norm before the blocks and its own mean/std (CLIP)
+    "vit_test_dinov2": dict(arch="vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=48, depth=3,
+                            num_heads=3, mlp_ratio=2.0, init_values=1e-5, reg_tokens=4),
+    "vit_test_clip": dict(arch="vit_base_patch16_clip_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
+                          num_heads=3, mlp_ratio=2.0),
 }
 
 
@@ -51,6 +57,7 @@ class DataConfig:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    interpolation: str = "bilinear"  # the model's pretrained config's (bicubic for DINO, CLIP, AugReg)
 
 
 def resolve_name(name: str) -> str:
@@ -108,8 +115,9 @@ def _create_small(name: str, weights: str | None) -> nn.Module:
     spec = dict(SMALL_VITS[name])
     arch = spec.pop("arch")
     model = timm.create_model(arch, pretrained=False, num_classes=0, **spec)
-    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, spec["img_size"], spec["img_size"]),
-                            "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
+    norm = {"mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)} if name in ("vit_test", "demo_vit") else {}
+    # the stand-ins keep their architecture's normalisation and interpolation (CLIP's own mean/std)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, spec["img_size"], spec["img_size"]), **norm}
     if weights == "hub":
         if name != "demo_vit":
             raise BackboneError(f"weights: {name} has no pretrained weights; use weights: none")
@@ -210,4 +218,5 @@ def data_config(backbone: nn.Module, image_size: int | None = None) -> DataConfi
     size = image_size or int(cfg.get("input_size", (3, 224, 224))[-1])
     mean = tuple(float(x) for x in cfg.get("mean", (0.485, 0.456, 0.406)))
     std = tuple(float(x) for x in cfg.get("std", (0.229, 0.224, 0.225)))
-    return DataConfig(image_size=size, mean=mean, std=std)  # type: ignore[arg-type]
+    interpolation = str(cfg.get("interpolation") or "bilinear")
+    return DataConfig(image_size=size, mean=mean, std=std, interpolation=interpolation)  # type: ignore[arg-type]

@@ -68,7 +68,8 @@ BACKBONES: dict[str, BackboneInfo] = {info.alias: info for info in (
     BackboneInfo("vit_b16_clip", "vit_base_patch16_clip_224.openai", 512, "ViT-B/16 CLIP", "CLIP (OpenAI WIT)"),
 )}
 # Small ViTs the project builds itself (architectures in bench.backbones.SMALL_VITS).
-SMALL_BACKBONES: dict[str, str] = {"vit_test": "Test ViT", "demo_vit": "Demo ViT"}
+SMALL_BACKBONES: dict[str, str] = {"vit_test": "Test ViT", "demo_vit": "Demo ViT",
+                                   "vit_test_dinov2": "Test ViT (registers)", "vit_test_clip": "Test ViT (pre-norm)"}
 
 _VIT = re.compile(r"^vit_(tiny|small|base|large|huge|giant)_patch(\d+)")
 _VIT_SIZES = {"tiny": "T", "small": "S", "base": "B", "large": "L", "huge": "H", "giant": "g"}
@@ -180,6 +181,8 @@ ACCUMULATORS: dict[str, str] = {
     "gru_relu": "GRU + ReLU",
     "gru_tanh": "GRU + tanh",
     "ema": "EMA",
+    "mean": "Class mean",
+    "attention": "Attention",
 }
 
 # --- metrics ---------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suit
 # Fields added after the first release: hashed only when set to something else than the default,
 # so that adding a field never renames the cells finished before it existed.
 HASH_NEUTRAL_AT_DEFAULT: tuple[str, ...] = ("init", "recall_ks", "train_fraction", "train_classes_fraction",
-                                            "output", "evaluate_test", "jpeg_draft")
+                                            "output", "evaluate_test", "jpeg_draft", "interpolation")
 OUTPUTS = ("cls", "mean")
 LOGGERS = ("tensorboard", "wandb", "csv")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -46,6 +46,15 @@ def bounded(default: Any, *, min: float | None = None, max: float | None = None,
             below: float | None = None, **kwargs: Any) -> Any:
     """A field with its valid range: ``min``/``max`` inclusive, ``above``/``below`` exclusive."""
     return field(default=default, metadata={"min": min, "max": max, "above": above, "below": below}, **kwargs)
+
+
+# Names users bring from other tools; difflib alone would suggest e.g. 'jpeg_draft' for
+# 'learning_rate', which sends a reader the wrong way.
+FIELD_ALIASES = {
+    "learning_rate": "lr", "proxy_learning_rate": "proxy_lr", "wd": "weight_decay",
+    "epoch": "epochs", "num_epochs": "epochs", "max_epochs": "epochs", "bs": "batch_size",
+    "model": "backbone", "arch": "backbone", "pretrained": "weights", "data": "data_root",
+}
 
 
 @dataclass
@@ -97,6 +106,9 @@ class CellConfig:
     # False: the test split is never evaluated (tuning trials: they are chosen on validation only)
     evaluate_test: bool = True
     skip_corrupt_images: bool = False
+    # Resizing in the transforms: None = bilinear (torchvision's default, what the reference
+    # trained with), "auto" = the backbone's pretrained config's (bicubic for DINO, CLIP), or a name
+    interpolation: str | None = None
     # Decode JPEGs at a reduced DCT scale keeping the shorter side >= jpeg_draft x image_size
     # (evaluation: >= the 256/224 resize); None decodes every pixel, as the reference does.
     jpeg_draft: float | None = bounded(None, min=1.0)
@@ -154,6 +166,8 @@ class CellConfig:
                     or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in self.recall_ks)):
                 fail("recall_ks", f"must be a list of positive integers, e.g. [1, 10], got {self.recall_ks!r}")
             self.recall_ks = sorted(set(self.recall_ks))
+        if self.interpolation not in (None, "auto", "bilinear", "bicubic", "nearest"):
+            fail("interpolation", f"must be auto, bilinear, bicubic or nearest, got {self.interpolation!r}")
         if not isinstance(self.logger, list) or [x for x in self.logger if x not in LOGGERS]:
             fail("logger", f"must be a list of {', '.join(LOGGERS)}, got {self.logger!r}")
 
@@ -185,7 +199,9 @@ class CellConfig:
         unknown = [k for k in data if k not in names]
         if unknown:
             k = unknown[0]
-            hint = closest(k, names) or f"; fields: {', '.join(names)}"
+            alias = FIELD_ALIASES.get(k)
+            hint = f" (did you mean {alias!r}?)" if alias else closest(k, names)
+            hint += f"; fields: {', '.join(names)}"
             raise ConfigError(f"{where}: unknown field {k!r}{hint}")
         types = {f.name: f.type for f in dataclasses.fields(cls)}
         clean = {}

@@ -64,6 +64,7 @@ def build_learner(config: CellConfig, num_classes: int, backbone: nn.Module | No
         backbone = create_backbone(config.backbone, config.weights, config.image_size)
     model = EmbeddingModel(backbone, config.embedding_size)
     model.grad_checkpointing = config.grad_checkpointing
+    model.output = config.output
     criterion = ProxyAnchorLoss(num_classes, config.embedding_size, config.loss_alpha, config.loss_delta,
                                 config.loss_positive_average)
     init_head_(model.head, config.init)
@@ -95,3 +96,18 @@ def count_parameters(backbone: str, num_classes: int, embedding_size: int, metho
                      "percent_trainable": 100.0 * counts["params_trainable"] / backbone_params,
                      "percent_trainable_no_head": 100.0 * counts["params_trainable_no_head"] / backbone_params})
     return rows
+
+
+def merged_for_export(learner: MetricLearner, method: str, method_args: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Fold what can be folded into the backbone in place (LoRA: ``W + (alpha / r) B A``; BitFit's
+    biases already are the model's), and return the method whose structure the folded model
+    still has, with the arguments it accepts: what ``bench.reuse.load_exported`` rebuilds."""
+    from methods import method_arguments as arguments
+    from methods.lora import merge_lora_
+
+    parts = [p for p in method.split("+") if p.strip()]
+    if merge_lora_(learner.model):
+        parts = [p for p in parts if p != "lora"]
+    name = "+".join(parts) or "zero_shot"
+    accepted = arguments(name)
+    return name, {k: v for k, v in method_args.items() if k in accepted}

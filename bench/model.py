@@ -38,6 +38,7 @@ class EmbeddingModel(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embedding_size))
         self.prompts: Prompts | None = None  # set by prompt methods
         self.grad_checkpointing = False
+        self.output = "cls"  # what the head reads: "cls", or "mean" of the patch tokens (prompts left out)
 
     @property
     def width(self) -> int:
@@ -66,19 +67,25 @@ class EmbeddingModel(nn.Module):
             checkpointing = self.grad_checkpointing
         vit = self.backbone
         x = vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
-        prefix = vit.num_prefix_tokens
+        prefix = vit.num_prefix_tokens  # CLS, and register or distillation tokens when the model has them
         num_prompts = 0
+        added = getattr(prompts, "location", "prepend") == "add"
         for i, block in enumerate(vit.blocks):
             if prompts is not None:
                 new = prompts.for_block(i, x.shape[0])
-                if new is not None:
+                if new is not None and added:  # summed onto the patch tokens, one prompt per patch
+                    x = torch.cat([x[:, :prefix], x[:, prefix:] + new.to(x.dtype)], dim=1)
+                elif new is not None:
                     x = torch.cat([x[:, :prefix], new.to(x.dtype), x[:, prefix + num_prompts:]], dim=1)
                     num_prompts = new.shape[1]
             if checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(block, x, use_reentrant=False)
             else:
                 x = block(x)
-        return vit.norm(x)[:, 0]
+        x = vit.norm(x)
+        if self.output == "mean":  # the patch tokens' mean; prefix tokens and prompts left out
+            return x[:, prefix + num_prompts:].mean(dim=1)
+        return x[:, 0]
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.head(self.features(images)), dim=-1)

@@ -7,7 +7,6 @@ and restarted therefore ends with the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
-import io
 import math
 import random
 import signal
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader
 
 from bench import catalog
 from bench import data as dml_data
+from bench.artifacts import npz_bytes, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
@@ -145,18 +145,29 @@ def autocast_dtype(config: CellConfig, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def eval_transforms(config: CellConfig, image_cfg):
+    """(evaluation transform, JPEG draft size or None): what every evaluation of the cell sees."""
+    interpolation = image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
+    transform = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=False,
+                                          interpolation=interpolation)
+    draft = None
+    if config.jpeg_draft:
+        draft = max(math.ceil(config.jpeg_draft * image_cfg.image_size), round(image_cfg.image_size * 256 / 224))
+    return transform, draft
+
+
 def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
-    train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True)
-    test_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=False)
+    interpolation = image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
+    train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True,
+                                         interpolation=interpolation)
+    test_tf, eval_draft = eval_transforms(config, image_cfg)
     sampler = dml_data.ClassBalancedBatchSampler(
         splits.train.labels, config.batch_size, config.samples_per_class, seed=config.seed,
         num_batches=_num_batches(config, len(splits.train.labels)))
     common = dict(num_workers=dml_data.loader_workers(config.num_workers), pin_memory=device.type == "cuda",
                   persistent_workers=False)
-    train_draft = eval_draft = None
-    if config.jpeg_draft:
-        train_draft = math.ceil(config.jpeg_draft * image_cfg.image_size)
-        eval_draft = max(train_draft, round(image_cfg.image_size * 256 / 224))  # the eval resize's input
+    # the training crop's input; evaluation decodes at least the 256/224 resize's (eval_transforms)
+    train_draft = math.ceil(config.jpeg_draft * image_cfg.image_size) if config.jpeg_draft else None
     train = DataLoader(dml_data.ImageDataset(splits.train, train_tf, train_draft),
                        batch_sampler=dml_data.AugmentationSeeds(sampler, config.seed), **common)
 
@@ -167,6 +178,7 @@ def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
                           shuffle=False, **common)
 
     evals = {name: eval_loader(getattr(splits, name)) for name in ("val", "test", "query", "gallery")}
+    evals["train_eval"] = eval_loader(splits.train)  # test transforms: class means for proxies.npz
     return train, sampler, evals
 
 
@@ -218,15 +230,11 @@ def write_per_query(cell_dir: Path, test: SplitEvaluation | None, val: SplitEval
     """``per_query.npz`` (the reported epoch's test queries: query_index, label, ks, hit_at_k,
     ap_at_r) and a compact ``val_per_query.npz`` (float32 AP) for the validation split."""
     if test is not None:
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **test.per_query.arrays())
-        atomic_write_bytes(cell_dir / PER_QUERY_FILE, buffer.getvalue())
+        atomic_write_bytes(cell_dir / PER_QUERY_FILE, npz_bytes(test.per_query.arrays()))
     if val is not None:
         arrays = val.per_query.arrays()
         arrays["ap_at_r"] = arrays["ap_at_r"].astype(np.float32)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        atomic_write_bytes(cell_dir / VAL_PER_QUERY_FILE, buffer.getvalue())
+        atomic_write_bytes(cell_dir / VAL_PER_QUERY_FILE, npz_bytes(arrays))
 
 
 def save_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
@@ -333,7 +341,10 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         torch.set_num_threads(config.torch_threads)
     emit = progress or (lambda event: None)
     splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
-                                   seed=config.seed, skip_corrupt=config.skip_corrupt_images)
+                                   seed=config.seed, skip_corrupt=config.skip_corrupt_images,
+                                   train_fraction=config.train_fraction,
+                                   train_classes_fraction=config.train_classes_fraction,
+                                   min_per_class=config.samples_per_class)
     if data_record is not None:
         data_record["data"] = splits.record()
     emit({"event": "data", "summary": splits.record()})
@@ -481,6 +492,7 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
         eval_seconds += time.perf_counter() - eval_start
         final["test"], final["val"] = _metrics(last_evaluation["test"]), _metrics(last_evaluation["val"])
     write_per_query(cell_dir, last_evaluation["test"], last_evaluation["val"])
+    write_artifacts(cell_dir, config, learner, splits, eval_loaders, last_evaluation, device, amp_dtype, trains)
     engine = (last_evaluation["test"] or last_evaluation["val"]).per_query.engine
 
     counted = counted_training_memory(learner, optimizers, saved_bytes)

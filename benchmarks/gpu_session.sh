@@ -12,8 +12,11 @@ export PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt" || true
 "$python" -c "import torch, timm; print('torch', torch.__version__, 'timm', timm.__version__)" | tee -a "$out/gpu.txt"
-"$python" benchmarks/bench_data.py --workers 4 --batches 12 | tee "$out/data.md"
-loader=$(awk -F'|' '$2 ~ /^ *4 *$/ {gsub(/ /, "", $3); print $3}' "$out/data.md")
+# CUB-sized JPEGs (500 px), full decode: the rate a paper-suite cell sees with the defaults.
+"$python" benchmarks/bench_data.py --workers 4 --batches 12 --source-sizes 500 --drafts 0 --resized 0 \
+    | tee "$out/data.md"
+# columns: | source px | jpeg_draft | workers | img/s | ...; the first row with 4 workers
+loader=$(awk -F'|' '$4 ~ /^ *4 *$/ {gsub(/ /, "", $5); print $5; exit}' "$out/data.md")
 "$python" benchmarks/bench_gpu.py --backbones vit_s16 vit_b16 --batch-sizes 64 32 --compile \
     --max-minutes "${MAX_MINUTES:-6}" ${loader:+--loader-img-s "$loader"} \
     --json "$out/gpu.json" --markdown "$out/gpu.md" ${BENCH_GPU_EXTRA:-} 2>&1 | tee "$out/gpu.log"

@@ -21,6 +21,8 @@ COMMANDS = {
     "report": "cli.report:cmd_report",
     "evaluate": "cli.evaluate:cmd_evaluate",
     "describe": "cli.describe:cmd_describe",
+    "embed": "cli.reuse:cmd_embed",
+    "export": "cli.reuse:cmd_export",
 }
 
 
@@ -96,6 +98,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", nargs="+", default=None, help="default: every registered method")
     p.add_argument("--method-arg", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("embed", help="embeddings of images or of a split from a trained cell (for `evaluate`)")
+    p.add_argument("cell_dir", help="a finished cell folder (results/SUITE/CELL_ID)")
+    p.add_argument("images", nargs="?", default=None,
+                   help="a folder of images (labels: their subfolders), or use --split")
+    p.add_argument("--split", choices=["train", "val", "test", "query", "gallery"], default=None,
+                   help="a split of the cell's own dataset instead of a folder")
+    p.add_argument("--data-root", default=None, help="where the cell's dataset is here (default: as trained)")
+    p.add_argument("--out", required=True, help="embeddings .npy; labels go beside it as <name>_labels.npy")
+    p.add_argument("--device", default="cpu")
+
+    p = sub.add_parser("export", help="a trained cell as one standalone model.safetensors (LoRA merged)")
+    p.add_argument("cell_dir", help="a finished cell folder (results/SUITE/CELL_ID)")
+    p.add_argument("--out", required=True, help="the .safetensors file to write")
     return parser
 
 

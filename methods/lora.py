@@ -26,6 +26,22 @@ class LoRALinear(nn.Module):
         return self.base(x) + (x @ self.lora_a.T @ self.lora_b.T) * self.scaling
 
 
+    def merged(self) -> nn.Linear:
+        """The plain linear layer with the update folded in: ``W + (alpha / r) B A``."""
+        with torch.no_grad():
+            self.base.weight += self.scaling * (self.lora_b @ self.lora_a).to(self.base.weight.dtype)
+        return self.base
+
+
+def merge_lora_(model: nn.Module) -> int:
+    """Replace every LoRALinear in ``model`` by its merged linear layer; returns how many."""
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if isinstance(child, LoRALinear)]
+    for parent, name, child in targets:
+        setattr(parent, name, child.merged())
+    return len(targets)
+
+
 @dataclass
 class LoRAArgs:
     lora_rank: int = arg(8, "rank r of the update B A", min=1)

@@ -29,9 +29,11 @@ class PromptTokens(nn.Module):
     """One learnable ``[n_i, width]`` tensor per prompted block, initialised by ``scheme``
     (``methods.init``)."""
 
-    def __init__(self, counts: list[int], backbone: nn.Module, scheme: str, shallow: bool = False):
+    def __init__(self, counts: list[int], backbone: nn.Module, scheme: str, shallow: bool = False,
+                 location: str = "prepend"):
         super().__init__()
         self.shallow = shallow
+        self.location = location  # "prepend": extra tokens after the prefix; "add": summed onto the patches
         self.tokens = nn.ParameterList()
         full = max(counts, default=0)  # the reference's tensor per block holds the full count
         for n in counts:
@@ -42,15 +44,20 @@ class PromptTokens(nn.Module):
     def for_block(self, index: int, batch_size: int) -> torch.Tensor | None:
         if index < len(self.tokens):
             return self.tokens[index].unsqueeze(0).expand(batch_size, -1, -1)
-        if self.shallow or index > len(self.tokens):
-            return None  # shallow: carried through every block
+        if self.shallow or index > len(self.tokens) or self.location == "add":
+            return None  # shallow: carried through every block; added prompts leave no tokens behind
         first = self.tokens[0]
         return first.new_zeros(batch_size, 0, first.shape[1])  # deep, past the depth: drop them
+
+
+LOCATIONS = ("prepend", "add")
 
 
 @dataclass
 class ShallowPromptArgs:
     num_prompts: int = arg(10, "prompt tokens inserted once, before block 1", min=1)
+    prompt_location: str = arg("prepend", "prepend tokens, or add one prompt to each patch token (VPT's 'add')",
+                               choices=LOCATIONS)
 
 
 @dataclass
@@ -58,6 +65,12 @@ class DeepPromptArgs:
     num_prompts: int = arg(10, "prompt tokens N before each prompted block", min=0)
     prompt_depth: int = arg(12, "prompted blocks L, from the first", min=1)
     prompt_decrease: int = arg(0, "decrease step tau: block i gets N - tau * i tokens", min=0)
+    prompt_location: str = arg("prepend", "prepend tokens, or add one prompt to each patch token (VPT's 'add'; "
+                                          "then there are as many prompts as patches)", choices=LOCATIONS)
+
+
+def patch_count(backbone: nn.Module) -> int:
+    return int(backbone.patch_embed.num_patches)
 
 
 class ShallowPrompts(Component):
@@ -67,7 +80,8 @@ class ShallowPrompts(Component):
 
     def apply(self, learner):
         backbone = learner.model.backbone
-        prompts = PromptTokens([self.num_prompts], backbone, learner.init, shallow=True)
+        counts = [patch_count(backbone)] if self.prompt_location == "add" else [self.num_prompts]
+        prompts = PromptTokens(counts, backbone, learner.init, shallow=True, location=self.prompt_location)
         learner.extras["prompts"] = prompts
         set_reference(learner.model, "prompts", prompts)
 
@@ -80,7 +94,10 @@ class DeepPrompts(Component):
     def apply(self, learner):
         backbone = learner.model.backbone
         require_blocks(backbone, "prompt_depth", self.prompt_depth)
-        counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
-        prompts = PromptTokens(counts, backbone, learner.init)
+        if self.prompt_location == "add":
+            counts = [patch_count(backbone)] * self.prompt_depth
+        else:
+            counts = prompt_counts(self.num_prompts, self.prompt_depth, self.prompt_decrease)
+        prompts = PromptTokens(counts, backbone, learner.init, location=self.prompt_location)
         learner.extras["prompts"] = prompts
         set_reference(learner.model, "prompts", prompts)

@@ -6,9 +6,12 @@ Training step, on top of the ordinary sample branch:
    style, no dataset prompts), then through a separate LayerNorm + Linear head: one semantic
    vector per image;
 2. a per-class memory (a buffer, not a parameter, rows on the unit sphere) accumulates these
-   vectors, class by class in batch order, by EMA (``m <- keep m + (1 - keep) mean(v)``) or by a
+   vectors, class by class in batch order, by EMA (``m <- keep m + (1 - keep) mean(v)``), by a
    GRU cell whose candidate activation is ReLU (the paper's choice) or tanh (``gru_dropout`` on
-   its output, as the reference); the updated rows are L2-normalised, as the reference does;
+   its output, as the reference), by the exact running class mean (``mean``, an ablation), or by
+   attention of the row over itself and the class's batch vectors (``attention``, an ablation;
+   ``AttentionAccumulator`` has the equations); the updated rows are L2-normalised, as the
+   reference does;
 3. proxies = ``proxy_bias_ratio * bias + (1 - proxy_bias_ratio) * memory``, with ``bias`` the
    loss's own learnable proxies (re-initialised Xavier-uniform / 8). In-batch classes use the
    freshly updated memory, so gradients reach the class prompts, the proxy head and the GRU;
@@ -19,11 +22,11 @@ pass's. ``proxy_checkpointing`` recomputes the proxy pass block by block in back
 (one more forward of it per step; same gradients): at ViT-S/16, batch 64, VPTSP-G then keeps
 1.75 GiB of activations instead of 2.89, against VPT-deep's 1.45 (BENCHMARKS.md).
 
-Scale: class prompts are one row per class of a sparse ``nn.Embedding``. Only the batch's rows
-are gathered and only they receive (sparse) gradients and optimiser updates (the trainer gives
-sparse parameters SparseAdam or SGD). When the table is large (SOP: 11,318 classes x 5 x 12 x
-384 floats = 1.0 GiB) it stays in CPU memory with its optimiser state, and only the gathered
-rows travel to the GPU (``class_prompt_offload``).
+Scale: class prompts are one row per class of an ``nn.Embedding``; only the batch's rows are
+gathered. When the table is large (SOP: 11,318 classes x 5 x 12 x 384 floats = 1.0 GiB) it
+stays in CPU memory with its optimiser state (``class_prompt_offload``), its gradients are
+sparse and only the batch's rows are updated (bench.optim: SparseAdamW, LazySGD), as the
+reference's memory bank does; a table on the device is a dense parameter, as in the reference.
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from methods.base import Component, require_blocks
 from methods.init import init_bias_proxies_, init_head_, init_prompts_, initial_memory
 from methods.prompts import prompt_counts
 
-ACCUMULATORS = ("ema", "gru_relu", "gru_tanh")
+ACCUMULATORS = ("gru_relu", "gru_tanh", "ema", "mean", "attention")
 OFFLOAD_THRESHOLD_BYTES = 256 * 2 ** 20
 
 
@@ -107,6 +110,62 @@ class GRUAccumulatorCell(nn.Module):
         return (1 - z) * n + z * h
 
 
+class MeanAccumulator(nn.Module):
+    """The running mean of every semantic vector a class has produced:
+    ``m <- (n m + sum_j v_j) / (n + k)`` for the batch's ``k`` vectors of the class, ``n`` the
+    count so far (a buffer); ``total = n m`` is kept, so the mean is exact (not a decayed
+    average), and the memory row is ``m`` re-normalised."""
+
+    def __init__(self, num_classes: int, size: int):
+        super().__init__()
+        self.register_buffer("count", torch.zeros(num_classes))
+        self.register_buffer("total", torch.zeros(num_classes, size))
+
+    def forward(self, classes: torch.Tensor, membership: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+        batch_sum = membership.T.to(vectors.dtype) @ vectors  # [U, E]
+        k = membership.sum(0).to(vectors.dtype)[:, None]
+        n = self.count[classes].to(vectors.dtype)[:, None]
+        mean = (self.total[classes].to(vectors.dtype) + batch_sum) / (n + k)
+        with torch.no_grad():  # the running state keeps the detached values
+            self.total[classes] += batch_sum.detach().to(self.total.dtype)
+            self.count[classes] += k.squeeze(1).to(self.count.dtype)
+        return mean
+
+
+class AttentionAccumulator(nn.Module):
+    """The memory row attends over itself and the batch's vectors of its class. With ``h`` the
+    row and ``T = [h; v_1; ...; v_k]``::
+
+        q = h W_q,   K = T W_k,   V = T W_v,   a = softmax(K q / sqrt(E)),   h' = h + a V
+
+    and the memory row is ``h'`` re-normalised. ``W_q``, ``W_k``, ``W_v`` are learned (E x E,
+    Xavier-uniform); the residual ``h +`` keeps the memory at its old value when ``a V`` is small.
+    """
+
+    def __init__(self, size: int):
+        super().__init__()
+        self.query = nn.Linear(size, size, bias=False)
+        self.key = nn.Linear(size, size, bias=False)
+        self.value = nn.Linear(size, size, bias=False)
+        for layer in (self.query, self.key, self.value):
+            nn.init.xavier_uniform_(layer.weight)
+
+    def forward(self, h: torch.Tensor, vectors: torch.Tensor, inverse: torch.Tensor,
+                membership: torch.Tensor) -> torch.Tensor:
+        classes, size = h.shape
+        rank = (membership.cumsum(0) - 1).gather(1, inverse[:, None]).squeeze(1)  # position within class
+        slots = int(rank.max()) + 1
+        tokens = h.new_zeros(classes, 1 + slots, size)
+        tokens = tokens.index_put((inverse, rank + 1), vectors)  # [U, 1 + k_max, E]: row, then vectors
+        tokens = torch.cat([h[:, None], tokens[:, 1:]], dim=1)
+        present = torch.zeros(classes, 1 + slots, dtype=torch.bool, device=h.device)
+        present[:, 0] = True
+        present[inverse, rank + 1] = True
+        scores = (self.key(tokens) @ self.query(h)[:, :, None]).squeeze(2) / size ** 0.5
+        weights = torch.softmax(scores.masked_fill(~present, float("-inf")), dim=1)
+        return h + (weights[:, :, None] * self.value(tokens)).sum(1)
+
+
 class SemanticProxyModule(nn.Module):
     def __init__(self, num_classes: int, backbone: nn.Module, embedding_size: int, counts: list[int], scheme: str,
                  accumulator: str, ema_keep: float, proxy_bias_ratio: float, dropout: float, offload: bool,
@@ -118,7 +177,9 @@ class SemanticProxyModule(nn.Module):
         self.head = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embedding_size))
         init_head_(self.head, scheme)
         self.accumulator = accumulator
-        self.gru = GRUAccumulatorCell(embedding_size, accumulator.split("_")[1]) if accumulator != "ema" else None
+        self.gru = GRUAccumulatorCell(embedding_size, accumulator.split("_")[1]) if accumulator.startswith("gru") else None
+        self.mean = MeanAccumulator(num_classes, embedding_size) if accumulator == "mean" else None
+        self.attention = AttentionAccumulator(embedding_size) if accumulator == "attention" else None
         self.dropout = nn.Dropout(dropout)
         self.ema_keep = ema_keep
         self.proxy_bias_ratio = proxy_bias_ratio
@@ -136,6 +197,10 @@ class SemanticProxyModule(nn.Module):
         classes, inverse = torch.unique(labels, return_inverse=True)
         membership = F.one_hot(inverse, classes.shape[0])  # [B, U]
         h = self.memory[classes].to(vectors.dtype)
+        if self.mean is not None:
+            return classes, F.normalize(self.mean(classes, membership, vectors), dim=1)
+        if self.attention is not None:
+            return classes, F.normalize(self.attention(h, vectors, inverse, membership), dim=1)
         if self.gru is None:
             counts = membership.sum(0, keepdim=True).T.to(vectors.dtype)
             mean = (membership.T.to(vectors.dtype) @ vectors) / counts

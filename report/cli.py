@@ -113,7 +113,7 @@ def swap_in(staging: Path, out_dir: Path) -> None:
 
 
 def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -> dict[str, Path]:
-    from report import plots, render, summary  # matplotlib only when a report is written
+    from report import pictures, plots, render, summary  # matplotlib only when a report is written
 
     from report import tuning
     from report.significance import significance
@@ -133,16 +133,22 @@ def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -
         atomic_write_text(written["tuning.csv"], tuning.trials_frame(results.tuning).to_csv(index=False))
 
     figures: dict[str, list[Path]] = {}
+    titles: dict[str, str] = {}
     made = plots.make_figures(results, kind)
     if sig is not None and not sig.empty:
         made["significance"] = plots.fig_significance(sig)
-    for stem, fig in made.items():
+    drawn = pictures.make_pictures(results) if kind != "latency" else {}
+    for stem, fig in {**made, **drawn}.items():
         if fig is None:
             continue
-        figures[stem] = plots.save_figure(fig, out_dir / "figures" / stem)
+        titles[stem] = fig.get_suptitle()
+        save = pictures.save_picture if stem in drawn else plots.save_figure
+        figures[stem] = save(fig, out_dir / "figures" / stem)
+        fig.clear()  # a few hundred image axes otherwise stay in memory until the report ends
         for path in figures[stem]:
             written[f"figures/{path.name}"] = path
-    written["index.md"] = summary.write_index(out_dir, results, built, written, figures, significance=sig)
+    written["index.md"] = summary.write_index(out_dir, results, built, written, figures, significance=sig,
+                                              titles={k: v for k, v in titles.items() if k in drawn})
     return {_relative(name, path, out_dir): path for name, path in written.items()}
 
 

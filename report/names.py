@@ -34,6 +34,11 @@ AXES = {
     "num_p_prompt": (("num_p_prompt", "num_class_prompts"), "class prompts per class m"),
     "p_prompt_depth": (("p_prompt_depth", "class_prompt_depth"), "layers with class prompts"),
     "batch_size": (("batch_size",), "batch size"),
+    "train_fraction": (("train_fraction",), "share of each class's training images"),
+    "train_classes_fraction": (("train_classes_fraction",), "share of the training classes"),
+    "prompt_location": (("prompt_location",), "prompt location"),
+    "output": (("output",), "embedding read from (output)"),
+    "lr": (("lr",), "learning rate"),
     "embedding_size": (("embedding_size",), "embedding dimension"),
 }
 

@@ -95,7 +95,7 @@ def _legend(fig: Figure, axes: list[Any], title: str | None = None) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, handle)
     # our series first, references (paper values, Pareto front) after them
-    order = sorted(handles, key=lambda label: label.startswith(("paper", "Pareto")))
+    order = sorted(handles, key=lambda label: label.startswith(("paper", "Pareto", "reported epoch")))
     if not order:
         return
     columns = _legend_columns(fig, order)
@@ -200,12 +200,13 @@ def fig_accuracy_vs_cost(results: SuiteResults, cost: str) -> Figure | None:
 # --- training curves -----------------------------------------------------------------------
 
 def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
-    """Test R@1 and MAP@R per epoch, mean over seeds with a ±1 std band, one line per row."""
+    """Learning curves: training loss and test R@1 per epoch, mean over seeds with a ±1 std band,
+    one line per row; a star marks each row's reported epoch (the last, or the validation pick)."""
     epochs = results.epochs
-    if epochs.empty or "test/recall@1" not in epochs:
+    if epochs.empty or "epoch/train_loss" not in epochs:
         return None
     part = epochs[(epochs["status"] == "ok") & (epochs["dataset"].map(_text) == _text(dataset))].copy()
-    part = part.dropna(subset=["test/recall@1"])
+    part = part.dropna(subset=["epoch/train_loss"])
     if part.empty or part["epoch"].nunique() < 2:
         return None
     part = _in_table_order(part, results.grid_axes)
@@ -213,23 +214,36 @@ def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
     labels = list(dict.fromkeys(part["row_label"]))
     if len(labels) > MAX_CURVES:
         return None
-    metrics = [("test/recall@1", "R@1 (%)"), ("test/map@r", "MAP@R (%)")]
-    metrics = [(m, lab) for m, lab in metrics if m in part and part[m].notna().any()]
+    ok = _ok(results)
+    reported = ok[ok["dataset"].map(_text) == _text(dataset)].groupby("row_label")["final_epoch"].agg(
+        lambda s: s.mode().iloc[0] if s.notna().any() else math.nan)
+    metrics = [("epoch/train_loss", "Training loss", 1.0), ("test/recall@1", "Test R@1 (%)", 100.0)]
+    metrics = [m for m in metrics if m[0] in part and part[m[0]].notna().any()]
     colors = _palette(labels)
     with mpl.rc_context(STYLE):
         fig, axes = _figure(len(metrics))
-        for ax, (metric, ylabel) in zip(axes, metrics):
+        for ax, (metric, ylabel, scale) in zip(axes, metrics):
             for label in labels:
-                line = part[part["row_label"] == label].groupby("epoch")[metric].agg(["mean", "std"]) * 100
+                line = part[part["row_label"] == label].dropna(subset=[metric]).groupby("epoch")[metric].agg(
+                    ["mean", "std"]) * scale
+                if line.empty:
+                    continue
                 line["std"] = line["std"].fillna(0.0)
                 ax.plot(line.index, line["mean"], marker="o", markersize=3.5, color=colors[label], label=label)
                 ax.fill_between(line.index, line["mean"] - line["std"], line["mean"] + line["std"],
                                 color=colors[label], alpha=0.18, linewidth=0)
+                chosen = reported.get(label)
+                if chosen is not None and chosen in line.index:
+                    ax.plot([chosen], [line.loc[chosen, "mean"]], marker="*", markersize=11, color=colors[label],
+                            markeredgecolor="black", markeredgewidth=0.6, linestyle="none")
+            ax.plot([], [], marker="*", markersize=11, color="white", markeredgecolor="black",
+                    markeredgewidth=0.6, linestyle="none", label="reported epoch")  # one legend entry
             ax.set_xlabel("Epoch")
-            ax.set_ylabel(f"Test {ylabel}")
-            ax.set_title(f"Test {ylabel.split(' ')[0]} per epoch")
+            ax.set_ylabel(ylabel)
+            ax.set_title(ylabel.split(" (")[0] + " per epoch")
             ax.xaxis.get_major_locator().set_params(integer=True)
-        fig.suptitle(f"Training curves on {names.dataset_display(dataset)} (mean ± std over seeds)")
+        fig.suptitle(f"Learning curves on {names.dataset_display(dataset)} (mean ± std over seeds; "
+                     "star: the reported epoch)")
         _legend(fig, axes)
     return fig
 
@@ -295,7 +309,12 @@ def fig_ablation(results: SuiteResults, axis: str, xlabel: str | None = None,
         if ok["dataset_name"].nunique() > 1:
             ok["series"] = ok["dataset_name"] + (", " + ok["series"] if ok["series"].nunique() > 1 else "")
     ok = ok.sort_values("dataset", key=lambda c: c.map(names.dataset_rank), kind="stable")
-    stats = summarize(ok, ["series", "dataset", axis], {"r1": ("recall@1", 100.0), "map": ("map@r", 100.0)})
+    cost_columns = {"params": ("params_shared" if "params_shared" in ok and ok["params_shared"].notna().any()
+                               else "params_trainable", 1e-6), "ms": ("step_latency_ms_median", 1.0)}
+    stats = summarize(ok, ["series", "dataset", axis], {"r1": ("recall@1", 100.0), "map": ("map@r", 100.0),
+                                                       **{k: v for k, v in cost_columns.items() if v[0] in ok}})
+    for metric in ("r1", "map"):  # error bars: the 95 % t interval's half width (0 below 2 seeds)
+        stats[f"{metric}_std"] = ((stats[f"{metric}_ci_high"] - stats[f"{metric}_ci_low"]) / 2).fillna(0.0)
     numeric = axis != "method_name" and _is_numeric(stats[axis])
     series = list(dict.fromkeys(ok["series"]))
     colors = _palette(series)
@@ -307,22 +326,82 @@ def fig_ablation(results: SuiteResults, axis: str, xlabel: str | None = None,
         values = list(dict.fromkeys(ranked["method_name"]))
     else:
         values = sorted(stats[axis].unique(), key=names.value_sort_key)
+    has_cost = "ms_mean" in stats and stats["ms_mean"].notna().any()
     with mpl.rc_context(STYLE):
-        fig, axes = _figure(2)
+        fig, axes = _figure(3 if has_cost else 2)
         for ax, (metric, paper_metric, ylabel) in zip(axes, (("r1", "recall@1", "R@1 (%)"),
                                                             ("map", "map@r", "MAP@R (%)"))):
             if numeric:
                 _ablation_lines(ax, stats, axis, metric, series, colors)
+                _mark_crossings(ax, stats, axis, metric, series)
                 _paper_lines(ax, paper, paper_metric, dataset_colors)
             else:
                 _ablation_bars(ax, stats, axis, metric, series, colors, values)
                 _paper_marks(ax, paper, paper_metric, values)
             ax.set_xlabel(xlabel[0].upper() + xlabel[1:])
             ax.set_ylabel(ylabel)
-            ax.set_title(f"{ylabel.split(' ')[0]} vs {xlabel}")
-        fig.suptitle(f"Ablation: {xlabel} (mean ± std over seeds)")
+            ax.set_title(ylabel.split(" ")[0])
+        if has_cost:
+            _cost_panel(axes[2], stats, axis, series, colors, values, numeric, xlabel)
+        fig.suptitle(f"Ablation: {xlabel} (mean and 95% interval over seeds)")
         _legend(fig, axes)
     return fig
+
+
+def _mark_crossings(ax, stats, axis, metric, series) -> None:
+    """Where two series swap order between adjacent x values: an x at the interpolated crossing.
+    With a full fine-tuning series, only its crossings (when does a PEFT method overtake it?)."""
+    lines = {}
+    for name in series:
+        part = stats[stats["series"] == name].assign(x=lambda f: pd.to_numeric(f[axis])).sort_values("x")
+        lines[name] = (part["x"].to_numpy(float), part[f"{metric}_mean"].to_numpy(float))
+    reference = [s for s in series if "full fine-tuning" in s.lower()]
+    def prefix(name: str) -> str:  # "CUB-200, " when the series carry their dataset
+        return name[: name.lower().index("full fine-tuning")]
+
+    pairs = [(r, s) for r in reference for s in series if s != r and s.startswith(prefix(r))] if reference else \
+        [(a, b) for i, a in enumerate(series) for b in series[i + 1:]]
+    label = "crosses full fine-tuning" if reference else "curves cross"
+    first = True
+    for a, b in pairs:
+        (xa, ya), (xb, yb) = lines[a], lines[b]
+        if len(xa) != len(xb) or not np.array_equal(xa, xb):
+            continue
+        d = ya - yb
+        for j in range(len(d) - 1):
+            if d[j] * d[j + 1] < 0:
+                t = d[j] / (d[j] - d[j + 1])
+                x = xa[j] + t * (xa[j + 1] - xa[j])
+                y = ya[j] + t * (ya[j + 1] - ya[j])
+                ax.scatter([x], [y], marker="X", s=90, color="black", zorder=5,
+                           label=label if first else None)
+                first = False
+
+
+def _cost_panel(ax, stats, axis, series, colors, values, numeric, xlabel) -> None:
+    """What each setting costs: step latency (left axis, lines) and trained parameters (right
+    axis, dashed), per series."""
+    twin = ax.twinx()
+    for i, name in enumerate(series):
+        part = stats[stats["series"] == name]
+        if numeric:
+            part = part.assign(x=pd.to_numeric(part[axis])).sort_values("x")
+            x = part["x"]
+        else:
+            part = part.set_index(axis).reindex(values).reset_index()
+            x = np.arange(len(values))
+        style = {} if numeric else {"ls": "none", "markersize": 9}  # categories: no line between them
+        ax.plot(x, part["ms_mean"], marker=MARKERS[i % len(MARKERS)], color=colors[name], lw=1.5, **style)
+        if "params_mean" in part:
+            twin.plot(x, part["params_mean"], marker=MARKERS[i % len(MARKERS)], markerfacecolor="white",
+                      color=colors[name], lw=1.0, alpha=0.8, **({"ls": "--"} if numeric else style))
+    if not numeric:
+        ax.set_xticks(np.arange(len(values)), [names.value_display(axis, v) for v in values], rotation=30, ha="right")
+    ax.set_xlabel(xlabel[0].upper() + xlabel[1:])
+    ax.set_ylabel("Step (ms), solid")
+    twin.set_ylabel("Shared params (M), dashed")
+    twin.grid(False)
+    ax.set_title("What it costs")
 
 
 def _hold_fixed(ok: pd.DataFrame, axis: str, others: Iterable[str]) -> pd.DataFrame:
@@ -353,7 +432,7 @@ def _ablation_bars(ax, stats, axis, metric, series, colors, values) -> None:
         ax.bar(x + (j - (len(series) - 1) / 2) * width, part[f"{metric}_mean"], width,
                yerr=part[f"{metric}_std"], capsize=3, color=colors[name], edgecolor="black", linewidth=0.5,
                label=name)
-    ax.set_xticks(x, [names.value_display(axis, v) for v in values], rotation=15, ha="right")
+    ax.set_xticks(x, [names.value_display(axis, v) for v in values], rotation=30, ha="right")
     # close accuracies: start the axis near the data, not at 0 (the bars are labelled with values' scale)
     low, high = stats[f"{metric}_mean"].min(), stats[f"{metric}_mean"].max()
     pad = max(1.0, (high - low) * 0.5, 2 * stats[f"{metric}_std"].max())
@@ -391,6 +470,46 @@ def _paper_marks(ax, records, metric, values) -> None:
         # white with a black edge: visible on top of any bar colour
         ax.scatter(xs, ys, marker=("D", "s", "^", "o")[j % 4], s=45, facecolors="white", edgecolors="black",
                    linewidths=1.2, zorder=4, label=f"paper, {names.dataset_display(dataset)} ({records[0].source})")
+
+
+# --- pretraining source ---------------------------------------------------------------------
+
+def fig_backbones(results: SuiteResults) -> Figure | None:
+    """R@1 (and MAP@R) grouped by backbone, a bar per method, a panel per dataset and metric;
+    error bars are the 95 % t interval over seeds."""
+    ok = _ok(results)
+    if ok.empty or ok["backbone"].nunique() < 2:
+        return None
+    values = {"r1": ("recall@1", 100.0), "map": ("map@r", 100.0)}
+    if "step_latency_ms_median" in ok and ok["step_latency_ms_median"].notna().any():
+        values["ms"] = ("step_latency_ms_median", 1.0)  # what each bar costs
+    stats = summarize(ok, ["dataset", "backbone", "method_name"], values)
+    panels = [(k, t) for k, t in (("r1", "R@1 (%)"), ("map", "MAP@R (%)"), ("ms", "Step latency (ms)")) if k in values]
+    datasets = sorted(stats["dataset"].unique(), key=names.dataset_rank)
+    backbones = sorted(stats["backbone"].unique(), key=names.backbone_rank)
+    methods = list(dict.fromkeys(ok["method_name"]))
+    colors = _palette(methods)
+    width = 0.8 / len(methods)
+    with mpl.rc_context(STYLE):
+        fig, axes = _figure(len(panels) * len(datasets), rows=len(datasets))
+        fig.set_size_inches(max(PANEL[0], 1.4 * len(backbones) + 2) * len(panels), PANEL[1] * len(datasets) + 0.5)
+        for d, dataset in enumerate(datasets):
+            for m, (metric, ylabel) in enumerate(panels):
+                ax = axes[len(panels) * d + m]
+                part = stats[stats["dataset"] == dataset]
+                x = np.arange(len(backbones))
+                for j, method in enumerate(methods):
+                    rows = part[part["method_name"] == method].set_index("backbone").reindex(backbones)
+                    half = ((rows[f"{metric}_ci_high"] - rows[f"{metric}_ci_low"]) / 2).fillna(0.0)
+                    ax.bar(x + (j - (len(methods) - 1) / 2) * width, rows[f"{metric}_mean"], width, yerr=half,
+                           capsize=2, color=colors[method], edgecolor="black", linewidth=0.5, label=method)
+                ax.set_xticks(x, [names.backbone_display(b) for b in backbones], rotation=30, ha="right")
+                ax.set_ylabel(ylabel)
+                what = "cost per step" if metric == "ms" else ylabel.split(" ")[0]
+                ax.set_title(f"{names.dataset_display(dataset)}: {what}")
+        fig.suptitle("Pretraining source (mean and 95% interval over seeds)")
+        _legend(fig, axes)
+    return fig
 
 
 # --- significance --------------------------------------------------------------------------
@@ -459,8 +578,10 @@ def make_figures(results: SuiteResults, kind: str) -> dict[str, Figure]:
         for axis in swept:
             figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(
                 results, axis, others=swept)
+        if kind == "ablation_pretraining":
+            figures["ablation_backbone"] = fig_backbones(results)
         named = ABLATION_AXES.get(kind, ())
-        if not swept and named:
+        if not swept and named and named[0] != "backbone":
             # the ablation's rows are method entries (labels): compare those
             figures[f"ablation_{named[0]}"] = fig_ablation(results, "method_name", names.axis_display(named[0]),
                                                            paper_axis=named[0])

@@ -1,6 +1,8 @@
 """The summary page (``index.md``) linking every output, and the short terminal summary."""
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,9 @@ def figure_title(stem: str) -> str:
     if stem in FIGURE_TITLES:
         return FIGURE_TITLES[stem]
     if stem.startswith("curves_"):
-        return f"Test R@1 and MAP@R per epoch, {names.dataset_display(stem[len('curves_'):])}"
+        return f"Learning curves: training loss and test R@1 per epoch, {names.dataset_display(stem[len('curves_'):])}"
+    if stem == "ablation_backbone":
+        return "Ablation: R@1 and MAP@R by pretraining source, a bar per method"
     if stem.startswith("ablation_"):
         return f"Ablation: R@1 and MAP@R vs {names.axis_display(stem[len('ablation_'):])}"
     return stem
@@ -41,9 +45,39 @@ def status_counts(cells: pd.DataFrame) -> dict[str, int]:
     return {status: int(counts.get(status, 0)) for status in ("ok", "failed", "corrupt", "foreign", "missing")}
 
 
+PICTURE_SECTIONS = (  # stem prefix -> subsection of "What the methods learned"
+    ("retrieval_", "Retrievals", "The same fixed test queries for every method (its lowest seed), their five "
+     "nearest neighbours framed green (same class) or red."),
+    ("disagreement_", "Retrievals", ""),
+    ("attention_", "Attention", "The CLS token's attention to the patches on the same test images, one row "
+     "per method: attention rollout over all blocks, then the last block alone. Prompt tokens are left out."),
+    ("proxies_", "Semantic proxies", "Whether each class's proxy points at its class: the cosine of the proxy "
+     "to the class-mean train embedding of the final model, and the test embeddings in 2-D with the proxies."),
+)
+
+
+def picture_section(stem: str) -> str | None:
+    for prefix, section, _ in PICTURE_SECTIONS:
+        if stem.startswith(prefix):
+            return section
+    return None
+
+
+def _figure_lines(stem: str, paths: list[Path], out_dir: Path, title: str) -> list[str]:
+    png = next(p for p in paths if p.suffix == ".png")
+    links = " · ".join(f"[{p.suffix[1:].upper()}]({_link(p, out_dir)})" for p in paths)
+    return [f"![{md(title)}]({_link(png, out_dir)})", "", links, ""]
+
+
 def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dict[str, Path],
-                figures: dict[str, list[Path]], significance=None) -> Path:
-    """``index.md``: protocol, counts, the table inline, links to every file, failed cells."""
+                figures: dict[str, list[Path]], significance=None, titles: dict[str, str] | None = None) -> Path:
+    """``index.md``: protocol, counts, the table inline, links to every file, failed cells; and
+    ``index.html``, the same page for a browser with the figures inline."""
+    titles = titles or {}
+
+    def title_of(stem: str) -> str:
+        return " ".join((titles.get(stem) or figure_title(stem)).split())
+
     counts = status_counts(results.cells)
     lines = [
         f"# Report: suite `{results.suite}`",
@@ -53,6 +87,7 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
         + "".join(f", {counts[s]} {s} (not counted)" for s in ("corrupt", "foreign") if counts[s]) + ".",
         "",
         f"- Protocol: test split, {protocol_text(results.ok)}; {seeds_text(table.seeds)}.",
+        "- In a browser: [index.html](index.html), this page with every figure inline.",
         f"- Table shape: `{table.kind}` (choose another with `--table`).",
         "",
         "## Tables",
@@ -66,15 +101,23 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
     ]
     lines += significance_section(significance, written, out_dir)
     lines += tuning_section(results, written, out_dir)
+    charts = {stem: paths for stem, paths in figures.items() if picture_section(stem) is None}
     lines += ["## Figures", ""]
-    if not figures:
+    if not charts:
         lines += ["The data supports no figure (no finished cells with the needed measurements).", ""]
-    for stem, paths in figures.items():
-        png = next(p for p in paths if p.suffix == ".png")
-        pdf = next(p for p in paths if p.suffix == ".pdf")
-        lines += [f"### {figure_title(stem)}", "",
-                  f"![{figure_title(stem)}]({_link(png, out_dir)})", "",
-                  f"[PNG]({_link(png, out_dir)}) · [PDF]({_link(pdf, out_dir)})", ""]
+    for stem, paths in charts.items():
+        lines += [f"### {title_of(stem)}", ""] + _figure_lines(stem, paths, out_dir, title_of(stem))
+    pictures = {stem: paths for stem, paths in figures.items() if picture_section(stem) is not None}
+    if pictures:
+        lines += ["## What the methods learned", ""]
+        for section in dict.fromkeys(s for _, s, _ in PICTURE_SECTIONS):
+            stems = [stem for stem in pictures if picture_section(stem) == section]
+            if not stems:
+                continue
+            intro = next(text for _, name, text in PICTURE_SECTIONS if name == section and text)
+            lines += [f"### {section}", "", intro, ""]
+            for stem in stems:
+                lines += _figure_lines(stem, pictures[stem], out_dir, title_of(stem))
     lines += ["## Data", "",
               f"- [cells.csv]({_link(written['cells.csv'], out_dir)}): one row per cell (key, status, "
               "final and oracle metrics, measurements)",
@@ -85,9 +128,57 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
                   "Result folders from an earlier version of the suite (their configuration changed), "
                   "not counted anywhere:", ""]
         lines += [f"- `{name}`" for name in results.stale] + [""]
+    lines += provenance_section(results)
+    text = "\n".join(lines) + "\n"
     path = out_dir / "index.md"
-    atomic_write_text(path, "\n".join(lines) + "\n")
+    atomic_write_text(path, text)
+    from report.html import write_html
+
+    written["index.html"] = write_html(out_dir, text, f"Report: suite {results.suite}",
+                                       f"Written by peft-dml-bench {_own_version()} on "
+                                       f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC from {results.suite_dir}")
     return path
+
+
+def _own_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("peft-dml-bench")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+def provenance_section(results: SuiteResults) -> list[str]:
+    """Where the finished cells' numbers come from: commits, packages, hosts and dates, read from
+    their ``result.json`` (``provenance``)."""
+    commits: dict[str, int] = {}
+    packages: dict[str, set[str]] = {}
+    pythons, hosts, dirty, dates = set(), set(), 0, []
+    for cell_id in results.ok["cell_id"] if not results.ok.empty else []:
+        try:
+            record = json.loads((results.suite_dir / str(cell_id) / "result.json").read_text()).get("provenance") or {}
+        except (OSError, ValueError):
+            continue
+        commit = record.get("git_commit") or "unknown"
+        commits[commit] = commits.get(commit, 0) + 1
+        dirty += bool(record.get("git_dirty"))
+        for name, version in (record.get("packages") or {}).items():
+            packages.setdefault(name, set()).add(str(version))
+        pythons.add(str(record.get("python")))
+        hosts.add(str(record.get("host")))
+        if record.get("finished"):
+            dates.append(str(record["finished"])[:10])
+    if not commits:
+        return []
+    lines = ["## Provenance", ""]
+    lines.append("- Commits: " + ", ".join(f"`{c[:12]}` ({n} cells)" for c, n in sorted(commits.items()))
+                 + (f"; {dirty} cells ran with uncommitted changes" if dirty else ""))
+    lines.append("- Packages: " + (", ".join(f"{name} {' / '.join(sorted(v))}" for name, v in sorted(packages.items()))
+                                   or "not recorded"))
+    lines.append(f"- Python {', '.join(sorted(pythons))}; {len(hosts)} host(s); finished "
+                 f"{min(dates)} to {max(dates)}" if dates else f"- Python {', '.join(sorted(pythons))}")
+    return lines + [""]
 
 
 def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[str]:

@@ -31,13 +31,17 @@ from report.aggregate import seed_stats
 from report.load import ReportError, SuiteResults
 
 KINDS = ("table1", "table2", "generic", "latency", "ablation", "ablation_accumulator",
-         "ablation_alpha", "ablation_prompts", "ablation_depth")
+         "ablation_alpha", "ablation_prompts", "ablation_depth", "ablation_datasize", "ablation_pretraining",
+         "ablation_vpt")
 # The axis each named ablation sweeps (canonical names from names.AXES).
 ABLATION_AXES = {
     "ablation_accumulator": ("accumulator",),
     "ablation_alpha": ("proxy_bias_ratio",),
     "ablation_prompts": ("num_prompts", "prompt_depth"),
     "ablation_depth": ("prompt_depth",),
+    "ablation_datasize": ("train_fraction", "train_classes_fraction"),
+    "ablation_pretraining": ("backbone",),
+    "ablation_vpt": ("prompt_location", "output", "num_prompts", "prompt_depth"),
 }
 # "\n": a line break in LaTeX headers (a space elsewhere)
 ORACLE_TITLE = "R@1 oracle\n(best test epoch,\noptimistic)"

@@ -87,7 +87,7 @@ CELL_CASES = [
                                           "vpt_deep", "--method-arg", "num_prompts=many"], build_synthetic,
      "num_prompts"),
     ("unknown config field", ["--dataset", "synthetic", "--data-root", "{root}", "--set", "learning_rate=1"],
-     None, "unknown field 'learning_rate'; fields: dataset, data_root"),
+     None, "unknown field 'learning_rate' (did you mean 'lr'?); fields: dataset, data_root"),
     ("misspelt config field", ["--dataset", "synthetic", "--data-root", "{root}", "--set", "epoch=1"],
      None, "did you mean 'epochs'"),
     ("batch not divisible", ["--dataset", "synthetic", "--data-root", "{root}", "--set", "batch_size=7"],

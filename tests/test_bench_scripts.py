@@ -87,6 +87,7 @@ def test_gpu_session_script_measures_the_loader_and_hands_its_rate_to_bench_gpu(
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "| 4 |" in (tmp_path / "data.md").read_text()
-    assert "data loader on this node:" in (tmp_path / "gpu.md").read_text()
+    row = next(line for line in (tmp_path / "data.md").read_text().splitlines() if "| 4 |" in line)
+    rate = row.split("|")[4].strip()
+    assert f"data loader on this node: {rate} img/s" in (tmp_path / "gpu.md").read_text()
     assert [r["method"] for r in json.loads((tmp_path / "gpu.json").read_text())] == ["linear_probe"]

@@ -191,9 +191,11 @@ def test_table2_cells_carry_the_released_per_dataset_configs():
 
 def test_ablation_latency_smoke_and_demo_suites():
     accumulator = load_suite("ablation_accumulator").cells()
-    assert len(accumulator) == 12
+    assert len(accumulator) == 3 * 6 * 3  # CUB, Cars, SOP x six accumulators x three seeds
     assert {(c.config.method, c.config.method_args.get("accumulator")) for c in accumulator} == {
-        ("vptsp_g", "ema"), ("vptsp_g", "gru_tanh"), ("vptsp_g", "gru_relu"), ("vpt_deep+bitfit", None)}
+        ("vptsp_g", "ema"), ("vptsp_g", "gru_tanh"), ("vptsp_g", "gru_relu"), ("vptsp_g", "mean"),
+        ("vptsp_g", "attention"), ("vpt_deep+bitfit", None)}
+    assert {c.config.dataset for c in accumulator} == {"cub200", "cars196", "sop"}
     assert all(c.config.method_args.get("proxy_bias_ratio", 0.0) == 0.0 for c in accumulator)
 
     alpha = load_suite("ablation_alpha").cells()

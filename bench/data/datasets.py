@@ -101,14 +101,18 @@ class DatasetSplits:
 
 
 def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int = 0,
-                 skip_corrupt: bool = False) -> DatasetSplits:
+                 skip_corrupt: bool = False, train_fraction: float = 1.0, train_classes_fraction: float = 1.0,
+                 min_per_class: int = 1) -> DatasetSplits:
     """Index dataset ``name`` found in ``<data_root>/<name>/`` (or in ``data_root`` itself).
 
     Zero-byte files are an error naming them unless ``skip_corrupt``; with it they and every
     image that fails a full decode (slow: reads every image once) are left out and counted in
     ``num_skipped``. Without it, an image that does not decode is reported when first read.
     ``val_fraction`` > 0 moves that fraction of the train classes, chosen with ``seed``, to
-    ``val``.
+    ``val``. Then ``train_classes_fraction`` keeps a seeded share of the remaining training
+    classes and ``train_fraction`` a seeded, class-stratified share of each class's images
+    (every class keeps at least ``min_per_class``): the training-data-size ablation. The
+    validation and test splits are never reduced.
     """
     if name not in LAYOUTS:
         raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
@@ -121,6 +125,8 @@ def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int =
     entries, num_skipped = drop_unreadable(parsed, root, skip_corrupt)
     splits = make_splits(entries, root)
     train, val = carve_validation(splits["train"], val_fraction, seed)
+    train = subset_classes(train, train_classes_fraction, seed)
+    train = subset_images(train, train_fraction, seed, min_per_class)
     return DatasetSplits(name=name, root=str(root), train=train, val=val,
                          test=splits.get("test"), query=splits.get("query"),
                          gallery=splits.get("gallery"), num_skipped=num_skipped)
@@ -196,6 +202,31 @@ def make_splits(entries: dict[str, list[Entry]], root) -> dict[str, Split]:
         splits["query"] = Split.from_entries(entries["query"], shared)
         splits["gallery"] = Split.from_entries(entries["gallery"], shared)
     return splits
+
+
+def subset_classes(train: Split, fraction: float, seed: int) -> Split:
+    """A seeded share of the classes (at least 2), chosen as NumPy's PCG64 with the seed chooses:
+    the same classes on every machine."""
+    if fraction >= 1.0:
+        return train
+    keep = max(2, round(fraction * train.num_classes))
+    rng = np.random.default_rng([seed, 0x5C1A55])
+    return train.select_classes(np.sort(rng.choice(train.num_classes, size=keep, replace=False)))
+
+
+def subset_images(train: Split, fraction: float, seed: int, min_per_class: int) -> Split:
+    """Per class, a seeded ``round(fraction * n)`` of its images, at least ``min_per_class`` (or
+    all it has): class balance is kept and the images are a pure function of the seed."""
+    if fraction >= 1.0:
+        return train
+    rng = np.random.default_rng([seed, 0x1A6E5])
+    kept: list[int] = []
+    for label in range(train.num_classes):
+        members = np.flatnonzero(train.labels == label)
+        count = min(len(members), max(min_per_class, round(fraction * len(members))))
+        kept.extend(np.sort(rng.choice(members, size=count, replace=False)).tolist())
+    kept.sort()
+    return Split([train.paths[i] for i in kept], train.labels[kept], list(train.class_names))
 
 
 def carve_validation(train: Split, val_fraction: float, seed: int) -> tuple[Split, Split | None]:

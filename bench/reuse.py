@@ -1,0 +1,215 @@
+"""A trained cell, reused: the embedding model back from its folder, embeddings of any images,
+and a standalone export.
+
+    from bench import load_cell
+    model = load_cell("results/table1/<cell_id>")          # backbone + method + head, eval mode
+    embeddings = model(images)                              # [B, D], L2-normalised
+
+``load_cell`` rebuilds the cell's learner exactly as training did (same seed before the build,
+so random-init parts match) from ``result.json``, then puts ``trainable.safetensors`` back on
+it; the backbone's pretrained weights come from the cell's ``weights`` as in training.
+
+``export_cell`` writes one ``model.safetensors`` holding every weight of the embedding model,
+LoRA merged into its linear layers (``W + (alpha / r) B A``) and BitFit's biases in place, with
+prompts; ``load_exported`` rebuilds it from the file alone (the architecture is in its
+metadata, no pretrained download):
+
+    from bench import load_exported
+    model = load_exported("model.safetensors")
+    embeddings = model(images)   # images normalised with model.export_info["mean"] / ["std"]
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench.config import CellConfig
+from bench.errors import UserError
+from bench.results import RESULT_FILE, atomic_write_bytes, read_result
+
+WEIGHTS_FILE = "trainable.safetensors"
+EXPORT_FORMAT = "peft-dml-bench/export-1"
+TRAINING_ONLY = ("criterion.", "extras.semantic_proxies.")  # state an embedding model does not use
+
+
+class CellLoadError(UserError):
+    """A cell folder that cannot give back its model; the message names the file."""
+
+
+def _cell_record(cell_dir: Path) -> dict[str, Any]:
+    result_path = cell_dir / RESULT_FILE
+    if not result_path.is_file():
+        raise CellLoadError(f"{cell_dir}: no {RESULT_FILE}: not a finished cell folder")
+    result = read_result(result_path)
+    if result.get("status") != "ok":
+        raise CellLoadError(f"{result_path}: the cell did not finish (status {result.get('status')!r}: "
+                            f"{result.get('reason')}); nothing to load")
+    if not (cell_dir / WEIGHTS_FILE).is_file():
+        raise CellLoadError(f"{cell_dir / WEIGHTS_FILE}: missing; the cell's trained weights are needed")
+    return result
+
+
+def cell_config(result: dict[str, Any], data_root: str | None = None) -> CellConfig:
+    config = dict(result["config"])
+    if data_root is not None:
+        config["data_root"] = data_root
+    return CellConfig.from_dict(config, where=f"{result.get('cell_id')}/result.json config")
+
+
+def load_learner(cell_dir: str | Path, device: str | torch.device = "cpu"):
+    """The cell's ``MetricLearner`` (model, loss proxies, method modules) with its trained state."""
+    from safetensors import safe_open
+
+    from bench.learner import build_learner
+    from bench.train import seed_everything
+
+    cell_dir = Path(cell_dir)
+    result = _cell_record(cell_dir)
+    config = cell_config(result)
+    num_classes = int(result["data"]["splits"]["train"]["classes"])
+    path = cell_dir / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as weights:
+        metadata = weights.metadata() or {}
+        state = {key: weights.get_tensor(key) for key in weights.keys()}
+    if metadata.get("identity_hash") not in (None, result.get("identity_hash")):
+        raise CellLoadError(f"{path}: written for cell configuration {metadata['identity_hash']}, but "
+                            f"{cell_dir / RESULT_FILE} is {result.get('identity_hash')}: the folder mixes two runs")
+    seed_everything(config.seed)  # as train_cell: the same random-init parts
+    learner = build_learner(config, num_classes)
+    try:
+        learner.load_trainable_state_dict(state)
+    except ValueError as e:
+        raise CellLoadError(f"{path}: {e}") from None
+    learner.to(device).eval()
+    learner.cell_result = result
+    return learner
+
+
+def load_cell(cell_dir: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The trained embedding model of a finished cell: backbone + method + head, in eval mode.
+    ``model(images)`` gives L2-normalised embeddings; ``model.cell_result`` is its result.json."""
+    learner = load_learner(cell_dir, device)
+    model = learner.model
+    model.cell_result = learner.cell_result
+    return model.eval()
+
+
+# --- embeddings ----------------------------------------------------------------------------
+
+def image_folder_split(folder: str | Path):
+    """Every image under ``folder`` (recursively), labelled by its parent folder's name in sorted
+    order: ``folder/<class>/*.jpg`` gives class labels, a flat folder gives label 0 to all."""
+    from bench.data import Split
+    from bench.data.layouts import IMAGE_EXTENSIONS
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CellLoadError(f"{folder}: not a folder of images")
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                   and not p.name.startswith("."))
+    if not paths:
+        raise CellLoadError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
+    classes = sorted({str(p.parent.relative_to(folder)) for p in paths})
+    index = {name: i for i, name in enumerate(classes)}
+    return Split([str(p) for p in paths], np.array([index[str(p.parent.relative_to(folder))] for p in paths]),
+                 classes)
+
+
+def embed(cell_dir: str | Path, *, images: str | Path | None = None, split: str | None = None,
+          data_root: str | None = None, device: str = "cpu", batch_size: int | None = None
+          ) -> tuple[np.ndarray, np.ndarray]:
+    """(embeddings float32 [N, D], labels int64 [N]) of a folder of images or of one split of the
+    cell's dataset, with the cell's evaluation transforms, exactly as its evaluation computes them."""
+    from torch.utils.data import DataLoader
+
+    from bench import data as dml_data
+    from bench.backbones import data_config
+    from bench.evaluate import compute_embeddings
+    from bench.train import eval_transforms
+
+    if (images is None) == (split is None):
+        raise CellLoadError("embed: give a folder of images or --split, not both")
+    learner = load_learner(cell_dir, device)
+    config = cell_config(learner.cell_result, data_root)
+    if split is not None:
+        splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
+                                       seed=config.seed, skip_corrupt=config.skip_corrupt_images,
+                                       train_fraction=config.train_fraction,
+                                       train_classes_fraction=config.train_classes_fraction,
+                                       min_per_class=config.samples_per_class)
+        chosen = getattr(splits, split, None)
+        if chosen is None:
+            present = [n for n in ("train", "val", "test", "query", "gallery") if getattr(splits, n) is not None]
+            raise CellLoadError(f"embed: {config.dataset} has no {split!r} split here; it has {', '.join(present)}")
+    else:
+        chosen = image_folder_split(images)
+    image_cfg = data_config(learner.model.backbone, config.image_size)
+    transform, draft = eval_transforms(config, image_cfg)
+    loader = DataLoader(dml_data.ImageDataset(chosen, transform, draft), batch_size=batch_size or config.eval_batch_size,
+                        shuffle=False, num_workers=dml_data.loader_workers(config.num_workers))
+    return compute_embeddings(learner.model, loader, device, None)
+
+
+# --- export --------------------------------------------------------------------------------
+
+def export_cell(cell_dir: str | Path, out: str | Path) -> Path:
+    """One safetensors file with the whole embedding model (LoRA merged, prompts included) and
+    the architecture in its metadata; ``load_exported`` reads it back."""
+    from safetensors.torch import save
+
+    from bench.backbones import data_config
+    from bench.learner import merged_for_export
+
+    learner = load_learner(cell_dir, "cpu")
+    result = learner.cell_result
+    config = cell_config(result)
+    method, method_args = merged_for_export(learner, config.method, config.method_args)
+    image_cfg = data_config(learner.model.backbone, config.image_size)
+    # the model and the method modules it runs through (prompts live in ``extras``); not what only
+    # training needs: the loss proxies and the semantic-proxy pass (class prompts, memory)
+    state = {k: v.detach().contiguous().clone() for k, v in learner.state_dict().items()
+             if not k.startswith(TRAINING_ONLY)}
+    info = {"format": EXPORT_FORMAT, "cell_id": result["cell_id"], "suite": result["suite"],
+            "backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
+            "image_size": image_cfg.image_size, "mean": list(image_cfg.mean), "std": list(image_cfg.std),
+            "embedding_size": config.embedding_size, "output": config.output, "trained_method": config.method,
+            "method": method, "method_args": method_args, "num_classes": int(result["data"]["splits"]["train"]["classes"]),
+            "init": config.init, "identity_hash": result["identity_hash"]}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, save(state, metadata={"export": json.dumps(info, sort_keys=True)}))
+    return out
+
+
+def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The embedding model of an ``export`` file, in eval mode; ``model.export_info`` holds its
+    metadata (backbone, image size, mean/std, the method it was trained with)."""
+    from safetensors import safe_open
+
+    from bench.learner import build_learner
+
+    path = Path(path)
+    if not path.is_file():
+        raise CellLoadError(f"{path}: no such file")
+    with safe_open(str(path), framework="pt") as f:
+        raw = (f.metadata() or {}).get("export")
+        state = {key: f.get_tensor(key) for key in f.keys()}
+    info = json.loads(raw) if raw else {}
+    if info.get("format") != EXPORT_FORMAT:
+        raise CellLoadError(f"{path}: not a peft-dml-bench export (no '{EXPORT_FORMAT}' metadata)")
+    config = CellConfig(backbone=info["backbone"], weights="none", image_size=info["image_size"],
+                        embedding_size=info["embedding_size"], output=info["output"], method=info["method"],
+                        method_args=info["method_args"], init=info["init"])
+    learner = build_learner(config, info["num_classes"])
+    missing, unexpected = learner.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
+    if missing or unexpected:
+        raise CellLoadError(f"{path}: weights do not fit {info['backbone']} + {info['method']}: "
+                            f"missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model = learner.model
+    model.export_info = info
+    return model.to(device).eval()

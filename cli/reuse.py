@@ -1,0 +1,50 @@
+"""`embed CELL_DIR IMAGES_DIR|--split S --out emb.npy` and `export CELL_DIR --out model.safetensors`."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+
+from bench.results import atomic_write_bytes
+from cli.console import make_console
+
+
+def labels_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_labels.npy")
+
+
+def _npy(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def cmd_embed(args) -> int:
+    from bench.reuse import embed
+
+    embeddings, labels = embed(args.cell_dir, images=args.images, split=args.split, data_root=args.data_root,
+                               device=args.device)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, _npy(embeddings))
+    atomic_write_bytes(labels_path(out), _npy(labels))
+    console = make_console()
+    source = f"split {args.split}" if args.split else args.images
+    console.print(f"{out}: {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} ({source}); "
+                  f"labels in {labels_path(out)}", highlight=False)
+    console.print("score them: run_suite.py evaluate " + " ".join(shlex.quote(str(p)) for p in (out, labels_path(out))),
+                  highlight=False)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from bench.reuse import export_cell
+
+    out = export_cell(args.cell_dir, args.out)
+    console = make_console()
+    console.print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB, the whole embedding model", highlight=False)
+    console.print(f"load it: from bench import load_exported; model = load_exported({str(out)!r})", highlight=False)
+    return 0

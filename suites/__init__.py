@@ -1,0 +1,1 @@
+"""The shipped suite files (``*.yaml``), installed with the package as data."""
