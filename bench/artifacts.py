@@ -6,7 +6,8 @@
   the last block and as attention rollout (Abnar & Zuidema 2020) over all blocks; prompt tokens
   are left out and the rest renormalised;
 - ``proxies.npz``: the proxies the loss used, for semantic proxies also the memory and the bias
-  part, and the class-mean train embeddings of the final model;
+  part, and the class-mean train embeddings of the final model (the mean of each class's first
+  ``CLASS_MEAN_IMAGES`` training images, L2-normalised);
 - ``test_embeddings.npy`` / ``test_labels.npy`` (float16 / int64, optional: ``save_embeddings``),
   which ``run_suite.py evaluate`` rescores.
 
@@ -37,6 +38,9 @@ GALLERY_LABELS_FILE = "test_gallery_labels.npy"
 RETRIEVAL_QUERIES = 32
 RETRIEVAL_NEIGHBOURS = 10
 ATTENTION_IMAGES = 8
+# proxies.npz's class means: the first images of each training class, in split order (a fixed,
+# seed-free choice), enough for a mean direction without embedding every training image again
+CLASS_MEAN_IMAGES = 8
 # save_embeddings=None saves them up to this many test images (CUB, Cars, In-Shop; not SOP, iNat)
 EMBEDDINGS_AUTO_LIMIT = 20_000
 
@@ -194,6 +198,19 @@ def proxies_arrays(learner, train_embeddings: np.ndarray, train_labels: np.ndarr
     means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
     arrays.update(proxies=proxies.numpy(), class_mean=means.astype(np.float32), class_count=counts.astype(np.int64))
     return arrays
+
+
+def class_sample(split, per_class: int = CLASS_MEAN_IMAGES):
+    """The first ``per_class`` images of every class of ``split`` (labels unchanged)."""
+    from bench.data import Split
+
+    labels = np.asarray(split.labels)
+    order = np.argsort(labels, kind="stable")
+    rank = np.empty(len(labels), dtype=np.int64)
+    starts = np.searchsorted(labels[order], labels[order])
+    rank[order] = np.arange(len(labels)) - starts
+    keep = np.flatnonzero(rank < per_class)
+    return Split([split.paths[i] for i in keep], labels[keep], split.class_names)
 
 
 def wants_embeddings(setting: bool | None, num_test: int) -> bool:

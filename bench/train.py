@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from bench import catalog
 from bench import data as dml_data
-from bench.artifacts import npz_bytes, write_artifacts
+from bench.artifacts import class_sample, npz_bytes, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
@@ -178,7 +178,8 @@ def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
                           shuffle=False, **common)
 
     evals = {name: eval_loader(getattr(splits, name)) for name in ("val", "test", "query", "gallery")}
-    evals["train_eval"] = eval_loader(splits.train)  # test transforms: class means for proxies.npz
+    # test transforms, a few images per class: the class means of proxies.npz
+    evals["train_eval"] = eval_loader(class_sample(splits.train))
     return train, sampler, evals
 
 

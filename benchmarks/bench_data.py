@@ -34,6 +34,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--batches", type=int, default=12)
+    parser.add_argument("--images-per-class", type=int, default=12,
+                        help="generated images per class (64 classes; the sampler needs at least 2)")
     parser.add_argument("--source-sizes", type=int, nargs="+", default=[320, 500, 800],
                         help="JPEG sides: CUB's photos are ~300-500 px, iNaturalist's ~800")
     parser.add_argument("--drafts", type=float, nargs="+", default=[0.0, 1.0],
@@ -45,7 +47,8 @@ def main(argv=None) -> int:
     for size in args.source_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            make_synthetic_dataset(root / "synthetic", num_classes=64, images_per_class=12, image_size=size)
+            make_synthetic_dataset(root / "synthetic", num_classes=64, images_per_class=args.images_per_class,
+                                   image_size=size)
             for draft in args.drafts:
                 for workers in args.workers:
                     rate = throughput(root, workers, args.batches, draft=draft or None)

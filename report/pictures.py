@@ -97,40 +97,59 @@ class Thumbnails:
             return None
 
 
-def _grid(rows: int, cols: int, *, left: float = 0.15, right: float = 0.15, top: float = 0.75,
-          bottom: float = 0.45, wgap: float = 0.1, hgap: float = 0.25, cell: float = 1.0):
-    """A figure of ``rows x cols`` square image axes with fixed margins in inches: placed by hand,
-    because a constrained layout of a hundred image axes costs seconds per figure."""
-    width = left + cols * cell + (cols - 1) * wgap + right
-    height = top + rows * cell + (rows - 1) * hgap + bottom
-    fig = Figure(figsize=(width, height))
-    axes = fig.subplots(rows, cols, squeeze=False, gridspec_kw={
-        "left": left / width, "right": 1 - right / width, "bottom": bottom / height, "top": 1 - top / height,
-        "wspace": wgap / cell, "hspace": hgap / cell})
-    return fig, axes
+FRAME = 5  # px of the green / red frame around a neighbour
 
 
-def _title(fig: Figure, text: str) -> None:
-    height = fig.get_figheight()
-    fig.suptitle(text, fontsize=9, y=1 - 0.08 / height, va="top")
+class Board:
+    """A grid of thumbnails composed into one image and drawn with a single ``imshow``: a figure
+    of a hundred image axes takes seconds to lay out and save, this takes a fraction. Positions
+    are pixels of the composed image (saved 1:1 at ``PICTURE_DPI``); texts are placed on them."""
 
+    def __init__(self, rows: int, cols: int, *, left: int = 12, right: int = 12, top: int = 56,
+                 bottom: int = 40, gap: int = 10, title_room: int = 0):
+        self.rows, self.cols = rows, cols
+        self.cell = THUMB + 2 * FRAME
+        self.left, self.top, self.gap, self.title_room = left, top, gap, title_room
+        self.width = left + cols * self.cell + (cols - 1) * gap + right
+        self.height = top + rows * (self.cell + title_room) + (rows - 1) * gap + bottom
+        self.canvas = np.full((self.height, self.width, 3), 255, dtype=np.uint8)
+        self.texts: list[tuple[float, float, str, dict[str, Any]]] = []
 
-def _draw(ax, thumbs: Thumbnails, path: str, index: int, frame: str | None = None, title: str = "") -> None:
-    image = thumbs.get(path)
-    if image is not None:
-        ax.imshow(image)
-    else:
-        ax.set_facecolor("#eeeeee")
-        ax.text(0.5, 0.5, f"#{index}", ha="center", va="center", fontsize=8, transform=ax.transAxes)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(frame is not None)
+    def origin(self, row: int, col: int) -> tuple[int, int]:
+        """Top-left pixel (x, y) of a cell's frame."""
+        return (self.left + col * (self.cell + self.gap),
+                self.top + row * (self.cell + self.gap + self.title_room) + self.title_room)
+
+    def put(self, row: int, col: int, image: np.ndarray | None, *, frame: str | None = None,
+            index: int | None = None, title: str = "") -> None:
+        x, y = self.origin(row, col)
         if frame is not None:
-            spine.set_edgecolor(frame)
-            spine.set_linewidth(3.5)
-    if title:
-        ax.set_title(title, fontsize=7, pad=2)
+            self.canvas[y:y + self.cell, x:x + self.cell] = (np.array(mpl.colors.to_rgb(frame)) * 255).astype(np.uint8)
+        inner = (slice(y + FRAME, y + FRAME + THUMB), slice(x + FRAME, x + FRAME + THUMB))
+        if image is not None:
+            self.canvas[inner] = image
+        else:
+            self.canvas[inner] = 238
+            self.text(x + self.cell / 2, y + self.cell / 2, f"#{index}", ha="center", va="center", fontsize=8)
+        if title:
+            self.text(x + self.cell / 2, y - 2, title, ha="center", va="bottom", fontsize=7, fontweight="bold")
+
+    def text(self, x: float, y: float, text: str, **style: Any) -> None:
+        self.texts.append((x, y, text, style))
+
+    def row_label(self, row: int, text: str) -> None:
+        x, y = self.origin(row, 0)
+        self.text(x - 8, y + self.cell / 2, text, ha="right", va="center", fontsize=8)
+
+    def figure(self, title: str) -> Figure:
+        fig = Figure(figsize=(self.width / PICTURE_DPI, self.height / PICTURE_DPI), dpi=PICTURE_DPI)
+        ax = fig.add_axes((0, 0, 1, 1))
+        ax.imshow(self.canvas, interpolation="nearest")
+        ax.set_axis_off()
+        for x, y, text, style in self.texts:
+            ax.text(x, y, text, **style)
+        fig.suptitle(title, fontsize=9, y=1 - 6 / self.height, va="top")
+        return fig
 
 
 def _unreachable_note(fig: Figure, thumbs: Thumbnails) -> None:
@@ -157,18 +176,17 @@ def fig_retrieval(rep: Representative, dataset: Any) -> Figure | None:
     rows = min(RETRIEVAL_ROWS, len(data["query_index"]))
     top = min(TOP, data["neighbour_index"].shape[1])
     hits = data["neighbour_label"][:rows, :1] == data["query_label"][:rows, None]
-    with mpl.rc_context(STYLE):
-        fig, axes = _grid(rows, top + 1, top=0.7, bottom=0.55)
-        for r in range(rows):
-            _draw(axes[r, 0], thumbs, str(data["query_path"][r]), int(data["query_index"][r]),
+    board = Board(rows, top + 1, title_room=14, top=48, bottom=52)
+    for r in range(rows):
+        board.put(r, 0, thumbs.get(str(data["query_path"][r])), index=int(data["query_index"][r]),
                   title="query" if r == 0 else "")
-            for c in range(top):
-                same = data["neighbour_label"][r, c] == data["query_label"][r]
-                _draw(axes[r, c + 1], thumbs, str(data["neighbour_path"][r, c]), int(data["neighbour_index"][r, c]),
-                      frame=HIT if same else MISS,
-                      title=f"{c + 1}: {data['neighbour_similarity'][r, c]:.2f}")
-        _title(fig, f"{rep.label} on {names.dataset_display(dataset)}: top {top} of the same {rows} queries\n"
-                    f"(rank: cosine similarity; R@1 on these {rows}: {int(hits.sum())}/{rows})")
+        for c in range(top):
+            same = data["neighbour_label"][r, c] == data["query_label"][r]
+            board.put(r, c + 1, thumbs.get(str(data["neighbour_path"][r, c])), index=int(data["neighbour_index"][r, c]),
+                      frame=HIT if same else MISS, title=f"{c + 1}: {data['neighbour_similarity'][r, c]:.2f}")
+    with mpl.rc_context(STYLE):
+        fig = board.figure(f"{rep.label} on {names.dataset_display(dataset)}: top {top} of the same {rows} queries\n"
+                           f"(rank: cosine similarity; R@1 on these {rows}: {int(hits.sum())}/{rows})")
         _hit_legend(fig)
         _unreachable_note(fig, thumbs)
     return fig
@@ -197,19 +215,22 @@ def fig_disagreement(reps: list[Representative], dataset: Any) -> Figure | None:
     order = ranking[:DISAGREE_ROWS]
     thumbs = Thumbnails(str(first["root"]))
     labels = list(records)
+    board = Board(len(order), len(labels) + 1, top=84, bottom=52)
+    for c, label in enumerate(["query", *labels]):
+        x, _ = board.origin(0, c)
+        board.text(x + board.cell / 2, board.top - 4, _wrap(label), ha="center", va="bottom", fontsize=7,
+                   fontweight="bold")
+    for r, q in enumerate(order):
+        board.put(r, 0, thumbs.get(str(first["query_path"][q])), index=int(first["query_index"][q]))
+        for c, label in enumerate(labels):
+            data = records[label]
+            same = data["neighbour_label"][q, 0] == data["query_label"][q]
+            board.put(r, c + 1, thumbs.get(str(data["neighbour_path"][q, 0])), index=int(data["neighbour_index"][q, 0]),
+                      frame=HIT if same else MISS)
     with mpl.rc_context(STYLE):
-        fig, axes = _grid(len(order), len(labels) + 1, top=1.0, bottom=0.55, hgap=0.12)
-        for r, q in enumerate(order):
-            _draw(axes[r, 0], thumbs, str(first["query_path"][q]), int(first["query_index"][q]),
-                  title="query" if r == 0 else "")
-            for c, label in enumerate(labels):
-                data = records[label]
-                same = data["neighbour_label"][q, 0] == data["query_label"][q]
-                _draw(axes[r, c + 1], thumbs, str(data["neighbour_path"][q, 0]), int(data["neighbour_index"][q, 0]),
-                      frame=HIT if same else MISS, title=_wrap(label) if r == 0 else "")
-        _title(fig, f"Where the methods disagree on {names.dataset_display(dataset)}: each method's first "
-                    f"neighbour\nfor the {len(order)} most disputed of the {len(first['query_index'])} fixed "
-                    f"queries (methods differ on {disputed} of them)")
+        fig = board.figure(f"Where the methods disagree on {names.dataset_display(dataset)}: each method's first "
+                           f"neighbour\nfor the {len(order)} most disputed of the {len(first['query_index'])} fixed "
+                           f"queries (methods differ on {disputed} of them)")
         _hit_legend(fig)
         _unreachable_note(fig, thumbs)
     return fig
@@ -244,28 +265,26 @@ def fig_attention(reps: list[Representative], dataset: Any, kind: str = "rollout
     thumbs = Thumbnails(str(first["root"]))
     columns = len(first["image_index"])
     cmap = mpl.colormaps["inferno"]
-    with mpl.rc_context(STYLE):
-        fig, axes = _grid(len(records) + 1, columns, left=1.25, right=1.0, top=0.45, bottom=0.3, hgap=0.1)
+    board = Board(len(records) + 1, columns, left=120, right=90, top=40, bottom=24, gap=6)
+    for c in range(columns):
+        board.put(0, c, thumbs.get(str(first["image_path"][c])), index=int(first["image_index"][c]))
+    board.row_label(0, "image")
+    for r, (rep, data) in enumerate(records, start=1):
         for c in range(columns):
-            _draw(axes[0, c], thumbs, str(first["image_path"][c]), int(first["image_index"][c]))
-        axes[0, 0].set_ylabel("image", rotation=0, ha="right", va="center", fontsize=8)
-        for r, (rep, data) in enumerate(records, start=1):
-            for c in range(columns):
-                ax = axes[r, c]
-                image = thumbs.get(str(data["image_path"][c]))
-                heat = _upsample(data[kind][c], THUMB)
-                if image is not None:
-                    ax.imshow(image.mean(axis=2), cmap="gray")
-                    ax.imshow(heat, cmap=cmap, alpha=0.6, vmin=0, vmax=1)
-                else:
-                    ax.imshow(heat, cmap=cmap, vmin=0, vmax=1)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[r, 0].set_ylabel(_wrap(rep.label), rotation=0, ha="right", va="center", fontsize=8)
-        what = "attention rollout over all blocks" if kind == "rollout" else "last block's attention"
-        _title(fig, f"CLS-to-patch attention on {names.dataset_display(dataset)} ({what}; prompts left out)")
-        width, height = fig.get_size_inches()
-        bar_axes = fig.add_axes((1 - 0.75 / width, 0.3 / height, 0.12 / width, (height - 2.0) / height))
+            heat = cmap(_upsample(data[kind][c], THUMB))[..., :3]
+            image = thumbs.get(str(data["image_path"][c]))
+            if image is not None:  # the heat map over the image in grey
+                grey = image.mean(axis=2, keepdims=True) / 255.0
+                heat = 0.4 * grey + 0.6 * heat
+            board.put(r, c, (heat * 255).astype(np.uint8))
+        board.row_label(r, _wrap(rep.label))
+    what = "attention rollout over all blocks" if kind == "rollout" else "last block's attention"
+    with mpl.rc_context(STYLE):
+        fig = board.figure(f"CLS-to-patch attention on {names.dataset_display(dataset)} ({what}; prompts left out)")
+        x0, y0 = board.origin(1, columns - 1)
+        left = (x0 + board.cell + 24) / board.width
+        bar_axes = fig.add_axes((left, 24 / board.height, 12 / board.width,
+                                 (board.height - 24 - y0) / board.height))
         bar = fig.colorbar(mpl.cm.ScalarMappable(norm=mpl.colors.Normalize(0, 1), cmap=cmap), cax=bar_axes)
         bar.set_label("attention, scaled per image", fontsize=8)
         bar.ax.tick_params(labelsize=7)

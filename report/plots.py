@@ -12,7 +12,7 @@ from typing import Any, Iterable
 
 import matplotlib as mpl
 import numpy as np
-from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 import pandas as pd
 import seaborn as sns
 from matplotlib.figure import Figure
@@ -220,6 +220,7 @@ def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
     metrics = [("epoch/train_loss", "Training loss", 1.0), ("test/recall@1", "Test R@1 (%)", 100.0)]
     metrics = [m for m in metrics if m[0] in part and part[m[0]].notna().any()]
     colors = _palette(labels)
+    first_epoch, last_epoch = int(part["epoch"].min()), int(part["epoch"].max())
     with mpl.rc_context(STYLE):
         fig, axes = _figure(len(metrics))
         for ax, (metric, ylabel, scale) in zip(axes, metrics):
@@ -241,7 +242,10 @@ def fig_epoch_curves(results: SuiteResults, dataset: Any) -> Figure | None:
             ax.set_xlabel("Epoch")
             ax.set_ylabel(ylabel)
             ax.set_title(ylabel.split(" (")[0] + " per epoch")
-            ax.xaxis.get_major_locator().set_params(integer=True)
+            # both panels over the same epochs, whole-number ticks (a panel with one evaluated
+            # epoch would otherwise be labelled 1.900 ... 2.100)
+            ax.set_xlim(first_epoch - 0.25, last_epoch + 0.25)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         fig.suptitle(f"Learning curves on {names.dataset_display(dataset)} (mean ± std over seeds; "
                      "star: the reported epoch)")
         _legend(fig, axes)

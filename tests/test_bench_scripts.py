@@ -82,7 +82,7 @@ def test_method_variants_carry_method_arguments_and_model_options():
 
 def test_gpu_session_script_measures_the_loader_and_hands_its_rate_to_bench_gpu(tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path),
-           "PYTHON": sys.executable, "BENCH_GPU_EXTRA": "--allow-cpu --backbones vit_test --batch-sizes 4 "
+           "PYTHON": sys.executable, "BENCH_DATA_EXTRA": "--batches 2 --images-per-class 4", "BENCH_GPU_EXTRA": "--allow-cpu --backbones vit_test --batch-sizes 4 "
            "--methods linear_probe --compile-methods none --steps 1 --warmup 1"}
     proc = subprocess.run(["bash", "benchmarks/gpu_session.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)

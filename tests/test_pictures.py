@@ -127,7 +127,10 @@ def test_proxies_hold_the_mix_of_bias_and_memory_and_exact_class_means(cell, syn
     assert np.allclose(proxies["proxies"], ratio * proxies["bias"] + (1 - ratio) * proxies["memory"], atol=1e-6)
     assert np.allclose(np.linalg.norm(proxies["memory"], axis=1), 1.0, atol=1e-5)  # rows on the sphere
     assert np.allclose(np.linalg.norm(proxies["class_mean"], axis=1), 1.0, atol=1e-5)
-    assert proxies["class_count"].sum() == result["data"]["splits"]["train"]["images"]
+    from bench.artifacts import CLASS_MEAN_IMAGES
+
+    classes = result["data"]["splits"]["train"]["classes"]
+    assert proxies["class_count"].tolist() == [CLASS_MEAN_IMAGES] * classes  # 20 per class in the data
     alignment = pictures.proxy_alignment(proxies)
     assert alignment.shape == (result["data"]["splits"]["train"]["classes"],)
     assert np.all(np.abs(alignment) <= 1 + 1e-6)
@@ -154,6 +157,15 @@ def test_artifacts_are_identical_on_rerun_and_after_a_resume(cell, synthetic_roo
         original = (cell_dir / name).read_bytes()
         assert (again / name).read_bytes() == original, f"{name} differs on rerun"
         assert (resumed / name).read_bytes() == original, f"{name} differs after a resume"
+
+
+def test_class_sample_keeps_the_first_images_of_each_class():
+    from bench.artifacts import class_sample
+    from bench.data import Split
+
+    split = Split([f"img{i}" for i in range(9)], np.array([2, 0, 2, 1, 0, 2, 0, 0, 2]), ["a", "b", "c"])
+    sample = class_sample(split, per_class=2)
+    assert sample.paths == ["img0", "img1", "img2", "img3", "img4"] and sample.labels.tolist() == [2, 0, 2, 1, 0]
 
 
 def test_npz_bytes_do_not_depend_on_the_clock(monkeypatch):
