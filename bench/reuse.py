@@ -30,8 +30,7 @@ import torch
 from bench.config import CellConfig
 from bench.errors import UserError
 from bench.results import RESULT_FILE, atomic_write_bytes, read_result
-
-WEIGHTS_FILE = "trainable.safetensors"
+from bench.runner import WEIGHTS_FILE
 EXPORT_FORMAT = "peft-dml-bench/export-1"
 TRAINING_ONLY = ("criterion.", "extras.semantic_proxies.")  # state an embedding model does not use
 
@@ -129,18 +128,14 @@ def embed(cell_dir: str | Path, *, images: str | Path | None = None, split: str 
     from bench import data as dml_data
     from bench.backbones import data_config
     from bench.evaluate import compute_embeddings
-    from bench.train import eval_transforms
+    from bench.train import eval_transforms, load_splits
 
     if (images is None) == (split is None):
         raise CellLoadError("embed: give a folder of images or --split, not both")
     learner = load_learner(cell_dir, device)
     config = cell_config(learner.cell_result, data_root)
     if split is not None:
-        splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
-                                       seed=config.seed, skip_corrupt=config.skip_corrupt_images,
-                                       train_fraction=config.train_fraction,
-                                       train_classes_fraction=config.train_classes_fraction,
-                                       min_per_class=config.samples_per_class)
+        splits = load_splits(config)
         chosen = getattr(splits, split, None)
         if chosen is None:
             present = [n for n in ("train", "val", "test", "query", "gallery") if getattr(splits, n) is not None]

@@ -145,11 +145,23 @@ def autocast_dtype(config: CellConfig, device: torch.device) -> torch.dtype | No
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+def load_splits(config: CellConfig):
+    """The cell's splits: its dataset, validation carve-out and training subset."""
+    return dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
+                                 seed=config.seed, skip_corrupt=config.skip_corrupt_images,
+                                 train_fraction=config.train_fraction,
+                                 train_classes_fraction=config.train_classes_fraction,
+                                 min_per_class=config.samples_per_class)
+
+
+def _interpolation(config: CellConfig, image_cfg) -> str:
+    return image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
+
+
 def eval_transforms(config: CellConfig, image_cfg):
     """(evaluation transform, JPEG draft size or None): what every evaluation of the cell sees."""
-    interpolation = image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
     transform = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=False,
-                                          interpolation=interpolation)
+                                          interpolation=_interpolation(config, image_cfg))
     draft = None
     if config.jpeg_draft:
         draft = max(math.ceil(config.jpeg_draft * image_cfg.image_size), round(image_cfg.image_size * 256 / 224))
@@ -157,9 +169,8 @@ def eval_transforms(config: CellConfig, image_cfg):
 
 
 def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
-    interpolation = image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
     train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True,
-                                         interpolation=interpolation)
+                                         interpolation=_interpolation(config, image_cfg))
     test_tf, eval_draft = eval_transforms(config, image_cfg)
     sampler = dml_data.ClassBalancedBatchSampler(
         splits.train.labels, config.batch_size, config.samples_per_class, seed=config.seed,
@@ -341,14 +352,11 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)
     emit = progress or (lambda event: None)
-    splits = dml_data.load_dataset(config.dataset, config.data_root, val_fraction=config.val_fraction,
-                                   seed=config.seed, skip_corrupt=config.skip_corrupt_images,
-                                   train_fraction=config.train_fraction,
-                                   train_classes_fraction=config.train_classes_fraction,
-                                   min_per_class=config.samples_per_class)
+    splits = load_splits(config)
+    summary = splits.record()
     if data_record is not None:
-        data_record["data"] = splits.record()
-    emit({"event": "data", "summary": splits.record()})
+        data_record["data"] = summary
+    emit({"event": "data", "summary": summary})
     ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
     if config.evaluate_test:
         check_recall_ks(ks, splits, config.dataset)

@@ -4,22 +4,13 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-import numpy as np
-
+from bench.artifacts import npy_bytes
 from bench.results import atomic_write_bytes
 from cli.console import make_console
 
 
 def labels_path(out: Path) -> Path:
     return out.with_name(f"{out.stem}_labels.npy")
-
-
-def _npy(array: np.ndarray) -> bytes:
-    import io
-
-    buffer = io.BytesIO()
-    np.save(buffer, array, allow_pickle=False)
-    return buffer.getvalue()
 
 
 def cmd_embed(args) -> int:
@@ -29,8 +20,8 @@ def cmd_embed(args) -> int:
                                device=args.device)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, _npy(embeddings))
-    atomic_write_bytes(labels_path(out), _npy(labels))
+    atomic_write_bytes(out, npy_bytes(embeddings))
+    atomic_write_bytes(labels_path(out), npy_bytes(labels))
     console = make_console()
     source = f"split {args.split}" if args.split else args.images
     console.print(f"{out}: {embeddings.shape[0]} embeddings of dimension {embeddings.shape[1]} ({source}); "

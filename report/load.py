@@ -30,6 +30,7 @@ CONFIG_COLUMNS = ("batch_size", "embedding_size")
 # Folders inside a suite folder that are not cells.
 NOT_CELLS = frozenset({"report"})
 KEY_NAMES = "__key_names__"  # a row's key columns, popped before the frame is built
+PROVENANCE = "__provenance__"  # a result's provenance record, popped into SuiteResults.provenance
 
 
 class ReportError(UserError):
@@ -46,6 +47,7 @@ class SuiteResults:
     stale: list[str] = field(default_factory=list)  # folders cells.json does not list: left out
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning trials (stage 1), kept apart
     tuning: dict[str, Any] | None = None  # tuning.json: the plan, each method's trials, the winners
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell id -> result.json provenance
 
     @property
     def grid_axes(self) -> list[str]:
@@ -69,6 +71,7 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
     key_lists: list[list[str]] = []
     seen: set[str] = set()
     stale: list[str] = []
+    provenance: dict[str, dict[str, Any]] = {}
     for cell_dir in sorted(p for p in suite_dir.iterdir() if p.is_dir()):
         if cell_dir.name.startswith(".") or cell_dir.name in skip:
             continue
@@ -78,6 +81,9 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
             # it with the current cells of the same key would mix two setups
             stale.append(cell_dir.name)
             continue
+        record = row.pop(PROVENANCE, None)
+        if record:
+            provenance[row["cell_id"]] = record
         rows.append(row)
         key_lists.append(row.pop(KEY_NAMES))
         epoch_rows.extend(epochs)
@@ -106,7 +112,8 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
     if not trials.empty:
         add_display_columns(trials)
     return SuiteResults(suite=suite_dir.name, suite_dir=suite_dir, cells=cells, epochs=epochs, axes=axes,
-                        stale=stale, trials=trials, tuning=read_tuning(suite_dir / TUNING_FILE))
+                        stale=stale, trials=trials, tuning=read_tuning(suite_dir / TUNING_FILE),
+                        provenance=provenance)
 
 
 def read_tuning(path: Path) -> dict[str, Any] | None:
@@ -231,6 +238,7 @@ def cell_row(result: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
         if isinstance(value, (int, float, str, bool)) or value is None:
             row.setdefault(name, value)
     row["epochs_done"] = len(result.get("epochs") or [])
+    row[PROVENANCE] = result.get("provenance")
     return row
 
 

@@ -8,7 +8,6 @@ a cluster) the figure says so and draws the image indices instead.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,7 +56,10 @@ def representatives(results: SuiteResults, dataset: Any) -> list[Representative]
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_") or "row"
+    """A file-name part of a row label, with underscores as the figure stems use them."""
+    from report.tables import slug as table_slug
+
+    return table_slug(text).replace("-", "_")
 
 
 def read_npz(path: Path) -> dict[str, np.ndarray] | None:

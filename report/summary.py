@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -150,16 +149,13 @@ def _own_version() -> str:
 
 
 def provenance_section(results: SuiteResults) -> list[str]:
-    """Where the finished cells' numbers come from: commits, packages, hosts and dates, read from
-    their ``result.json`` (``provenance``)."""
+    """Where the finished cells' numbers come from: commits, packages, hosts and dates, from
+    their ``result.json`` records (``provenance``, kept by ``report.load``)."""
     commits: dict[str, int] = {}
     packages: dict[str, set[str]] = {}
     pythons, hosts, dirty, dates = set(), set(), 0, []
     for cell_id in results.ok["cell_id"] if not results.ok.empty else []:
-        try:
-            record = json.loads((results.suite_dir / str(cell_id) / "result.json").read_text()).get("provenance") or {}
-        except (OSError, ValueError):
-            continue
+        record = results.provenance.get(str(cell_id)) or {}
         commit = record.get("git_commit") or "unknown"
         commits[commit] = commits.get(commit, 0) + 1
         dirty += bool(record.get("git_dirty"))

@@ -13,7 +13,6 @@ import tomllib
 import zipfile
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from bench.config import CellConfig
