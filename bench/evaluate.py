@@ -585,8 +585,35 @@ def retrieval_metrics(
             f"{'in the set' if self_search else 'in the gallery'}: nothing to score"
         )
 
+    if self_search and _symmetric_pays(backend, query_codes):
+        from bench import evaluate_symmetric
+
+        rows, first_hit, ap_at_r = evaluate_symmetric.self_retrieval_records(query, query_codes, ks, chunk_size)
+        assert np.array_equal(rows, scored)
+        hit_at_k = first_hit[:, None] < np.asarray(ks)[None, :]
+        # Identical embeddings of different classes tie exactly; the half-matrix engine computes
+        # their similarities in different blocks, where rounding may part them. The queries
+        # whose ranking such a tie decides are searched again, each row in one product.
+        redo = np.flatnonzero(np.isin(scored, evaluate_symmetric.queries_with_mixed_duplicates(query, query_codes)))
+        if len(redo):
+            hit_at_k[redo], ap_at_r[redo], _ = _records_by_search(
+                query, gallery, query_codes, gallery_codes, r_per_query, scored[redo], ks, "torch" if _torch_importable() else "auto", chunk_size,
+                self_search)
+        return _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, len(query),
+                                    evaluate_symmetric.ENGINE, return_per_query)
+
+    hit_at_k, ap_at_r, engine = _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query,
+                                                   scored, ks, backend, chunk_size, self_search)
+    return _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, len(query), engine,
+                                return_per_query)
+
+
+def _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query, scored, ks, backend, chunk_size,
+                       self_search):
+    """(hit_at_k, ap_at_r, engine) of the ``scored`` queries, searched a chunk of rows at a time."""
     # MAP@R needs each query's top R; R@K needs where its first positive ranks, read from a
     # top-K list or, for deep K on the CPU, counted (see _counting_pays).
+    candidates = len(gallery) - int(self_search)
     r_max = int(r_per_query[scored].max())
     prefer_counting = _counting_pays(ks[-1], r_max)
     list_length = min(max(ks[-1], r_max), candidates)
@@ -594,7 +621,7 @@ def retrieval_metrics(
     positives_of = None
     if prefer_counting and searcher.can_count:
         list_length = min(r_max, candidates)
-        members = _class_members(gallery_codes, len(class_sizes))
+        members = _class_members(gallery_codes, int(max(query_codes.max(), gallery_codes.max())) + 1)
         positives_of = lambda rows: members[query_codes[rows]]  # noqa: E731
 
     hit_at_k = np.zeros((len(scored), len(ks)), dtype=bool)
@@ -610,17 +637,33 @@ def retrieval_metrics(
         hit_at_k[done:done + len(rows)] = first_hit[:, None] < ks_array[None, :]
         ap_at_r[done:done + len(rows)] = _average_precision_at_r(same_class, r_per_query[rows])
         done += len(rows)
+    return hit_at_k, ap_at_r, searcher.kind
 
+
+def _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, num_queries, engine, return_per_query):
     # Means of the per-query records, computed once: a per_query.npz's means equal these exactly.
     metrics: dict[str, float | int] = {f"recall@{k}": float(hit_at_k[:, j].mean()) for j, k in enumerate(ks)}
     metrics["map@r"] = float(ap_at_r.mean())
     metrics["num_queries"] = len(scored)
-    metrics["num_lone_queries"] = len(query) - len(scored)
+    metrics["num_lone_queries"] = num_queries - len(scored)
     if return_per_query:
         return metrics, PerQuery(query_index=scored.astype(np.int64), label=np.asarray(query_labels)[scored],
                                  ks=np.asarray(ks, dtype=np.int64), hit_at_k=hit_at_k, ap_at_r=ap_at_r,
-                                 engine=searcher.kind)
+                                 engine=engine)
     return metrics
+
+
+def _symmetric_pays(backend: str, codes: np.ndarray) -> bool:
+    """Whether "auto" self-retrieval runs on the symmetric CPU engine (bench.evaluate_symmetric):
+    on a machine without a GPU engine, it computes half the products of any block engine."""
+    from bench import evaluate_symmetric
+
+    if backend != "auto" or _cuda_available():
+        return False
+    faiss = _faiss_or_none()
+    if faiss is not None and _faiss_has_gpu(faiss):
+        return False
+    return evaluate_symmetric.usable(codes)
 
 
 # --------------------------------------------------------------------------------------------

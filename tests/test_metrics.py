@@ -635,3 +635,95 @@ def test_cmd_evaluate_file_errors(saved_embeddings):
         cmd_evaluate(cli_args(folder / "emb.npy", folder / "short.npy"))
     with pytest.raises(EvaluationError, match="together"):
         cmd_evaluate(cli_args(folder / "emb.npy", folder / "labels.npy", "--gallery-emb", folder / "emb.npy"))
+
+
+# --------------------------------------------------------------------------------------------
+# The half-matrix engine (bench.evaluate_symmetric): "auto" self-retrieval on a CPU machine
+# --------------------------------------------------------------------------------------------
+
+def _records(x, labels, ks, backend, **kwargs):
+    return retrieval_metrics(x, labels, ks, backend=backend, return_per_query=True, **kwargs)
+
+
+def assert_records_equal(actual, expected):
+    assert np.array_equal(actual.query_index, expected.query_index)
+    assert np.array_equal(actual.hit_at_k, expected.hit_at_k)
+    np.testing.assert_allclose(actual.ap_at_r, expected.ap_at_r, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1, 23, 150])
+def test_half_matrix_engine_matches_brute_force(chunk_size):
+    """Small blocks put most pairs in off-diagonal blocks, read along both axes."""
+    x, labels = clustered_data(2, 600, dim=32, classes=60, lone=4)
+    ks = (1, 3, 10, 100)
+    assert_no_near_ties(brute_force_ranking(normalised(x))[0], search_width(labels, (1,)))
+    assert_best_positive_stands_clear(x, labels)
+    metrics, records = _records(x, labels, ks, "auto", chunk_size=chunk_size)
+    assert records.engine == "blas-sym"
+    assert_metrics_equal(metrics, brute_force_metrics(x, labels, ks))
+    assert_records_equal(records, _records(x, labels, ks, "torch")[1])
+
+
+def test_half_matrix_engine_with_large_classes_reads_ranks_from_its_gaps():
+    """Every R at least the deepest K (as in iNaturalist): no counting, ranks from the gaps."""
+    x, labels = clustered_data(0, 200, dim=32, classes=8, lone=0)
+    ks = (1, 2, 4, 8)
+    assert np.bincount(labels).min() - 1 >= max(ks)
+    assert_no_near_ties(brute_force_ranking(normalised(x))[0], search_width(labels, ks))
+    metrics, records = _records(x, labels, ks, "auto", chunk_size=40)
+    assert records.engine == "blas-sym"
+    assert_metrics_equal(metrics, brute_force_metrics(x, labels, ks))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_half_matrix_engine_follows_the_tie_rule(seed):
+    # integer data: exact ties everywhere, between positives, negatives and both
+    x = integer_data(seed, 400)
+    labels = np.random.default_rng(seed).integers(0, 60, 400)
+    for chunk_size in (None, 9, 64):
+        half = _records(x, labels, (1, 4, 50), "auto", normalize=False, chunk_size=chunk_size)
+        whole = _records(x, labels, (1, 4, 50), "torch", normalize=False, chunk_size=chunk_size)
+        assert half[1].engine == "blas-sym"
+        assert half[0] == whole[0]
+        assert_records_equal(half[1], whole[1])
+
+
+def test_duplicate_embeddings_of_different_classes_are_ranked_by_index():
+    """Identical embeddings tie exactly; the queries such a tie decides are searched again."""
+    from bench.evaluate_symmetric import queries_with_mixed_duplicates
+
+    x, labels = clustered_data(1, 400, classes=50, lone=0)
+    x[:60] = x[100:160]  # 60 duplicated images, mostly under another label
+    assert_best_positive_stands_clear(x, labels)
+    mixed = queries_with_mixed_duplicates(normalised(x).astype(np.float32), labels)
+    assert 0 < len(mixed) < len(x)
+    metrics, records = _records(x, labels, (1, 2, 8), "auto", chunk_size=30)
+    assert records.engine == "blas-sym"
+    assert_metrics_equal(metrics, brute_force_metrics(x, labels, (1, 2, 8)))
+
+
+def test_mixed_duplicates_are_found_exactly():
+    from bench.evaluate_symmetric import queries_with_mixed_duplicates
+
+    x = np.arange(24, dtype=np.float32).reshape(6, 4)
+    codes = np.array([0, 0, 1, 1, 2, 2])
+    assert len(queries_with_mixed_duplicates(x, codes)) == 0
+    x[5] = x[0]  # class 2 shares an embedding with class 0
+    assert queries_with_mixed_duplicates(x, codes).tolist() == [0, 1, 4, 5]
+    x[5] = x[4]  # a duplicate within one class changes no rank
+    assert len(queries_with_mixed_duplicates(x, codes)) == 0
+
+
+def test_blocks_are_cut_at_class_boundaries():
+    from bench.evaluate_symmetric import _group_rows
+
+    labels = np.random.default_rng(0).integers(0, 30, 500)
+    order, spans = _group_rows(labels, 37)
+    assert spans[0][0] == 0 and spans[-1][1] == 500
+    assert all(a < b for a, b in spans) and all(b == c for (_, b), (c, _) in zip(spans, spans[1:]))
+    block_of = np.empty(500, dtype=int)
+    for number, (a, b) in enumerate(spans):
+        block_of[order[a:b]] = number
+        assert b - a >= 37 or b == 500
+    for label in np.unique(labels):  # every positive pair lies in a diagonal block
+        assert len(np.unique(block_of[labels == label])) == 1
