@@ -500,3 +500,27 @@ def test_synthetic_classes_have_structure_that_mean_colour_does_not_reveal(tmp_p
     assert leave_one_out_accuracy(downsampled, labels, "cosine") >= 2 * chance
     assert leave_one_out_accuracy(spectrum, labels, "cosine") >= 5 * chance
     assert leave_one_out_accuracy(pixels.mean(axis=(1, 2)), labels, "euclidean") <= 2 * chance
+
+
+def test_synthetic_images_drawn_in_parallel_have_the_same_bytes(tmp_path, monkeypatch):
+    """2,000+ images are drawn by several processes; every image has its own seed."""
+    import hashlib
+    import os
+
+    from bench.data.synthetic import make_synthetic_dataset
+
+    def digest(root):
+        h = hashlib.sha256()
+        for f in sorted(root.rglob("*")):
+            if f.is_file():
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+        return h.hexdigest()
+
+    arguments = dict(num_classes=100, images_per_class=20, image_size=16, seed=3)
+    if len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: the parallel path is not taken")
+    make_synthetic_dataset(tmp_path / "parallel", **arguments)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # one worker: drawn in-process
+    make_synthetic_dataset(tmp_path / "serial", **arguments)
+    assert digest(tmp_path / "parallel") == digest(tmp_path / "serial")

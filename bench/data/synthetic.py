@@ -23,6 +23,8 @@ CLI: ``python -m bench.data.synthetic ROOT --classes N --per-class M --size S``.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +74,7 @@ class Family:
         return len(self.combinations)
 
 
+@functools.lru_cache(maxsize=8)
 def make_family(family_seed: int) -> Family:
     rng = np.random.default_rng([_FAMILY_TAG, family_seed])
     profiles = [_random_profile(rng) for _ in range(NUM_PROFILES)]
@@ -199,19 +202,41 @@ def make_synthetic_dataset(
     if _already_written(root, readme):
         return root
 
-    index_width = max(3, len(str(num_classes)))
-    id_width = max(4, len(str(class_offset + num_classes - 1)))
-    for index in range(num_classes):
-        class_id = class_offset + index
-        folder = root / "images" / f"{index + 1:0{index_width}d}.class_{class_id:0{id_width}d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for image_index in range(images_per_class):
-            rng = np.random.default_rng([seed, family_seed, class_id, image_index])
-            pixels = render_image(family, class_id, rng, image_size)
-            path = folder / f"{class_id:0{id_width}d}_{image_index:04d}.jpg"
-            Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
+    jobs = [(root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed)
+            for index in range(num_classes)]
+    # Every image has its own seed, so classes can be drawn in any order, in parallel, with
+    # the same bytes: 16,000 demo source images took 27 s in one process on 2 cores. Threads
+    # were slower still (the drawing holds the GIL). Spawned processes re-import __main__,
+    # which a script piped to python does not have: then one process draws them all.
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    spawnable = main_file is None or Path(main_file).is_file()
+    workers = min(len(os.sched_getaffinity(0)), 4) if spawnable and len(jobs) * images_per_class >= 2000 else 1
+    if workers > 1:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_write_class, jobs, chunksize=max(1, len(jobs) // (4 * workers))))
+    else:
+        for job in jobs:
+            _write_class(job)
     (root / "README.txt").write_text(readme)
     return root
+
+
+def _write_class(job) -> None:
+    root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed = job
+    family = make_family(family_seed)  # cached per process
+    index_width = max(3, len(str(num_classes)))
+    id_width = max(4, len(str(class_offset + num_classes - 1)))
+    class_id = class_offset + index
+    folder = root / "images" / f"{index + 1:0{index_width}d}.class_{class_id:0{id_width}d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for image_index in range(images_per_class):
+        rng = np.random.default_rng([seed, family_seed, class_id, image_index])
+        pixels = render_image(family, class_id, rng, image_size)
+        path = folder / f"{class_id:0{id_width}d}_{image_index:04d}.jpg"
+        Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
 
 
 def _check_arguments(num_classes, images_per_class, image_size, class_offset, family) -> None:
