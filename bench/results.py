@@ -41,7 +41,7 @@ Schema (``schema`` = 2; version 1 files are read and migrated)::
         "process_peak_rss_bytes": ...,       # the whole process's peak (local runs share one)
         "step_latency_ms_median": ..., "throughput_img_s": ...,
         "eval_time_s": ..., "wall_time_s": ..., "device": "cpu" | "NVIDIA H100 ...",
-        "knn_engine": "faiss-cpu" | ..., "faiss_package": "faiss-cpu 1.15.1" | null
+        "knn_engine": "blas-sym" | "faiss-cpu" | ..., "faiss_package": "faiss-cpu 1.15.1" | null
       },
       "skipped_images": 0,
       "slurm": {"job_id": "123_4"} | null,

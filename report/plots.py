@@ -487,8 +487,13 @@ def fig_backbones(results: SuiteResults) -> Figure | None:
     values = {"r1": ("recall@1", 100.0), "map": ("map@r", 100.0)}
     if "step_latency_ms_median" in ok and ok["step_latency_ms_median"].notna().any():
         values["ms"] = ("step_latency_ms_median", 1.0)  # what each bar costs
+    # and what it trains: backbones of one size differ in tokens, norms and registers
+    params = "params_shared" if "params_shared" in ok and ok["params_shared"].notna().any() else "params_trainable"
+    if params in ok and ok[params].notna().any():
+        values["params"] = (params, 1e-6)
     stats = summarize(ok, ["dataset", "backbone", "method_name"], values)
-    panels = [(k, t) for k, t in (("r1", "R@1 (%)"), ("map", "MAP@R (%)"), ("ms", "Step latency (ms)")) if k in values]
+    panels = [(k, t) for k, t in (("r1", "R@1 (%)"), ("map", "MAP@R (%)"), ("ms", "Step latency (ms)"),
+                                  ("params", "Trainable params (M)")) if k in values]
     datasets = sorted(stats["dataset"].unique(), key=names.dataset_rank)
     backbones = sorted(stats["backbone"].unique(), key=names.backbone_rank)
     methods = list(dict.fromkeys(ok["method_name"]))
@@ -509,7 +514,7 @@ def fig_backbones(results: SuiteResults) -> Figure | None:
                            capsize=2, color=colors[method], edgecolor="black", linewidth=0.5, label=method)
                 ax.set_xticks(x, [names.backbone_display(b) for b in backbones], rotation=30, ha="right")
                 ax.set_ylabel(ylabel)
-                what = "cost per step" if metric == "ms" else ylabel.split(" ")[0]
+                what = {"ms": "cost per step", "params": "trainable parameters"}.get(metric, ylabel.split(" ")[0])
                 ax.set_title(f"{names.dataset_display(dataset)}: {what}")
         fig.suptitle("Pretraining source (mean and 95% interval over seeds)")
         _legend(fig, axes)

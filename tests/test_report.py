@@ -500,3 +500,20 @@ def test_cli_unknown_suite_is_one_clear_error(results_root, tmp_path):
     with pytest.raises(UserError):
         resolve_suite_dir("nosuch", results_root)
     assert issubclass(ReportError, UserError)
+
+
+def test_pretraining_figure_shows_what_each_backbone_costs_and_trains(tmp_path):
+    """The backbone ablation's figure: R@1, MAP@R, step latency and trainable parameters."""
+    from report.plots import fig_backbones
+
+    suite_dir = tmp_path / "ablation_pretraining"
+    for b, (backbone, params) in enumerate((("vit_s16", 1_000_000), ("dinov2_s14", 1_100_000))):
+        for seed in (0, 1):
+            key = {"dataset": "cub200", "backbone": backbone, "method": "lora", "seed": seed}
+            fx.write(suite_dir, fx.result(key, 0.70 + 0.05 * b + 0.01 * seed, 0.40, params=params,
+                                          latency_ms=100.0 + 20 * b))
+    figure = fig_backbones(load_suite(suite_dir))
+    titles = [ax.get_title() for ax in figure.axes if ax.get_title()]
+    assert titles == ["CUB-200: R@1", "CUB-200: MAP@R", "CUB-200: cost per step", "CUB-200: trainable parameters"]
+    bars = [patch.get_height() for patch in figure.axes[3].patches]
+    assert bars == pytest.approx([1.0, 1.1])  # millions, per backbone
