@@ -160,7 +160,7 @@ def _group_rows(codes: np.ndarray, block_rows: int) -> tuple[np.ndarray, list[tu
     return order, list(zip(cuts[:-1], cuts[1:]))
 
 
-def _new_chunk(start, stop, order, codes, r_all, deepest_k) -> _Chunk:
+def _new_chunk(start, stop, order, r_all, deepest_k) -> _Chunk:
     m = stop - start
     r = r_all[order[start:stop]]
     width = int(r.max()) if m else 0
@@ -192,10 +192,9 @@ def _read_diagonal_block(chunk: _Chunk, block: np.ndarray, codes_grouped: np.nda
     values = block[pair_row, pair_col]
     indices = chunk.original[pair_col]
     # pairs come in (row, index) order: a stable sort by (row, value desc) keeps the index order
-    order = np.argsort(pair_row * _ROW_SHIFT + _descending_key(values), kind="stable")
-    chunk.positive_value = values[order]
-    chunk.positive_index = indices[order]
-    chunk.positive_key = pair_row[order] * _ROW_SHIFT + _descending_key(chunk.positive_value)
+    keys = pair_row * _ROW_SHIFT + _descending_key(values)
+    order = np.argsort(keys, kind="stable")
+    chunk.positive_value, chunk.positive_index, chunk.positive_key = values[order], indices[order], keys[order]
     block[pair_row, pair_col] = -np.inf
     scored = np.flatnonzero(chunk.r > 0)
     first = chunk.positive_offset[scored]
@@ -298,8 +297,8 @@ def _same_class_rows(chunk: _Chunk, rows: np.ndarray, width: int) -> np.ndarray:
 
 def self_retrieval_records(x: np.ndarray, codes: np.ndarray, ks: tuple[int, ...],
                            block_rows: int | None = None):
-    """(query indices, 0-based rank of each one's best positive, its MAP@R) for every query
-    with at least one positive, in the caller's order. ``x``: float32 (N, D), C-contiguous;
+    """(0-based rank of each one's best positive, its MAP@R) for every query with at least one
+    positive, in the caller's order. ``x``: float32 (N, D), C-contiguous;
     ``codes``: dense int class codes; ``ks`` sorted. A rank at or beyond the deepest K may be
     reported as N (it is a miss for every K either way)."""
     block_rows = min(int(block_rows or DEFAULT_BLOCK_ROWS), MAX_BLOCK_ROWS)
@@ -308,7 +307,7 @@ def self_retrieval_records(x: np.ndarray, codes: np.ndarray, ks: tuple[int, ...]
     order, spans = _group_rows(codes, block_rows)
     grouped = np.ascontiguousarray(x[order])
     codes_grouped = codes[order]
-    chunks = [_new_chunk(a, b, order, codes, r_all, ks[-1]) for a, b in spans]
+    chunks = [_new_chunk(a, b, order, r_all, ks[-1]) for a, b in spans]
     largest = max(b - a for a, b in spans)
     buffer = np.empty(largest * largest, dtype=np.float32)
     scratch = np.empty(largest * largest, dtype=bool)
@@ -352,5 +351,5 @@ def self_retrieval_records(x: np.ndarray, codes: np.ndarray, ks: tuple[int, ...]
             first_rank[chunk.original[scored[listed]]] = chunk.gaps[scored[listed], 0]
         same_class = _same_class_rows(chunk, scored, int(chunk.r.max()))
         average_precision[chunk.original[scored]] = _average_precision_at_r(same_class, chunk.r[scored])
-    scored = np.flatnonzero(r_all > 0)
-    return scored, first_rank[scored], average_precision[scored]
+    scored = r_all > 0
+    return first_rank[scored], average_precision[scored]
