@@ -4,7 +4,9 @@ A checkpoint is two files in the cell folder:
 
 - ``checkpoint.tables.<hash>.safetensors``: every tensor of at least ``TABLE_BYTES`` (the class
   prompts and their optimiser state: 1 GiB each at SOP, ViT-S), in safetensors (no pickling,
-  written straight from the tensors' memory, read back through a memory map);
+  written straight from the tensors' memory, read back with ``readinto`` straight into the
+  tensor that keeps it: the model's own table when the caller passes it as ``into``, so a
+  resume holds each table once, never a loaded copy beside the model's);
 - ``checkpoint.pt``: everything else (weights of the small modules, optimiser and scheduler
   state, RNG, history), with each big tensor replaced by a reference into the tables file,
   which it names by the hash of its content.
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from bench.errors import CellFailure
 from bench.results import atomic_write_bytes, disk_full, move_aside
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -47,16 +50,28 @@ def _split(value: Any, tables: dict[str, torch.Tensor], path: str) -> Any:
     return value
 
 
-def _join(value: Any, tables) -> Any:
+def _join(value: Any, tables, into: Any = None) -> Any:
+    """The state with references replaced by ``tables(key, destination)``; ``into`` is a mapping
+    shaped like the state whose tensors are the destinations (None where there is none)."""
     if isinstance(value, dict):
         if set(value) == {_REF}:
-            return tables(value[_REF])
-        return {k: _join(v, tables) for k, v in value.items()}
+            return tables(value[_REF], into if isinstance(into, torch.Tensor) else None)
+        return {k: _join(v, tables, into.get(k) if isinstance(into, dict) else None) for k, v in value.items()}
     if isinstance(value, list):
         return [_join(v, tables) for v in value]
     if isinstance(value, tuple):
         return tuple(_join(v, tables) for v in value)
     return value
+
+
+def _references(value: Any) -> list[str]:
+    if isinstance(value, dict):
+        if set(value) == {_REF}:
+            return [value[_REF]]
+        return [key for v in value.values() for key in _references(v)]
+    if isinstance(value, (list, tuple)):
+        return [key for v in value for key in _references(v)]
+    return []
 
 
 def file_hash(path: Path) -> str:
@@ -96,14 +111,31 @@ def save_checkpoint(cell_dir: Path, state: dict[str, Any]) -> None:
             old.unlink(missing_ok=True)
 
 
-def load_checkpoint(cell_dir: Path, identity_hash: str, emit) -> dict[str, Any] | None:
+class ResumeFailure(CellFailure):
+    """A tables file failed while being read into the model's own tensors: the model is no
+    longer its initial state, so the cell cannot silently restart from epoch 0 in this process;
+    it is marked failed, and a rerun starts it from epoch 0 (the checkpoint is moved aside)."""
+
+
+def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
+                    into: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The checkpoint's state, or None to start from epoch 0: when there is none, when it is of
     another configuration, or when it (or its tables file) does not load: then it is moved aside
-    and said, never deleted. Big tensors are read from a memory map and copied once."""
+    and said, never deleted.
+
+    ``into``: tensors shaped like parts of the state, e.g. ``{"learner":
+    learner.trainable_state_dict()}``. A big table whose destination is a contiguous CPU tensor
+    of its shape and dtype is read straight into it (and the state holds that very tensor), so
+    resuming never holds a second copy of it. The tables file is checked whole (header, every
+    reference, its length) before the first byte goes into a destination; should reading still
+    fail after that (an I/O error), ``ResumeFailure`` says so instead of restarting from a
+    half-overwritten model.
+    """
     cell_dir = Path(cell_dir)
     path = cell_dir / CHECKPOINT_FILE
     if not path.exists():
         return None
+    written: list[str] = []  # tables already read into a destination
     try:
         small = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(small, dict) or "epoch" not in small:
@@ -118,9 +150,20 @@ def load_checkpoint(cell_dir: Path, identity_hash: str, emit) -> dict[str, Any] 
             raise FileNotFoundError(f"its tables file {tables_path.name} is missing")
         with open(tables_path, "rb") as handle:
             header, start = read_safetensors_header(handle)
-            return _join(small, lambda key: read_tensor(handle, header[key], start))
+            check_tables(header, start, os.fstat(handle.fileno()).st_size, _references(small), tables_path.name)
+
+            def table(key: str, destination: torch.Tensor | None) -> torch.Tensor:
+                if destination is not None and _fits(destination, header[key]):
+                    written.append(key)
+                    return read_tensor(handle, header[key], start, out=destination)
+                return read_tensor(handle, header[key], start)
+
+            return _join(small, table, into)
     except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
         moved = move_aside(path, "corrupt")
+        if written:
+            raise ResumeFailure(f"{path}: its tables file failed while being read into the model ({type(e).__name__}: "
+                                f"{e}); moved aside to {moved.name}: rerun the cell to start it from epoch 0") from e
         emit({"event": "note", "text": f"{path} does not load ({type(e).__name__}: {e}); moved aside to "
                                        f"{moved.name}, restarting the cell from epoch 0"})
         return None
@@ -142,11 +185,37 @@ def read_safetensors_header(handle) -> tuple[dict[str, Any], int]:
     return header, 8 + length
 
 
-def read_tensor(handle, entry: dict[str, Any], start: int) -> torch.Tensor:
-    """One tensor read straight into its own memory (no memory map whose pages would count as
-    resident beside the copy: at SOP scale the resume then holds each table once)."""
+def check_tables(header: dict[str, Any], start: int, size: int, keys: list[str], name: str) -> None:
+    """Every referenced table is in the header with a known dtype, as many bytes as its shape
+    needs, inside a file that is long enough: what can be known before reading any of them."""
+    for key in keys:
+        entry = header.get(key)
+        if entry is None:
+            raise ValueError(f"{name} has no table {key!r}")
+        dtype = _DTYPES.get(entry.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{name}: table {key!r} has an unknown dtype {entry.get('dtype')!r}")
+        begin, end = entry["data_offsets"]
+        numel = 1
+        for n in entry["shape"]:
+            numel *= int(n)
+        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or begin < 0:
+            raise ValueError(f"{name}: table {key!r} has {end - begin} bytes for shape {entry['shape']}")
+        if start + end > size:
+            raise ValueError(f"{name} is cut short ({size} bytes, table {key!r} ends at {start + end})")
+
+
+def _fits(destination: torch.Tensor, entry: dict[str, Any]) -> bool:
+    return (destination.device.type == "cpu" and destination.is_contiguous()
+            and destination.dtype == _DTYPES[entry["dtype"]] and list(destination.shape) == list(entry["shape"]))
+
+
+def read_tensor(handle, entry: dict[str, Any], start: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor read straight into memory that keeps it: ``out`` (a contiguous CPU tensor of
+    its shape and dtype) or a new tensor. No memory map, whose pages would count as resident
+    beside the copy: at SOP scale the resume then holds each table once."""
     begin, end = entry["data_offsets"]
-    tensor = torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
+    tensor = out if out is not None else torch.empty(entry["shape"], dtype=_DTYPES[entry["dtype"]])
     view = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(bytearray())
     handle.seek(start + begin)
     if end - begin and handle.readinto(view) != end - begin:

@@ -374,7 +374,8 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress:
     eval_seconds = 0.0
     start_epoch = 0
 
-    state = load_checkpoint(cell_dir, identity_hash, emit)
+    # big tables are read straight into the learner's own tensors: no second copy while resuming
+    state = load_checkpoint(cell_dir, identity_hash, emit, into={"learner": learner.trainable_state_dict()})
     start_epoch, start_step, partial = 0, 0, None
     if state is not None:
         learner.load_trainable_state_dict(state["learner"])

@@ -2,12 +2,15 @@
 """Checkpoint cost at SOP scale: VPTSP-G (B) on ViT-S/16 with SOP's 11,318 training classes
 (class prompts 5 x 12 tokens of 384: 1.04 GiB, kept in CPU memory with their AdamW state).
 
-Two ways, each timed on the same trained state:
+Three ways, each timed on the same trained state:
 - ``single-file`` (round 1's code path, reproduced here): ``torch.save`` of everything into one
   ``checkpoint.pt``; resume = ``torch.load`` and apply, keeping the loaded state referenced as
   round 1 did;
-- ``tables`` (now): ``bench.checkpoint``: the big tables in a safetensors file beside a small
-  checkpoint; resume reads them through a memory map, copies once and releases them.
+- ``tables-copy`` (the first version of ``bench.checkpoint``): the big tables in a safetensors
+  file beside a small checkpoint; resume reads each table into a tensor of its own, copies it
+  into the model and releases the loaded copy;
+- ``tables`` (now, what ``bench.train`` does): the same files; resume reads the model's table
+  straight into the model's own tensor (``load_checkpoint(..., into=...)``), so no second copy.
 
 Each resume runs in a fresh process (its peak RSS is its own). Random weights: the cost of a
 checkpoint does not depend on their values.
@@ -30,8 +33,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
+MODES = ("single-file", "tables-copy", "tables")
 ARGS = {"num_prompts": 90, "prompt_depth": 12, "num_class_prompts": 5, "class_prompt_depth": 12,
         "class_prompt_offload": "cpu", "proxy_bias_ratio": 0.2}
+
+
+def method_args(backbone: str) -> dict:
+    """``ARGS`` with both prompt depths cut to the backbone's blocks (a small test ViT has 3)."""
+    from bench.backbones import create_backbone
+
+    depth = min(12, len(create_backbone(backbone, weights=None).blocks))
+    return {**ARGS, "prompt_depth": depth, "class_prompt_depth": depth}
 
 
 def build(backbone: str, classes: int):
@@ -40,7 +52,7 @@ def build(backbone: str, classes: int):
     from bench.train import build_optimizers
 
     config = CellConfig(backbone=backbone, weights=None, embedding_size=384, method="vptsp_g+bitfit",
-                        method_args=ARGS, optimizer="adamw", lr=1e-4, weight_decay=1e-4)
+                        method_args=method_args(backbone), optimizer="adamw", lr=1e-4, weight_decay=1e-4)
     torch.manual_seed(0)
     learner = build_learner(config, classes)
     return learner, build_optimizers(learner, config)
@@ -51,8 +63,9 @@ def trained_state(backbone: str, classes: int, batch: int) -> dict:
 
     learner, optimizers = build(backbone, classes)
     learner.train()
+    size = int(learner.model.backbone.pretrained_cfg["input_size"][-1])
     for step in range(2):  # populate the optimisers' state (AdamW moments of every table row touched)
-        images = torch.randn(batch, 3, 224, 224)
+        images = torch.randn(batch, 3, size, size)
         labels = torch.arange(batch) + step * batch
         train_step(learner, images, labels, optimizers)
     return {"identity": "bench", "epoch": 1, "step": 0, "partial": None, "learner": learner.trainable_state_dict(),
@@ -87,11 +100,12 @@ def resume_child(mode: str, folder: Path, backbone: str, classes: int) -> dict:
     else:
         from bench import checkpoint
 
-        state = checkpoint.load_checkpoint(folder, "bench", lambda e: None)
+        into = {"learner": learner.trainable_state_dict()} if mode == "tables" else None
+        state = checkpoint.load_checkpoint(folder, "bench", lambda e: None, into=into)
     learner.load_trainable_state_dict(state["learner"])
     for optimizer, saved in zip(optimizers, state["optimizers"]):
         optimizer.load_state_dict(saved)
-    if mode == "tables":
+    if mode != "single-file":
         state = None  # released once applied (bench.train does this)
     seconds = time.perf_counter() - start
     peak = peak_rss()
@@ -118,23 +132,35 @@ def reset_peak_rss() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # Linux: resets VmHWM to the current RSS
 
 
+def checkpoint_table_mib() -> float:
+    from bench import checkpoint
+
+    return checkpoint.TABLE_BYTES / 2**20
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit_s16")
     parser.add_argument("--classes", type=int, default=11_318)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--child", choices=["single-file", "tables"], help=argparse.SUPPRESS)
+    parser.add_argument("--table-mib", type=float, default=checkpoint_table_mib(),
+                        help="tensors of at least this size go to the tables file (bench.checkpoint.TABLE_BYTES; "
+                             "smaller for a quick run with a small model)")
+    parser.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
     if args.child:
         print(json.dumps(resume_child(args.child, Path(args.folder), args.backbone, args.classes)))
         return 0
+    from bench import checkpoint
+
+    checkpoint.TABLE_BYTES = int(args.table_mib * 2**20)
     state = trained_state(args.backbone, args.classes, args.batch)
     rows = []
     with tempfile.TemporaryDirectory(dir=str(Path(__file__).resolve().parent.parent / "results")
                                      if (Path(__file__).resolve().parent.parent / "results").is_dir() else None) as tmp:
-        for mode in ("single-file", "tables"):
+        for mode in MODES:
             folder = Path(tmp) / mode
             folder.mkdir()
             seconds, size = save(mode, state, folder)
@@ -143,8 +169,9 @@ def main(argv=None) -> int:
                                    capture_output=True, text=True, check=True)
             resumed = json.loads(child.stdout.strip().splitlines()[-1])
             rows.append({"mode": mode, "save_s": seconds, "size_gib": size / 2**30, **resumed})
+    depth = method_args(args.backbone)["class_prompt_depth"]
     print(f"SOP-scale checkpoint: {args.backbone}, {args.classes} classes, VPTSP-G (B), class prompts "
-          f"5 x 12 in CPU memory, AdamW\n")
+          f"{ARGS['num_class_prompts']} x {depth} in CPU memory, AdamW; tables: tensors of >= {args.table_mib:g} MiB\n")
     print("| checkpoint | save s | size GiB | resume s | RSS before loading GiB | peak RSS while loading GiB | "
           "RSS after GiB |")
     print("|---|--:|--:|--:|--:|--:|--:|")

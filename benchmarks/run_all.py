@@ -4,7 +4,8 @@
 2. training memory of every method on ViT-S/16 at batch 64, predicted by counting the bytes
    autograd saves (``activation_memory.py``: the paper's memory target, without a GPU);
 3. evaluation cost (R@K up to 1000 + MAP@R) at SOP and iNaturalist sizes vs pytorch-metric-learning;
-4. data pipeline throughput per loader worker.
+4. data pipeline throughput per loader worker;
+5. checkpoint save time, size and resume memory at SOP scale (11,318 classes of class prompts).
 `--quick` shrinks each part (a smoke check, not figures to record).
 """
 from __future__ import annotations
@@ -47,7 +48,9 @@ def main(argv=None) -> int:
                                      *(["--quick"] if args.quick else []),
                                      "--out", str(Path(args.out).with_suffix(".eval.md"))]),
              run("Data pipeline (decode + augment to 224)",
-                 ["benchmarks/bench_data.py", *(["--batches", "3"] if args.quick else [])])]
+                 ["benchmarks/bench_data.py", *(["--batches", "3"] if args.quick else [])]),
+             run("Checkpoints at SOP scale (VPTSP-G (B), ViT-S/16)",
+                 ["benchmarks/bench_checkpoint.py", *(["--classes", "500"] if args.quick else [])])]
     Path(args.out).write_text("\n".join(parts))
     print(f"\nwritten to {args.out}")
     return 0

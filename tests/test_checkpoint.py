@@ -126,3 +126,56 @@ def test_augmentation_does_not_depend_on_the_worker_count(synthetic_root, tmp_pa
     a = outcome(run_cell(config(synthetic_root, num_workers=0), tmp_path / "a", key={}))
     b = outcome(run_cell(config(synthetic_root, num_workers=2), tmp_path / "b", key={}))
     assert a == b
+
+
+def _saved_tables(cell, small_tables):
+    """A checkpoint with one big learner table and one big optimiser tensor; their values."""
+    torch.manual_seed(0)
+    table, moment = torch.randn(64, 8), torch.rand(64, 8)
+    checkpoint.save_checkpoint(cell, {"identity": "x", "epoch": 1, "learner": {"table": table, "bias": torch.ones(3)},
+                                      "optimizers": [{"state": {0: {"exp_avg": moment}}}]})
+    return table, moment
+
+
+def test_a_table_is_read_straight_into_the_models_tensor(tmp_path, small_tables):
+    table, moment = _saved_tables(tmp_path, small_tables)
+    destination = torch.zeros(64, 8)
+    pointer = destination.data_ptr()
+    state = checkpoint.load_checkpoint(tmp_path, "x", lambda e: pytest.fail(e["text"]),
+                                       into={"learner": {"table": destination}})
+    assert state["learner"]["table"] is destination and destination.data_ptr() == pointer  # no second copy
+    assert torch.equal(destination, table)
+    assert torch.equal(state["optimizers"][0]["state"][0]["exp_avg"], moment)  # no destination: a tensor of its own
+    assert torch.equal(state["learner"]["bias"], torch.ones(3))  # small: in checkpoint.pt
+    # a destination of another shape or dtype is left alone: the table is read into its own tensor
+    other = torch.zeros(64, 8, dtype=torch.float64)
+    state = checkpoint.load_checkpoint(tmp_path, "x", lambda e: None, into={"learner": {"table": other}})
+    assert not other.any() and torch.equal(state["learner"]["table"], table)
+
+
+def test_a_cut_short_tables_file_is_found_before_the_model_is_touched(tmp_path, small_tables):
+    _saved_tables(tmp_path, small_tables)
+    (tables,) = tmp_path.glob("checkpoint.tables.*.safetensors")
+    tables.write_bytes(tables.read_bytes()[:-100])
+    destination = torch.full((64, 8), 7.0)
+    notes = []
+    state = checkpoint.load_checkpoint(tmp_path, "x", notes.append, into={"learner": {"table": destination}})
+    assert state is None and torch.all(destination == 7.0)  # restarts from epoch 0 with the model as it was
+    assert "cut short" in notes[0]["text"] and not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_read_that_fails_inside_the_model_fails_the_cell_instead_of_restarting(tmp_path, small_tables,
+                                                                                monkeypatch):
+    _saved_tables(tmp_path, small_tables)
+    real = checkpoint.read_tensor
+
+    def failing(handle, entry, start, out=None):
+        if out is not None:
+            out.fill_(1.0)  # part of the table already landed
+            raise OSError(5, "Input/output error")
+        return real(handle, entry, start, out)
+
+    monkeypatch.setattr(checkpoint, "read_tensor", failing)
+    with pytest.raises(checkpoint.ResumeFailure, match="rerun the cell"):
+        checkpoint.load_checkpoint(tmp_path, "x", lambda e: None, into={"learner": {"table": torch.zeros(64, 8)}})
+    assert not (tmp_path / "checkpoint.pt").exists()  # moved aside: the rerun starts from epoch 0
