@@ -22,6 +22,8 @@ from report.stats import RESAMPLES, compare, holm
 PER_QUERY_FILE = "per_query.npz"  # bench.train.PER_QUERY_FILE
 ALPHA = 0.05
 METRICS = {"recall@1": "R@1", "map@r": "MAP@R"}
+# Every method is also read against this one: does training beat the pretrained features?
+REFERENCE_METHOD = "zero_shot"
 COLUMNS = ["table", "metric", "method_a", "method_b", "diff", "ci_low", "ci_high", "p", "p_holm", "n_seeds",
            "n_queries"]
 
@@ -32,6 +34,8 @@ class Significance:
     not_worse: dict[tuple[str, str], set[str]] = field(default_factory=dict)  # (group, metric) -> units
     best: dict[tuple[str, str], str] = field(default_factory=dict)
     unit_of_cell: dict[str, tuple[str, str]] = field(default_factory=dict)  # cell id -> (group, unit)
+    # (group, metric) -> the zero-shot unit (the backbone as it is; the best one if several)
+    reference: dict[tuple[str, str], str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     def marked(self, cell_ids, metric: str) -> bool:
@@ -80,6 +84,7 @@ def significance(results, resamples: int = RESAMPLES, seed: int = 0) -> Signific
         groups.setdefault(group, []).append(record)
     for group, members in sorted(groups.items()):
         units: dict[str, dict[int, dict[str, np.ndarray]]] = {}
+        zero_shot: set[str] = set()
         for record in members:
             data = load_per_query(results.suite_dir / str(record["cell_id"]))
             if data is None:
@@ -87,6 +92,8 @@ def significance(results, resamples: int = RESAMPLES, seed: int = 0) -> Signific
                 continue
             unit = unit_name(record, varying)
             out.unit_of_cell[str(record["cell_id"])] = (group, unit)
+            if record.get("method") == REFERENCE_METHOD:
+                zero_shot.add(unit)
             units.setdefault(unit, {})[int(record.get("seed") or 0)] = data
         if len(units) < 2:
             continue
@@ -103,6 +110,8 @@ def significance(results, resamples: int = RESAMPLES, seed: int = 0) -> Signific
             adjusted = holm([c.p for c in comparisons])
             out.best[(group, metric)] = best
             out.not_worse[(group, metric)] = {best}
+            if zero_shot & set(means):
+                out.reference[(group, metric)] = max(zero_shot & set(means), key=lambda u: (means[u], u))
             for c, p_holm in zip(comparisons, adjusted):
                 a, b, diff, low, high = c.a, c.b, c.diff, c.ci_low, c.ci_high
                 if means[b] > means[a]:  # report each pair as better minus worse
@@ -161,5 +170,28 @@ def sentences(sig: Significance) -> list[str]:
             more = len(significant) - len(shown)
             text += (f" {len(significant)} of {len(part)} pairwise differences are significant "
                      f"(p_holm < {ALPHA}), the largest: " + "; ".join(shown) + (f"; and {more} more." if more > 0 else "."))
+        reference = sig.reference.get((group, metric))
+        if reference is not None:
+            text += " " + _against_reference(part, reference)
         lines.append(text)
     return lines
+
+
+def _against_reference(part: pd.DataFrame, reference: str) -> str:
+    """Which units differ significantly from the zero-shot row, in which direction, by how much."""
+    better, worse, same = [], [], []
+    for r in part[(part["method_a"] == reference) | (part["method_b"] == reference)].itertuples():
+        other, diff = (r.method_b, -r.diff) if r.method_a == reference else (r.method_a, r.diff)
+        if r.p_holm >= ALPHA:
+            same.append(other)
+        else:
+            (better if diff > 0 else worse).append(f"{other} ({diff:+.1f})")
+    text = f"Against {reference} (the backbone as it is, no training; differences in points): "
+    parts = []
+    if better:
+        parts.append("significantly better: " + ", ".join(sorted(better)))
+    if worse:
+        parts.append("significantly worse: " + ", ".join(sorted(worse)))
+    if same:
+        parts.append("no significant difference: " + ", ".join(sorted(same)))
+    return text + "; ".join(parts) + "."

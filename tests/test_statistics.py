@@ -165,3 +165,62 @@ def test_tune_section_is_validated(tmp_path):
     path.write_text(yaml.safe_dump(bad))
     with pytest.raises(SuiteError, match="default holds config fields only"):
         load_suite(path)
+
+
+def _per_query_suite(root: Path) -> Path:
+    """table1-shaped results with per-query records: 400 queries, 3 seeds; VPTSP-G (B) and full
+    FT share their hits but for a few queries, linear probing hits far less, zero-shot between."""
+    from tests.report_fixtures import VIT_S, result, write
+
+    suite_dir = root / "table1"
+    rng = np.random.default_rng(0)
+    queries = 400
+    difficulty = rng.random(queries)
+    rates = {"vptsp_g+bitfit": 0.80, "full_ft": 0.795, "zero_shot": 0.62, "linear_probe": 0.45}
+    for index, (method, rate) in enumerate(rates.items()):
+        for seed in range(3):
+            noise = (np.random.default_rng([seed, index]).random(queries) - 0.5) * 0.1
+            hits = np.stack([difficulty + noise < rate + 0.02 * k for k in range(3)], axis=1)  # R@1, 2, 4
+            ap = np.clip(hits[:, 0] * 0.6 + hits[:, 2] * 0.2, 0, 1).astype(np.float64)
+            key = {"dataset": "cub200", "backbone": VIT_S, "method": method, "seed": seed}
+            if method == "vptsp_g+bitfit":
+                key["label"] = "VPTSP-G (B)"
+            data = result(key, float(hits[:, 0].mean()), float(ap.mean()))
+            cell = write(suite_dir, data).parent
+            np.savez(cell / "per_query.npz", query_index=np.arange(queries), label=np.arange(queries) // 4,
+                     ks=np.array([1, 2, 4]), hit_at_k=hits, ap_at_r=ap)
+    return suite_dir
+
+
+def test_the_report_writes_significance_marks_and_says_what_differs(tmp_path):
+    from report.cli import build_report
+    from report.significance import COLUMNS
+
+    build_report(_per_query_suite(tmp_path))
+    out = tmp_path / "table1" / "report"
+    frame = __import__("pandas").read_csv(out / "significance.csv")
+    assert list(frame.columns) == COLUMNS
+    assert len(frame) == 2 * 6  # R@1 and MAP@R, every pair of 4 methods
+    def pair(a, b):
+        rows = frame[(frame.metric == "R@1") & (frame.method_a.isin([a, b])) & (frame.method_b.isin([a, b]))]
+        assert len(rows) == 1
+        return rows.iloc[0]
+
+    clear = pair("VPTSP-G (B)", "Linear probing")
+    assert clear.method_a == "VPTSP-G (B)"  # each pair is written better minus worse
+    assert clear.p_holm < 0.05 and 30 < clear["diff"] < 40 and clear.n_seeds == 3 and clear.n_queries == 400
+    close = pair("VPTSP-G (B)", "Full fine-tuning")
+    assert close.p_holm >= 0.05 and close.ci_low < 0 < close.ci_high
+    table = (out / "tables" / "table1.md").read_text()
+    marked = {line.split("|")[1].strip(): "†" in line.split("|")[-3] for line in table.splitlines()
+              if line.startswith("| ") and "Method" not in line}
+    assert marked["VPTSP-G (B)"] and marked["Full fine-tuning"]
+    assert not marked["Linear probing"] and not marked["Zero-shot (no training)"]
+    index = (out / "index.md").read_text()
+    best, other = close.method_a, close.method_b
+    assert f"the best is {best}; not significantly worse than it: {other}." in index
+    reference = index[index.index("Against Zero-shot (no training)"):].splitlines()[0]
+    assert "(the backbone as it is, no training; differences in points): significantly better: " in reference
+    assert "Full fine-tuning (+1" in reference and "VPTSP-G (B) (+1" in reference
+    assert "significantly worse: Linear probing (-1" in reference
+    assert (out / "figures" / "significance.png").is_file()
