@@ -36,6 +36,7 @@ PALETTE = "colorblind"
 MARKERS = ("o", "s", "D", "^", "v", "P", "X", "<", ">", "h", "*", "p")
 PANEL = (5.2, 3.9)  # inches per panel
 MAX_CURVES = 10  # more lines per panel are unreadable (and the palette repeats)
+LABEL_WRAP = 36  # characters per line of a long tick label (an ablation unit names every swept value)
 
 
 def _text(value: Any) -> str:
@@ -525,40 +526,55 @@ def fig_backbones(results: SuiteResults) -> Figure | None:
 
 def fig_significance(sig) -> Figure | None:
     """Each method's difference to its group's best, with the 95 % bootstrap interval; filled
-    markers are significant after Holm's correction, hollow ones are not."""
+    markers are significant after Holm's correction, hollow ones are not, the diamond at zero
+    is the best itself. Panels stack vertically: ablation units carry every swept value in their
+    names, which are wrapped and given the room they need."""
+    import textwrap
+
     from report.significance import ALPHA, METRICS
 
     panels = [(group, metric) for (group, metric) in sig.best]
     if not panels:
         return None
-    height = max(len(sig.not_worse.get(key, ())) for key in panels)
-    height = max(height, *(len({*part["method_a"], *part["method_b"]}) - 1 for part in
-                           (sig.frame[(sig.frame["table"] == g) & (sig.frame["metric"] == METRICS[m])] for g, m in panels)))
+
+    def wrap(name: str) -> str:
+        return textwrap.fill(name, width=LABEL_WRAP, break_long_words=False, break_on_hyphens=False)
+
+    data = []
+    for group, metric in panels:
+        best = sig.best[(group, metric)]
+        part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])
+                         & ((sig.frame["method_a"] == best) | (sig.frame["method_b"] == best))]
+        # as "other minus best": negative is worse
+        rows = [(r.method_b if r.method_a == best else r.method_a,
+                 -r.diff if r.method_a == best else r.diff,
+                 -r.ci_high if r.method_a == best else r.ci_low,
+                 -r.ci_low if r.method_a == best else r.ci_high, r.p_holm) for r in part.itertuples()]
+        rows.sort(key=lambda r: r[1])
+        data.append((group, metric, best, rows + [(best, 0.0, 0.0, 0.0, None)]))
+    labels = [wrap(name) for *_, rows in data for name, *_ in rows]
+    lines = max(label.count("\n") + 1 for label in labels)
+    label_inches = max(len(line) for label in labels for line in label.split("\n")) * 0.075 + 0.4
+    heights = [len(rows) * (0.22 * lines + 0.18) + 1.3 for *_, rows in data]
     with mpl.rc_context(STYLE):
-        fig, axes = _figure(len(panels), rows=max(1, len(panels) // 2))
-        fig.set_size_inches(PANEL[0] * min(len(panels), 2) + 3, max(PANEL[1], 0.4 * height + 2.2) *
-                            max(1, len(panels) // 2))
-        for ax, (group, metric) in zip(axes, panels):
-            best = sig.best[(group, metric)]
-            part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])
-                             & ((sig.frame["method_a"] == best) | (sig.frame["method_b"] == best))]
-            # as "other minus best": negative is worse
-            rows = [(r.method_b if r.method_a == best else r.method_a,
-                     -r.diff if r.method_a == best else r.diff,
-                     -r.ci_high if r.method_a == best else r.ci_low,
-                     -r.ci_low if r.method_a == best else r.ci_high, r.p_holm) for r in part.itertuples()]
-            rows.sort(key=lambda r: r[1])
-            y = np.arange(len(rows))
+        # at least as wide as the title (9.5 in at this style's font size)
+        fig = Figure(figsize=(max(label_inches + PANEL[0] + 0.6, 9.5), sum(heights) + 1.2), layout="constrained")
+        axes = fig.subplots(len(data), 1, squeeze=False, height_ratios=heights).ravel().tolist()
+        for ax, (group, metric, best, rows) in zip(axes, data):
             for i, (name, diff, low, high, p) in enumerate(rows):
+                if p is None:
+                    ax.plot(0, i, marker="D", color="0.1", markersize=7, zorder=3, linestyle="none",
+                            label="the best (reference)")
+                    continue
                 significant = p < ALPHA
                 colour = sns.color_palette(PALETTE)[3] if significant else "0.45"
                 ax.errorbar(diff, i, xerr=[[diff - low], [high - diff]], fmt="o", color=colour, capsize=3,
                             markerfacecolor=colour if significant else "white", markersize=7, zorder=3,
-                            label=f"significant (p_holm < {ALPHA})" if significant else "not significant")
+                            label=f"significant (p_holm < {ALPHA})" if significant else f"not significant (p_holm >= {ALPHA})")
             ax.axvline(0, color="0.2", lw=1)
             ax.set_ylim(-0.6, len(rows) - 0.4)
-            ax.set_yticks(y, [r[0] for r in rows])
-            ax.set_xlabel(f"{METRICS[metric]} minus {best}'s (points)")
+            ax.set_yticks(np.arange(len(rows)), [wrap(r[0]) for r in rows], fontsize="small")
+            ax.set_xlabel(f"{METRICS[metric]}: difference to the best (points)")
             ax.set_title(f"{group}: {METRICS[metric]}")
         fig.suptitle("Differences to the best method (hierarchical paired bootstrap, 95% intervals)")
         _legend(fig, axes)

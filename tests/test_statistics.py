@@ -224,3 +224,29 @@ def test_the_report_writes_significance_marks_and_says_what_differs(tmp_path):
     assert "Full fine-tuning (+1" in reference and "VPTSP-G (B) (+1" in reference
     assert "significantly worse: Linear probing (-1" in reference
     assert (out / "figures" / "significance.png").is_file()
+
+
+def test_the_significance_figure_keeps_long_ablation_names_readable(tmp_path):
+    """Ablation units name every swept value; the figure wraps them and sizes itself, so that
+    matplotlib never collapses the panels (it warns when it does)."""
+    import warnings
+
+    import pandas as pd
+
+    from report import plots
+    from report.significance import COLUMNS, Significance
+
+    names = [f"VPT-deep (num_prompts={n}, output=mean, prompt_depth=3, prompt_location=prepend)" for n in range(8)]
+    rows = [{"table": "Synthetic, Test ViT", "metric": metric, "method_a": names[0], "method_b": other,
+             "diff": 1.0 + i, "ci_low": 0.2, "ci_high": 2.0 + i, "p": 0.01, "p_holm": 0.04 * i, "n_seeds": 3,
+             "n_queries": 100} for metric in ("R@1", "MAP@R") for i, other in enumerate(names[1:])]
+    group = "Synthetic, Test ViT"
+    sig = Significance(pd.DataFrame(rows, columns=COLUMNS),
+                       best={(group, "recall@1"): names[0], (group, "map@r"): names[0]})
+    fig = plots.fig_significance(sig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        paths = plots.save_figure(fig, tmp_path / "significance")
+    assert all(p.is_file() for p in paths)
+    ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert len(ticks) == 8 and all(max(len(line) for line in t.split("\n")) <= plots.LABEL_WRAP for t in ticks)
