@@ -26,6 +26,7 @@ TOP = 5
 DISAGREE_ROWS = 8
 MAX_ROWS = 12  # methods per figure; more and the rows are too thin to read
 PICTURE_DPI = 110
+PNG_COMPRESS_LEVEL = 3
 THUMB = 96  # px: thumbnails are drawn at this size whatever the source
 HIT, MISS = "#1a9850", "#d73027"  # green / red frames
 
@@ -376,11 +377,13 @@ def fig_proxy_pca(reps: list[Representative], dataset: Any) -> Figure | None:
 
 def save_picture(fig: Figure, stem: Path) -> list[Path]:
     """``stem.png`` only: these are photographs and heat maps, which a PDF would only wrap (at
-    several MB each); 110 dpi keeps a 96 px thumbnail sharp."""
+    several MB each); 110 dpi keeps a 96 px thumbnail sharp. zlib level 3 instead of PIL's 6
+    halves the encoding of these noisy images (the demo report: 3.7 s of PNG encoding at level
+    6, report 12.1 -> 10.4-11.2 s) for files about 10 % larger."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     path = stem.with_suffix(".png")
     with mpl.rc_context(STYLE):
-        fig.savefig(path, dpi=PICTURE_DPI)
+        fig.savefig(path, dpi=PICTURE_DPI, pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL})
     return [path]
 
 
