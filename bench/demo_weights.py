@@ -30,16 +30,29 @@ DEMO_IMAGE_SIZE = 36
 # (100 steps: 5.5 s vs 9.8 s, 2026-12-02); on a box where another job holds the second core,
 # 2 threads were 8x *slower* (60 vs 500 img/s: OpenMP threads spin-wait for each other). So: two
 # when the machine is idle enough at the start, else one (``pretrain_threads``); the count
-# used is recorded in the weights' JSON (float sums differ slightly between thread counts).
+# used is recorded in the weights' JSON. Float sums differ between thread counts, so the
+# weights, and every demo number after them, are bitwise reproducible for one thread count
+# only (2026-12-06: 60 steps, the same checksum in repeated runs of each count, another one
+# between counts); PRETRAIN_THREADS_ENV pins the count.
 MAX_PRETRAIN_THREADS = 2
+PRETRAIN_THREADS_ENV = "PEFT_DML_PRETRAIN_THREADS"
 
 
 def pretrain_threads(window_s: float = 0.5) -> int:
-    """Two when this process may use 2+ CPUs and they are idle now (under half a core busy over
-    ``window_s``, read from /proc/stat), else one."""
+    """``$PEFT_DML_PRETRAIN_THREADS`` (1 or 2) when set; else two when this process may use 2+
+    CPUs and they are idle now (under half a core busy over ``window_s``, read from
+    /proc/stat), else one."""
     import os
     import time
 
+    pinned = os.environ.get(PRETRAIN_THREADS_ENV, "").strip()
+    if pinned:
+        if pinned not in ("1", "2"):
+            from bench.errors import UserError
+
+            raise UserError(f"{PRETRAIN_THREADS_ENV}={pinned!r}: expected 1 or 2 (torch threads for the demo "
+                            "backbone's pretraining), or unset to choose by the machine's load")
+        return int(pinned)
     try:
         cpus = len(os.sched_getaffinity(0))
         first = _cpu_times()

@@ -141,3 +141,17 @@ def test_a_killed_generation_leaves_nothing_that_blocks_the_next(tmp_path):
     (partial / "half.jpg").write_bytes(b"")  # what a run killed while writing leaves
     root = ensure_demo_data(tmp_path)
     assert (root / "README.txt").is_file() and not (tmp_path / ".synthetic.partial").exists()
+
+
+def test_pretraining_threads_can_be_pinned(monkeypatch):
+    from bench.errors import UserError
+    from bench.demo_weights import PRETRAIN_THREADS_ENV, pretrain_threads
+
+    for value in ("1", "2"):
+        monkeypatch.setenv(PRETRAIN_THREADS_ENV, value)
+        assert pretrain_threads(window_s=0) == int(value)
+    monkeypatch.setenv(PRETRAIN_THREADS_ENV, "4")
+    with pytest.raises(UserError, match="PEFT_DML_PRETRAIN_THREADS='4': expected 1 or 2"):
+        pretrain_threads(window_s=0)
+    monkeypatch.delenv(PRETRAIN_THREADS_ENV)
+    assert pretrain_threads(window_s=0.05) in (1, 2)
