@@ -787,8 +787,8 @@ def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: boo
     if layout.kind == "table1":
         parts.append("Tunable parameters in millions (% of full fine-tuning), of which shared (independent of "
                      "the class count; % of the backbone, the paper's PEFT figure) and per class (proxies and "
-                     f"class prompts, one set per training class); peak memory ({memory_text(ok)}), with % of "
-                     "full fine-tuning.")
+                     f"class prompts, one set per training class); peak memory in GiB (G; below 1 GiB in MiB, "
+                     f"M) ({memory_text(ok)}), with % of full fine-tuning.")
     if oracle:
         parts.append("The oracle column takes each run's best test epoch: it selects on the test set and is "
                      "optimistic.")
