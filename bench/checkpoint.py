@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import math
 import os
 import shutil
 from pathlib import Path
@@ -196,10 +197,7 @@ def check_tables(header: dict[str, Any], start: int, size: int, keys: list[str],
         if dtype is None:
             raise ValueError(f"{name}: table {key!r} has an unknown dtype {entry.get('dtype')!r}")
         begin, end = entry["data_offsets"]
-        numel = 1
-        for n in entry["shape"]:
-            numel *= int(n)
-        if end - begin != numel * torch.empty((), dtype=dtype).element_size() or begin < 0:
+        if end - begin != math.prod(entry["shape"]) * dtype.itemsize or begin < 0:
             raise ValueError(f"{name}: table {key!r} has {end - begin} bytes for shape {entry['shape']}")
         if start + end > size:
             raise ValueError(f"{name} is cut short ({size} bytes, table {key!r} ends at {start + end})")

@@ -20,6 +20,7 @@ checkpoint does not depend on their values.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -38,11 +39,17 @@ ARGS = {"num_prompts": 90, "prompt_depth": 12, "num_class_prompts": 5, "class_pr
         "class_prompt_offload": "cpu", "proxy_bias_ratio": 0.2}
 
 
-def method_args(backbone: str) -> dict:
-    """``ARGS`` with both prompt depths cut to the backbone's blocks (a small test ViT has 3)."""
+@functools.lru_cache(maxsize=None)
+def _blocks(backbone: str) -> int:
+    """How many blocks the backbone has (it is built to count them: once per process)."""
     from bench.backbones import create_backbone
 
-    depth = min(12, len(create_backbone(backbone, weights=None).blocks))
+    return len(create_backbone(backbone, weights=None).blocks)
+
+
+def method_args(backbone: str) -> dict:
+    """``ARGS`` with both prompt depths cut to the backbone's blocks (a small test ViT has 3)."""
+    depth = min(12, _blocks(backbone))
     return {**ARGS, "prompt_depth": depth, "class_prompt_depth": depth}
 
 

@@ -531,7 +531,7 @@ def fig_significance(sig) -> Figure | None:
     names, which are wrapped and given the room they need."""
     import textwrap
 
-    from report.significance import ALPHA, METRICS
+    from report.significance import ALPHA, METRICS, against
 
     panels = [(group, metric) for (group, metric) in sig.best]
     if not panels:
@@ -543,14 +543,8 @@ def fig_significance(sig) -> Figure | None:
     data = []
     for group, metric in panels:
         best = sig.best[(group, metric)]
-        part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])
-                         & ((sig.frame["method_a"] == best) | (sig.frame["method_b"] == best))]
-        # as "other minus best": negative is worse
-        rows = [(r.method_b if r.method_a == best else r.method_a,
-                 -r.diff if r.method_a == best else r.diff,
-                 -r.ci_high if r.method_a == best else r.ci_low,
-                 -r.ci_low if r.method_a == best else r.ci_high, r.p_holm) for r in part.itertuples()]
-        rows.sort(key=lambda r: r[1])
+        part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])]
+        rows = sorted(against(part, best), key=lambda r: r[1])  # other minus best: negative is worse
         data.append((group, metric, best, rows + [(best, 0.0, 0.0, 0.0, None)]))
     labels = [wrap(name) for *_, rows in data for name, *_ in rows]
     lines = max(label.count("\n") + 1 for label in labels)

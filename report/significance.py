@@ -177,12 +177,23 @@ def sentences(sig: Significance) -> list[str]:
     return lines
 
 
+def against(part: pd.DataFrame, unit: str) -> list[tuple[str, float, float, float, float]]:
+    """The rows of ``part`` (one group and metric) that involve ``unit``, each read as ``(other,
+    other minus unit, interval low, interval high, p_holm)``, in points."""
+    rows = []
+    for r in part[(part["method_a"] == unit) | (part["method_b"] == unit)].itertuples():
+        if r.method_a == unit:
+            rows.append((r.method_b, -r.diff, -r.ci_high, -r.ci_low, r.p_holm))
+        else:
+            rows.append((r.method_a, r.diff, r.ci_low, r.ci_high, r.p_holm))
+    return rows
+
+
 def _against_reference(part: pd.DataFrame, reference: str) -> str:
     """Which units differ significantly from the zero-shot row, in which direction, by how much."""
     better, worse, same = [], [], []
-    for r in part[(part["method_a"] == reference) | (part["method_b"] == reference)].itertuples():
-        other, diff = (r.method_b, -r.diff) if r.method_a == reference else (r.method_a, r.diff)
-        if r.p_holm >= ALPHA:
+    for other, diff, _, _, p_holm in against(part, reference):
+        if p_holm >= ALPHA:
             same.append(other)
         else:
             (better if diff > 0 else worse).append(f"{other} ({diff:+.1f})")
