@@ -198,7 +198,7 @@ def write_cells_file(suite_dir: Path, suite: Suite, cells: list[Cell]) -> None:
     """Every cell the suite expects, so that the report can show the missing ones, and which
     suite file they come from: two files with the same ``name:`` must not share a folder."""
     check_suite_folder(suite_dir, suite)
-    atomic_write_json(suite_dir / CELLS_FILE, {"suite_file": str(suite.path.resolve()),
+    atomic_write_json(suite_dir / CELLS_FILE, {"suite_file": str(suite.path.resolve()), "report": suite.report,
                                                "cells": [{"cell_id": c.cell_id, "key": c.key,
                                                           "identity_hash": config_hash(c.config.identity())}
                                                          for c in cells]})

@@ -480,7 +480,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
             raise fail(f"protocol.{k}", f"unknown key{closest(k, PROTOCOL_FIELDS)}; "
                                         f"allowed: {', '.join(PROTOCOL_FIELDS)}")
     resources = _resources(_mapping(data, "resources", fail), fail)
-    report = _mapping(data, "report", fail)
+    report = _report_block(_mapping(data, "report", fail), fail)
 
     grids = _grids(data.get("grid"), fail)
     axes = list(dict.fromkeys(a for g in grids for a in g))
@@ -521,6 +521,30 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
     return Suite(tune=tune, name=name, path=path, description=description, grids=grids, defaults=defaults,
                  overrides=overrides, exclude=exclude, protocol=protocol, resources=resources,
                  report=report, prepare=prepare)
+
+
+REPORT_FIELDS = ("table", "contrasts", "equivalence_margin", "population")
+
+
+def _report_block(report: dict[str, Any], fail) -> dict[str, Any]:
+    """``report:``: read by the reporter only, checked here so that a typo fails before any cell."""
+    for k in report:
+        if k not in REPORT_FIELDS:
+            raise fail(f"report.{k}", f"unknown key{closest(k, REPORT_FIELDS)}; allowed: {', '.join(REPORT_FIELDS)}")
+    if "table" in report and not isinstance(report["table"], str):
+        raise fail("report.table", f"must be a table kind name, got {report['table']!r}")
+    margin = report.get("equivalence_margin", 1.0)
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin > 0:
+        raise fail("report.equivalence_margin", f"must be a number of points > 0, got {margin!r}")
+    if report.get("population", "split") not in ("split", "classes"):
+        raise fail("report.population", f"must be 'split' or 'classes', got {report['population']!r}")
+    contrasts = report.get("contrasts", [])
+    if not isinstance(contrasts, list) or not all(
+            isinstance(c, list) and len(c) == 2 and all(isinstance(x, str) and x for x in c) and c[0] != c[1]
+            for c in contrasts):
+        raise fail("report.contrasts", "must be a list of [row A, row B] pairs of two different row names "
+                                       "(method display names or labels), e.g. [[VPTSP-G (B), VPT (B)]]")
+    return report
 
 
 def _mapping(data: dict[str, Any], name: str, fail) -> dict[str, Any]:

@@ -19,6 +19,7 @@ COMMANDS = {
     "run": "cli.suite:cmd_run",
     "status": "cli.suite:cmd_status",
     "report": "cli.report:cmd_report",
+    "plan": "cli.report:cmd_plan",
     "evaluate": "cli.evaluate:cmd_evaluate",
     "describe": "cli.describe:cmd_describe",
     "embed": "cli.reuse:cmd_embed",
@@ -80,6 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: results/SUITE/report)")
     p.add_argument("--table", default=None, help="table shape (default: from the suite name)")
     p.add_argument("--oracle", action="store_true", help="add the best-test-epoch column (optimistic)")
+    p.add_argument("--population", choices=["split", "classes"], default=None,
+                   help="what a difference generalises to: this test split (default) or test classes drawn "
+                        "like these (adds the variance of a class resample)")
+    p.add_argument("--margin", type=float, default=None,
+                   help="equivalence margin in points (default: the suite's report.equivalence_margin, or 1.0)")
+
+    p = sub.add_parser("plan", help="seeds needed per comparison at 80%% power, from finished cells or a pilot")
+    p.add_argument("suite")
+    p.add_argument("--results", default="results", help="results root")
+    p.add_argument("--difference", type=float, default=1.0, help="the difference to detect, in points (default 1.0)")
+    p.add_argument("--power", type=float, default=0.8, help="the power to reach (default 0.8)")
+    p.add_argument("--pairs", action="store_true",
+                   help="every comparison of the default and declared families, not one line per group")
 
     p = sub.add_parser("evaluate", help="score saved embeddings: R@K and MAP@R")
     p.add_argument("embeddings", help=".npy of shape (N, D)")

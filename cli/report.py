@@ -14,16 +14,44 @@ from cli.console import make_console, print_table
 def cmd_report(args) -> int:
     # headless by default (a cluster login node has no display); an explicit MPLBACKEND wins
     os.environ.setdefault("MPLBACKEND", "Agg")
-    from report.cli import DEFAULT_OUT, resolve_suite_dir, skip_for, write_report
+    from report.cli import DEFAULT_OUT, report_settings, resolve_suite_dir, skip_for, write_report
     from report.load import load_suite
 
     suite_dir = resolve_suite_dir(args.suite, args.results)
     out_dir = Path(args.out) if args.out else suite_dir / DEFAULT_OUT
     results = load_suite(suite_dir, skip=skip_for(suite_dir, out_dir))
-    written = write_report(results, out_dir, table=args.table, oracle=args.oracle)
+    settings = report_settings(results, population=args.population, margin=args.margin)
+    written = write_report(results, out_dir, table=args.table, oracle=args.oracle, settings=settings)
     console = make_console()
     print_summary(results, console)
     console.print(f"report: {written['index.md']} ({len(written)} files)", highlight=False)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """How many seeds each comparison needs, from the seed SDs of finished cells (or a pilot)."""
+    from report import verdicts
+    from report.cli import DEFAULT_OUT, report_settings, resolve_suite_dir, skip_for
+    from report.load import load_suite
+    from report.significance import significance
+
+    if not args.difference > 0 or not 0 < args.power < 1:
+        raise UserError(f"--difference must be > 0 points and --power in (0, 1), got {args.difference} and {args.power}")
+    suite_dir = resolve_suite_dir(args.suite, args.results)
+    results = load_suite(suite_dir, skip=skip_for(suite_dir, suite_dir / DEFAULT_OUT))
+    sig = significance(results, report_settings(results))
+    console = make_console()
+    if sig.empty:
+        console.print(f"{suite_dir}: no two rows of a group have per-query records yet; run a pilot of at least "
+                      "2 seeds per row first", highlight=False, markup=False)
+        return 1
+    frame = verdicts.plan(sig, args.difference, args.power) if args.pairs else \
+        verdicts.plan_groups(sig, args.difference, args.power)
+    console.print(f"Seeds for a difference of {args.difference:g} points at {args.power:.0%} power (paired t-test "
+                  "over seeds, alpha 0.05; seed SDs measured in " + str(suite_dir) + "):", highlight=False,
+                  markup=False)
+    for line in verdicts.plan_lines(frame, args.power):
+        console.print(f"- {line}", highlight=False, markup=False)
     return 0
 
 

@@ -19,23 +19,47 @@ DEFAULT_OUT = "report"  # under the suite's results folder
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
 
 
-def suite_table(suite: str, suites_dir: Path | None = None) -> str | None:
-    """The table kind a suite's YAML asks for (``report: {table: ...}``), when the file is here.
+def suite_report_block(suite: str, suites_dir: Path | None = None) -> dict[str, Any]:
+    """A shipped suite's ``report:`` block, when its file is here (results written before the
+    dispatcher recorded the block in ``cells.json``).
 
     Only a default: ``run_suite.py run`` validates suite files, so an unreadable one is ignored.
     """
     path = (suites_dir or SUITES_DIR) / f"{suite}.yaml"
     if not path.is_file():
-        return None
+        return {}
     try:
         import yaml
 
         data = yaml.safe_load(path.read_text())
     except (ImportError, OSError, ValueError, yaml.YAMLError):
-        return None
+        return {}
     report = data.get("report") if isinstance(data, dict) else None
-    table = report.get("table") if isinstance(report, dict) else None
+    return report if isinstance(report, dict) else {}
+
+
+def suite_table(suite: str, suites_dir: Path | None = None) -> str | None:
+    """The table kind a suite's YAML asks for (``report: {table: ...}``), when the file is here."""
+    table = suite_report_block(suite, suites_dir).get("table")
     return table if table in KINDS else None
+
+
+def report_settings(results: SuiteResults, population: str | None = None, margin: float | None = None):
+    """The statistical settings: options given here, else the suite's ``report:`` block as
+    recorded with the results, else the shipped suite file's, else the defaults."""
+    from report.significance import POPULATIONS, Settings
+
+    block = dict(results.report_settings or suite_report_block(results.suite))
+    if population is not None:
+        block["population"] = population
+    if margin is not None:
+        block["equivalence_margin"] = margin
+    if block.get("population", "split") not in POPULATIONS:
+        raise ReportError(f"population must be one of {', '.join(POPULATIONS)}, got {block['population']!r}")
+    value = block.get("equivalence_margin", 1.0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ReportError(f"equivalence_margin must be a number of points > 0, got {value!r}")
+    return Settings.from_block(block)
 
 
 def resolve_suite_dir(suite: str, results_root: str | os.PathLike) -> Path:
@@ -60,27 +84,28 @@ def skip_for(suite_dir: Path, out_dir: Path) -> frozenset[str]:
 
 
 def build_report(suite_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 table: str | None = None, oracle: bool = False) -> dict[str, Path]:
+                 table: str | None = None, oracle: bool = False, settings=None) -> dict[str, Path]:
     """Load a suite folder and write its report; returns the written files by relative name."""
     suite_dir = Path(suite_dir)
     out_dir = Path(out_dir) if out_dir is not None else suite_dir / DEFAULT_OUT
     results = load_suite(suite_dir, skip=skip_for(suite_dir, out_dir))
-    return write_report(results, out_dir, table=table, oracle=oracle)
+    return write_report(results, out_dir, table=table, oracle=oracle, settings=settings)
 
 
 def write_report(results: SuiteResults, out_dir: Path, table: str | None = None,
-                 oracle: bool = False) -> dict[str, Path]:
+                 oracle: bool = False, settings=None) -> dict[str, Path]:
     """Build the report in a fresh folder beside ``out_dir`` and swap it in: a reader (or a
     second report run with another ``--table``) sees one whole report, never a mix of two."""
     if results.cells.empty:
         raise ReportError(f"{results.suite_dir}: no cell folders and no cells.json: nothing to report")
-    kind = check_kind(table) if table else (suite_table(results.suite) or default_kind(results.suite, results.cells))
+    kind = check_kind(table) if table else (_table_of(results) or default_kind(results.suite, results.cells))
+    settings = settings if settings is not None else report_settings(results)
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".building", dir=out_dir.parent))
     try:
         os.chmod(staging, dir_mode())  # mkdtemp makes 0700: colleagues could not open the report
-        written = _write_into(results, staging, kind, oracle)
+        written = _write_into(results, staging, kind, oracle, settings)
         swap_in(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -112,7 +137,12 @@ def swap_in(staging: Path, out_dir: Path) -> None:
             os.replace(staging, out_dir)
 
 
-def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -> dict[str, Path]:
+def _table_of(results: SuiteResults) -> str | None:
+    table = results.report_settings.get("table") if results.report_settings else None
+    return table if table in KINDS else suite_table(results.suite)
+
+
+def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool, settings) -> dict[str, Path]:
     from report import pictures, plots, render, summary  # matplotlib only when a report is written
 
     from report import tuning
@@ -120,7 +150,7 @@ def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool) -
 
     written: dict[str, Path] = {}
     # short timing runs (latency) say nothing about accuracy: no tests there
-    sig = significance(results) if kind != "latency" else None
+    sig = significance(results, settings) if kind != "latency" else None
     built = build_table(results, kind, oracle=oracle, significance=sig)
     for ext, path in render.write_table(built, out_dir / "tables").items():
         written[f"table.{ext}"] = path

@@ -48,6 +48,7 @@ class SuiteResults:
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)  # tuning trials (stage 1), kept apart
     tuning: dict[str, Any] | None = None  # tuning.json: the plan, each method's trials, the winners
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)  # cell id -> result.json provenance
+    report_settings: dict[str, Any] = field(default_factory=dict)  # the suite's `report:` block (cells.json)
 
     @property
     def grid_axes(self) -> list[str]:
@@ -113,7 +114,18 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
         add_display_columns(trials)
     return SuiteResults(suite=suite_dir.name, suite_dir=suite_dir, cells=cells, epochs=epochs, axes=axes,
                         stale=stale, trials=trials, tuning=read_tuning(suite_dir / TUNING_FILE),
-                        provenance=provenance)
+                        provenance=provenance, report_settings=read_report_settings(suite_dir / EXPECTED_CELLS_FILE))
+
+
+def read_report_settings(path: Path) -> dict[str, Any]:
+    """The suite's ``report:`` block as the dispatcher recorded it in ``cells.json``: the
+    results carry their own report settings when they are copied off a cluster."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    block = data.get("report") if isinstance(data, dict) else None
+    return block if isinstance(block, dict) else {}
 
 
 def read_tuning(path: Path) -> dict[str, Any] | None:
@@ -230,6 +242,7 @@ def cell_row(result: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     row["selection"] = final.get("selection")
     row["final_epoch"] = final.get("epoch")
     row.update(metric_items(final.get("test")))
+    row["num_queries"] = (final.get("test") or {}).get("num_queries")
     row.update({f"val/{k}": v for k, v in metric_items(final.get("val")).items()})
     oracle = result.get("oracle") or {}
     row["oracle_epoch"] = oracle.get("epoch")

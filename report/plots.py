@@ -525,52 +525,62 @@ def fig_backbones(results: SuiteResults) -> Figure | None:
 # --- significance --------------------------------------------------------------------------
 
 def fig_significance(sig) -> Figure | None:
-    """Each method's difference to its group's best, with the 95 % bootstrap interval; filled
-    markers are significant after Holm's correction, hollow ones are not, the diamond at zero
-    is the best itself. Panels stack vertically: ablation units carry every swept value in their
-    names, which are wrapped and given the room they need."""
+    """Each row's difference to its group's best with the 95 % t interval of the paired test
+    over seeds, coloured by its verdict (worse, equivalent, not resolved); the band around zero
+    is the equivalence margin, the diamond at zero the best itself. Panels stack vertically:
+    ablation units carry every swept value in their names, which are wrapped and given room."""
     import textwrap
 
-    from report.significance import ALPHA, METRICS, against
+    from report.significance import BEST, METRICS, against
+    from report.stats import BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
-    panels = [(group, metric) for (group, metric) in sig.best]
+    panels = [(group, metric) for (group, metric) in sig.best
+              if not sig.family(group, metric, BEST)["verdict"].str.startswith("not testable").all()]
     if not panels:
         return None
 
     def wrap(name: str) -> str:
         return textwrap.fill(name, width=LABEL_WRAP, break_long_words=False, break_on_hyphens=False)
 
+    palette = sns.color_palette(PALETTE)
+    styles = {WORSE: (palette[3], True, "worse (p_holm < 0.05)"), BETTER: (palette[3], True, "better (p_holm < 0.05)"),
+              EQUIVALENT: (palette[2], True, f"equivalent within ±{sig.settings.margin:g} (TOST)"),
+              NOT_RESOLVED: ("0.45", False, "not resolved")}
     data = []
     for group, metric in panels:
         best = sig.best[(group, metric)]
-        part = sig.frame[(sig.frame["table"] == group) & (sig.frame["metric"] == METRICS[metric])]
+        part = sig.family(group, metric, BEST)
         rows = sorted(against(part, best), key=lambda r: r[1])  # other minus best: negative is worse
-        data.append((group, metric, best, rows + [(best, 0.0, 0.0, 0.0, None)]))
+        data.append((group, metric, best, rows + [(best, 0.0, 0.0, 0.0, None, "best")]))
     labels = [wrap(name) for *_, rows in data for name, *_ in rows]
     lines = max(label.count("\n") + 1 for label in labels)
     label_inches = max(len(line) for label in labels for line in label.split("\n")) * 0.075 + 0.4
     heights = [len(rows) * (0.22 * lines + 0.18) + 1.3 for *_, rows in data]
+    margin = sig.settings.margin
     with mpl.rc_context(STYLE):
         # at least as wide as the title (9.5 in at this style's font size)
-        fig = Figure(figsize=(max(label_inches + PANEL[0] + 0.6, 9.5), sum(heights) + 1.2), layout="constrained")
+        fig = Figure(figsize=(max(label_inches + PANEL[0] + 0.6, 10.5), sum(heights) + 1.2), layout="constrained")
         axes = fig.subplots(len(data), 1, squeeze=False, height_ratios=heights).ravel().tolist()
         for ax, (group, metric, best, rows) in zip(axes, data):
-            for i, (name, diff, low, high, p) in enumerate(rows):
+            ax.axvspan(-margin, margin, color=palette[2], alpha=0.12, lw=0, label=f"equivalence margin ±{margin:g}")
+            for i, (name, diff, low, high, p, verdict) in enumerate(rows):
                 if p is None:
                     ax.plot(0, i, marker="D", color="0.1", markersize=7, zorder=3, linestyle="none",
                             label="the best (reference)")
                     continue
-                significant = p < ALPHA
-                colour = sns.color_palette(PALETTE)[3] if significant else "0.45"
+                colour, filled, label = styles.get(verdict, ("0.7", False, verdict))
+                if not np.isfinite(low):
+                    ax.plot(diff, i, marker="x", color=colour, zorder=3, linestyle="none", label=label)
+                    continue
                 ax.errorbar(diff, i, xerr=[[diff - low], [high - diff]], fmt="o", color=colour, capsize=3,
-                            markerfacecolor=colour if significant else "white", markersize=7, zorder=3,
-                            label=f"significant (p_holm < {ALPHA})" if significant else f"not significant (p_holm >= {ALPHA})")
+                            markerfacecolor=colour if filled else "white", markersize=7, zorder=3, label=label)
             ax.axvline(0, color="0.2", lw=1)
             ax.set_ylim(-0.6, len(rows) - 0.4)
             ax.set_yticks(np.arange(len(rows)), [wrap(r[0]) for r in rows], fontsize="small")
             ax.set_xlabel(f"{METRICS[metric]}: difference to the best (points)")
-            ax.set_title(f"{group}: {METRICS[metric]}")
-        fig.suptitle("Differences to the best method (hierarchical paired bootstrap, 95% intervals)")
+            n = sig.power[(group, metric)].n
+            ax.set_title(f"{group}: {METRICS[metric]} (n = {n} seeds)")
+        fig.suptitle("Differences to the best row (paired t-test over seeds, test split fixed; 95% t intervals)")
         _legend(fig, axes)
     return fig
 

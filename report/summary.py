@@ -16,7 +16,7 @@ from report.tables import Table, protocol_text, seeds_text
 
 TOP_PER_DATASET = 3
 FIGURE_TITLES = {
-    "significance": "Differences to the best method, with 95% bootstrap intervals",
+    "significance": "Differences to the best row and to the references, with 95% t intervals and the equivalence margin",
     "acc_vs_params": "R@1 vs trainable parameters (Pareto front marked)",
     "acc_vs_memory": "R@1 vs peak memory (Pareto front marked)",
     "latency": "Training step latency by method and batch size",
@@ -180,17 +180,42 @@ def provenance_section(results: SuiteResults) -> list[str]:
 def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[str]:
     if sig is None:
         return []
-    from report.significance import sentences
+    from report import verdicts
 
+    margin = sig.settings.margin
+    population = ("over seeds and test classes (`--population classes`: a statement about new classes drawn "
+                  "like these)" if sig.settings.population == "classes" else
+                  "over seeds, test split fixed (a statement about these test classes; `--population classes` "
+                  "adds the variance of a resample of test classes)")
     lines = ["## What the differences mean", ""]
-    lines += ["Paired comparisons of every two methods of a group, on R@1 and MAP@R: the difference of their "
-              "means over seeds, with a 95% interval and a p-value from a hierarchical paired bootstrap "
-              "(2,000 resamples of the seeds and of the test queries, the same query resample for both "
-              "methods), Holm-corrected over the pairs of a group and metric.", ""]
-    lines += [f"- {s}" for s in sentences(sig)] + [""]
-    lines += [f"- {n}" for n in sig.notes]
+    lines += ["Paired comparisons on R@1 and MAP@R: per seed, the difference of two rows' means over the test "
+              "queries, paired by seed number; a paired t-test on those differences (n - 1 degrees of freedom) "
+              f"with its 95% t interval, {population}. The comparisons are read in families (against the best row, "
+              "against the zero-shot and the full fine-tuning rows, the rest) that share one Holm correction "
+              "over all pairs of the group: the best is picked from the data, and the families are read together. "
+              "A suite's declared contrasts are planned comparisons with a Holm correction of their own. "
+              f"Equivalence: both one-sided tests against ±{margin:g} points (TOST at 0.05). A verdict is better, "
+              "worse, equivalent or not resolved; with one seed there is no test.", ""]
+    lines += [f"- {md(s)}" for s in verdicts.sentences(sig)] + [""]
+    lines += [f"- {md(n)}" for n in sig.notes]
+    if sig.notes:
+        lines.append("")
     if "significance.csv" in written:
-        lines += [f"All pairs: [significance.csv]({_link(written['significance.csv'], out_dir)}).", ""]
+        lines += [f"Every comparison with its family and verdict: "
+                  f"[significance.csv]({_link(written['significance.csv'], out_dir)}).", ""]
+    across = verdicts.across_groups(sig)
+    if not across.empty:
+        lines += ["### Across datasets (descriptive)", "", verdicts.across_text(across), ""]
+        lines += ["| " + " | ".join(map(md, across.columns)) + " |", "|" + "|".join(["---"] * len(across.columns)) + "|"]
+        for row in across.itertuples(index=False):
+            lines.append("| " + " | ".join(md(f"{v:.2f}" if isinstance(v, float) else str(v)) for v in row) + " |")
+        lines.append("")
+    planned = verdicts.plan_groups(sig, difference=margin)
+    if not planned.empty:
+        lines += ["### Seeds needed", "", f"Seeds that find a difference of {margin:g} points with 80 % power, "
+                  "from the seed SD of a difference with the best row, pooled per group and measured here "
+                  "(`run_suite.py plan SUITE --difference D --pairs` for another difference and per comparison):", ""]
+        lines += [f"- {md(s)}" for s in verdicts.plan_lines(planned)] + [""]
     return lines
 
 

@@ -351,7 +351,7 @@ def build_table(results: SuiteResults, kind: str, oracle: bool = False, signific
     table.notes = cell_notes(results, records) + paper_notes + percentage_notes(kind, rows, plans)
     if significance is not None and not significance.empty:
         mark_not_worse(table, plans, layout, significance)
-    table.caption = caption(layout, results, table, bool(paper_rows), oracle)
+    table.caption = caption(layout, results, table, bool(paper_rows), oracle, significance)
     return table
 
 
@@ -771,7 +771,8 @@ def devices_text(ok: pd.DataFrame) -> str:
     return ", ".join(map(str, devices)) or "device not recorded"
 
 
-def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: bool, oracle: bool) -> str:
+def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: bool, oracle: bool,
+            significance=None) -> str:
     # no quotation marks: straight quotes typeset badly in LaTeX
     ok = results.ok
     parts = [f"{layout.lead} (suite {results.suite})."]
@@ -801,7 +802,10 @@ def caption(layout: Layout, results: SuiteResults, table: Table, with_paper: boo
                      "single runs and likely the best test epoch."
                      + (" Δ R@1: ours minus paper." if has_delta else ""))
     if table.marked:
-        parts.append(f"{MARK}: not significantly worse than the best row of its group (hierarchical paired bootstrap "
-                     "over seeds and test queries, Holm-corrected, p >= 0.05; report/significance.csv).")
+        from report.verdicts import marks_caption  # the words live beside the statistics
+
+        parts.append(f"{MARK}: {marks_caption(significance)}.")
+    if not ok.empty and layout.kind != "latency":
+        parts.append("Intervals are 95% t intervals over seeds and hold for this test split.")
     parts.append("A dash: no finished run (failed and missing cells are listed below).")
     return " ".join(parts)

@@ -11,7 +11,8 @@ import yaml
 from scipy import stats as scipy_stats
 
 from report.aggregate import seed_stats
-from report.stats import compare, holm
+from report import stats
+from report.stats import holm, paired_t
 
 
 def test_t_interval_over_seeds_is_the_closed_form():
@@ -24,56 +25,75 @@ def test_t_interval_over_seeds_is_the_closed_form():
     assert single.n == 1 and np.isnan(single.ci_low) and np.isnan(single.std)  # one seed: no interval
 
 
-def test_bootstrap_over_seeds_agrees_with_the_paired_t_test():
-    rng = np.random.default_rng(3)
-    seeds, queries = 30, 40
-    a = {s: np.full(queries, 0.5 + 0.02 * rng.normal()) for s in range(seeds)}  # no query noise
-    b = {s: a[s] - 0.008 + 0.02 * rng.normal() for s in range(seeds)}
-    (c,) = compare({"a": a, "b": b}, resamples=4000)
-    diffs = np.array([a[s].mean() - b[s].mean() for s in range(seeds)])
-    t = scipy_stats.ttest_rel([a[s].mean() for s in range(seeds)], [b[s].mean() for s in range(seeds)])
-    low, high = scipy_stats.t.interval(0.95, seeds - 1, loc=diffs.mean(), scale=diffs.std(ddof=1) / np.sqrt(seeds))
-    assert c.diff == pytest.approx(diffs.mean())
-    assert c.ci_low == pytest.approx(low, abs=0.15 * (high - low)) and c.ci_high == pytest.approx(high, abs=0.15 * (high - low))
-    assert c.p == pytest.approx(t.pvalue, abs=0.03)
+def test_paired_t_is_scipys_paired_t_test_and_its_interval():
+    a = np.array([0.712, 0.745, 0.731, 0.726, 0.752])
+    b = np.array([0.701, 0.739, 0.735, 0.712, 0.740])
+    r = paired_t(a - b, margin=0.01)
+    reference = scipy_stats.ttest_rel(a, b)
+    low, high = reference.confidence_interval(0.95)
+    assert r.diff == pytest.approx((a - b).mean()) and r.p == pytest.approx(reference.pvalue)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(low), pytest.approx(high)) and r.df == 4 and r.n == 5
+    # the interval excludes 0 exactly when p < 0.05: one test, one interval
+    for shift in np.linspace(-0.02, 0.02, 41):
+        r = paired_t(a - b + shift, margin=0.01)
+        assert (r.p < 0.05) == (not r.ci_low <= 0 <= r.ci_high)
 
 
-def test_bootstrap_over_queries_of_one_seed_agrees_with_mcnemar():
-    rng = np.random.default_rng(5)
-    # 70 queries only a finds, 45 only b finds, the rest agree: McNemar's chi2 = 25^2 / 115
-    pattern = np.array([(1, 0)] * 70 + [(0, 1)] * 45 + [(1, 1)] * 1800 + [(0, 0)] * 1085, dtype=float)
-    pattern = pattern[rng.permutation(len(pattern))]
-    a, b = pattern[:, 0], pattern[:, 1]
-    (c,) = compare({"a": {0: a}, "b": {0: b}}, resamples=4000)
-    n01, n10 = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    mcnemar = scipy_stats.chi2.sf((n01 - n10) ** 2 / (n01 + n10), 1)
-    assert 0.002 < mcnemar < 0.2  # a case where both are informative
-    assert c.p == pytest.approx(mcnemar, rel=0.3)
+def test_tost_is_two_one_sided_t_tests_against_the_margin():
+    d = np.array([0.2, -0.1, 0.3, 0.05, 0.15, -0.05])
+    r = paired_t(d, margin=0.5)
+    lower = scipy_stats.ttest_1samp(d, -0.5, alternative="greater").pvalue
+    upper = scipy_stats.ttest_1samp(d, 0.5, alternative="less").pvalue
+    assert r.p_equiv == pytest.approx(max(lower, upper))
+    # equivalent at 0.05 exactly when the 90 % interval lies inside the margin
+    half = scipy_stats.t.ppf(0.95, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
+    assert (r.p_equiv < 0.05) == (-0.5 < d.mean() - half and d.mean() + half < 0.5)
 
 
-def test_interval_covers_the_true_difference_about_95_percent_of_the_time():
-    rng = np.random.default_rng(11)
-    covered, trials, truth = 0, 200, 0.04
-    for _ in range(trials):
-        difficulty = rng.random(400)  # per query, shared by both methods
-        values = {}
-        for name, level in (("a", 0.55 + truth), ("b", 0.55)):
-            values[name] = {s: (difficulty < level + 0.01 * rng.normal()).astype(float) for s in range(3)}
-        (c,) = compare(values, resamples=400, seed=int(rng.integers(1 << 30)))
-        covered += c.ci_low <= truth <= c.ci_high
-    assert 0.88 <= covered / trials <= 0.995
+def test_one_seed_is_not_testable_and_says_so():
+    r = paired_t([0.03], margin=0.01)
+    assert not r.testable and r.test == "not testable: n = 1" and np.isnan(r.p)
+    assert stats.verdict(r, float("nan"), float("nan")) == "not testable: n = 1"
+    assert np.isnan(stats.detectable(float("nan"), 1))
 
 
-def test_holm_step_down_by_hand():
+def test_holm_step_down_by_hand_and_untestable_entries_do_not_count():
     # sorted 0.01, 0.02, 0.03, 0.5 -> 0.04, 0.06, 0.06, 0.5 (monotone), in the input order
     assert holm([0.03, 0.01, 0.5, 0.02]) == pytest.approx([0.06, 0.04, 0.5, 0.06])
+    adjusted = holm([0.01, float("nan"), 0.04])
+    assert adjusted[0] == pytest.approx(0.02) and np.isnan(adjusted[1]) and adjusted[2] == pytest.approx(0.04)
 
 
-def test_the_same_inputs_give_the_same_answer():
-    rng = np.random.default_rng(0)
-    values = {m: {s: (rng.random(500) < 0.5).astype(float) for s in range(2)} for m in "abc"}
-    first, second = compare(values, resamples=500), compare(values, resamples=500)
-    assert [(c.p, c.ci_low) for c in first] == [(c.p, c.ci_low) for c in second]
+def test_power_and_detectable_difference_agree_with_simulation():
+    rng = np.random.default_rng(7)
+    sd, n = 1.0, 5
+    delta = stats.detectable(sd, n)
+    assert stats.power(delta, sd, n) == pytest.approx(0.8, abs=1e-6)
+    draws = rng.normal(delta, sd, size=(20000, n))
+    t = draws.mean(1) / (draws.std(1, ddof=1) / np.sqrt(n))
+    simulated = np.mean(np.abs(t) > scipy_stats.t.ppf(0.975, n - 1))
+    assert simulated == pytest.approx(0.8, abs=0.015)
+    # a normal-approximation formula would claim less: t with 4 df needs more than 2.8 SD
+    assert delta > (1.96 + 0.84) * sd / np.sqrt(n)
+    assert stats.detectable(sd, n, alpha=0.05 / 10) > delta  # Holm's first step needs more
+
+
+def test_class_variance_is_the_cluster_robust_variance_by_brute_force():
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(8), rng.integers(2, 7, 8))
+    x = rng.normal(size=len(labels)) + labels * 0.1
+    variance, classes = stats.class_variance(x, labels)
+    assert classes == 8
+    totals = np.array([x[labels == c].sum() for c in range(8)])
+    sizes = np.array([(labels == c).sum() for c in range(8)])
+    by_hand = 8 / 7 * np.sum((totals - sizes * x.mean()) ** 2) / len(x) ** 2
+    assert variance == pytest.approx(by_hand)
+    # one query per class: the ordinary variance of a mean (n / (n - 1) scaled)
+    singles, count = stats.class_variance(x, np.arange(len(x)))
+    assert singles == pytest.approx(np.var(x, ddof=1) / len(x))
+    r = paired_t([0.01, 0.02, 0.015], margin=0.01, class_term=(variance, classes))
+    plain = paired_t([0.01, 0.02, 0.015], margin=0.01)
+    assert r.se > plain.se and r.test == stats.TEST_CLASSES and 2 <= r.df <= 2 + 7
 
 
 # --- per-query records ----------------------------------------------------------------------
@@ -186,6 +206,8 @@ def _per_query_suite(root: Path) -> Path:
             if method == "vptsp_g+bitfit":
                 key["label"] = "VPTSP-G (B)"
             data = result(key, float(hits[:, 0].mean()), float(ap.mean()))
+            data["final"]["test"] = {**{f"recall@{k}": float(hits[:, j].mean()) for j, k in enumerate((1, 2, 4))},
+                                     "map@r": float(ap.mean()), "num_queries": queries, "num_lone_queries": 0}
             cell = write(suite_dir, data).parent
             np.savez(cell / "per_query.npz", query_index=np.arange(queries), label=np.arange(queries) // 4,
                      ks=np.array([1, 2, 4]), hit_at_k=hits, ap_at_r=ap)
@@ -193,37 +215,128 @@ def _per_query_suite(root: Path) -> Path:
 
 
 def test_the_report_writes_significance_marks_and_says_what_differs(tmp_path):
+    import pandas as pd
+
     from report.cli import build_report
     from report.significance import COLUMNS
 
     build_report(_per_query_suite(tmp_path))
     out = tmp_path / "table1" / "report"
-    frame = __import__("pandas").read_csv(out / "significance.csv")
+    frame = pd.read_csv(out / "significance.csv")
     assert list(frame.columns) == COLUMNS
-    assert len(frame) == 2 * 6  # R@1 and MAP@R, every pair of 4 methods
-    def pair(a, b):
-        rows = frame[(frame.metric == "R@1") & (frame.method_a.isin([a, b])) & (frame.method_b.isin([a, b]))]
-        assert len(rows) == 1
-        return rows.iloc[0]
+    r1 = frame[frame.metric == "R@1"]
+    # families: 3 comparisons with the best, 3 with zero-shot, 3 with full FT, 3 other pairs
+    assert r1.groupby("family").size().to_dict() == {"best": 3, "other pairs": 3, "vs Full fine-tuning": 3,
+                                                     "vs Zero-shot (no training)": 3}
+    assert set(frame["test"]) == {"paired t over seeds (test split fixed)"} and (frame["n_seeds"] == 3).all()
+    assert (r1["family_size"] == 6).all()  # one Holm correction over all 6 pairs for every claim
+    assert r1.groupby(r1[["method_a", "method_b"]].apply(frozenset, axis=1))["p_holm"].nunique().max() == 1
 
-    clear = pair("VPTSP-G (B)", "Linear probing")
-    assert clear.method_a == "VPTSP-G (B)"  # each pair is written better minus worse
-    assert clear.p_holm < 0.05 and 30 < clear["diff"] < 40 and clear.n_seeds == 3 and clear.n_queries == 400
-    close = pair("VPTSP-G (B)", "Full fine-tuning")
-    assert close.p_holm >= 0.05 and close.ci_low < 0 < close.ci_high
+    def row(family, a, b):
+        part = r1[(r1.family == family) & (r1.method_a == a) & (r1.method_b == b)]
+        assert len(part) == 1, (family, a, b)
+        return part.iloc[0]
+
+    best = r1[r1.family == "best"].method_a.iloc[0]
+    other = ({"VPTSP-G (B)", "Full fine-tuning"} - {best}).pop()  # the two share all but a few queries
+    clear = row("best", best, "Linear probing")
+    assert clear.verdict == "better" and clear.p_holm < 0.05 and 30 < clear["diff"] < 40 and clear.n_queries == 400
+    close = row("best", best, other)
+    assert close.verdict in ("not resolved", "equivalent") and close.ci_low < 0.5
+    assert row("vs Zero-shot (no training)", "Linear probing", "Zero-shot (no training)").verdict == "worse"
+    # the CSV's interval is the paired t interval of the per-seed means
+    assert close.ci_low <= close["diff"] <= close.ci_high and close.p == pytest.approx(
+        2 * scipy_stats.t.sf(abs(close["diff"]) / (close.seed_sd / np.sqrt(3)), 2), rel=1e-4)
     table = (out / "tables" / "table1.md").read_text()
     marked = {line.split("|")[1].strip(): "†" in line.split("|")[-3] for line in table.splitlines()
               if line.startswith("| ") and "Method" not in line}
     assert marked["VPTSP-G (B)"] and marked["Full fine-tuning"]
     assert not marked["Linear probing"] and not marked["Zero-shot (no training)"]
     index = (out / "index.md").read_text()
-    best, other = close.method_a, close.method_b
-    assert f"the best is {best}; not significantly worse than it: {other}." in index
-    reference = index[index.index("Against Zero-shot (no training)"):].splitlines()[0]
-    assert "(the backbone as it is, no training; differences in points): significantly better: " in reference
-    assert "Full fine-tuning (+1" in reference and "VPTSP-G (B) (+1" in reference
-    assert "significantly worse: Linear probing (-1" in reference
+    assert "not significantly" not in index
+    assert "**Synthetic" in index or "**CUB-200" in index
+    paragraph = next(line for line in index.splitlines() if line.startswith("- **") and ", R@1**" in line)
+    assert "n = 3 seeds, paired t over seeds (test split fixed)" in paragraph
+    assert "one Holm correction over all 6 pairs of the group" in paragraph and "equivalence within ±1 points" in paragraph
+    assert "Linear probing (" in paragraph.split("worse: ")[1]
+    assert "Power: with n = 3 seeds" in paragraph and "cannot be resolved here with 80 % power" in paragraph
+    assert "Against Zero-shot (no training) (the backbone as it is" in paragraph
+    assert "Seeds needed" in index and "Intervals are 95% t intervals over seeds and hold for this test split" in index
     assert (out / "figures" / "significance.png").is_file()
+
+
+def test_sentences_name_what_the_csv_says(tmp_path):
+    """Every unit the index calls better / worse / equivalent / not resolved against the best
+    has that verdict in significance.csv's best family, and its numbers."""
+    import re
+
+    import pandas as pd
+
+    from report.cli import build_report
+
+    build_report(_per_query_suite(tmp_path))
+    out = tmp_path / "table1" / "report"
+    frame = pd.read_csv(out / "significance.csv")
+    index = (out / "index.md").read_text()
+    for metric in ("R@1", "MAP@R"):
+        paragraph = next(line for line in index.splitlines() if line.startswith("- **") and f", {metric}**" in line)
+        best = re.search(r"the best row is (.+?) \(", paragraph).group(1)
+        part = frame[(frame.metric == metric) & (frame.family == "best")]
+        assert set(part.method_a) == {best}
+        listing = paragraph.split("(family `best`): ")[1].split(". Power")[0]
+        for r in part.itertuples():
+            word = {"better": "worse", "worse": "better"}.get(r.verdict, r.verdict)  # read as other vs best
+            section = next(s for s in listing.split("; ") if s.startswith(word))
+            assert f"{r.method_b} ({-r.diff:+.1f}" in section
+
+
+def test_one_seed_is_not_tested_and_two_seeds_use_t_with_one_df(tmp_path):
+    import pandas as pd
+
+    from report.cli import build_report
+
+    suite = _per_query_suite(tmp_path)
+    for cell in suite.iterdir():
+        if (cell / "result.json").is_file() and '"seed": 2' in (cell / "result.json").read_text():
+            import shutil
+
+            shutil.rmtree(cell)
+    build_report(suite)
+    frame = pd.read_csv(suite / "report" / "significance.csv")
+    assert (frame.n_seeds == 2).all()
+    for cell in suite.iterdir():
+        if (cell / "result.json").is_file() and '"seed": 1' in (cell / "result.json").read_text():
+            import shutil
+
+            shutil.rmtree(cell)
+    build_report(suite)
+    frame = pd.read_csv(suite / "report" / "significance.csv")
+    assert (frame.verdict == "not testable: n = 1").all() and frame.p.isna().all()
+    index = (suite / "report" / "index.md").read_text()
+    assert "Not testable: n = 1 shared seed" in index and "resamples of the seeds" not in index
+    assert "†" not in (suite / "report" / "tables" / "table1.md").read_text()
+
+
+def test_a_per_query_file_that_disagrees_with_its_result_is_left_out(tmp_path):
+    import pandas as pd
+
+    from report.cli import build_report
+
+    suite = _per_query_suite(tmp_path)
+    victims = sorted(p for p in suite.iterdir() if p.is_dir() and '"linear_probe"' in (p / "result.json").read_text())
+    with np.load(victims[0] / "per_query.npz") as data:
+        records = dict(data)
+    records["hit_at_k"] = np.ones_like(records["hit_at_k"])  # fabricated: best by far
+    np.savez(victims[0] / "per_query.npz", **records)
+    (victims[1] / "per_query.npz").write_bytes(b"PK\x03\x04 cut short")
+    records["hit_at_k"] = records["hit_at_k"][:10]
+    build_report(suite)
+    frame = pd.read_csv(suite / "report" / "significance.csv")
+    lp = frame[(frame.method_a == "Linear probing") | (frame.method_b == "Linear probing")]
+    assert (lp.n_seeds == 1).all()  # only its one intact seed remains
+    index = (suite / "report" / "index.md").read_text()
+    assert "Left out of the comparisons, per_query.npz's mean recall@1" in index
+    assert "per_query.npz cannot be read" in index
 
 
 def test_the_significance_figure_keeps_long_ablation_names_readable(tmp_path):
@@ -239,10 +352,15 @@ def test_the_significance_figure_keeps_long_ablation_names_readable(tmp_path):
     names = [f"VPT-deep (num_prompts={n}, output=mean, prompt_depth=3, prompt_location=prepend)" for n in range(8)]
     rows = [{"table": "Synthetic, Test ViT", "metric": metric, "method_a": names[0], "method_b": other,
              "diff": 1.0 + i, "ci_low": 0.2, "ci_high": 2.0 + i, "p": 0.01, "p_holm": 0.04 * i, "n_seeds": 3,
-             "n_queries": 100} for metric in ("R@1", "MAP@R") for i, other in enumerate(names[1:])]
+             "n_queries": 100, "family": "best", "verdict": "better" if i < 2 else "not resolved"}
+            for metric in ("R@1", "MAP@R") for i, other in enumerate(names[1:])]
     group = "Synthetic, Test ViT"
+    from report.significance import GroupPower
+
+    power = GroupPower(3, 1.0, 4.0, 8.0, 28, 7.0)
     sig = Significance(pd.DataFrame(rows, columns=COLUMNS),
-                       best={(group, "recall@1"): names[0], (group, "map@r"): names[0]})
+                       best={(group, "recall@1"): names[0], (group, "map@r"): names[0]},
+                       power={(group, "recall@1"): power, (group, "map@r"): power})
     fig = plots.fig_significance(sig)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -250,3 +368,49 @@ def test_the_significance_figure_keeps_long_ablation_names_readable(tmp_path):
     assert all(p.is_file() for p in paths)
     ticks = [t.get_text() for t in fig.axes[0].get_yticklabels()]
     assert len(ticks) == 8 and all(max(len(line) for line in t.split("\n")) <= plots.LABEL_WRAP for t in ticks)
+
+
+def test_identical_differences_on_every_seed_are_not_a_significant_difference():
+    r = paired_t([0.004, 0.004], margin=0.01)  # discrete hit counts make this common at 2 seeds
+    assert not r.testable and np.isnan(r.p) and r.test.startswith("not testable")
+    assert stats.verdict(r, float("nan"), float("nan")).startswith("not testable")
+
+
+def test_plan_prints_seeds_per_group_and_per_pair(tmp_path, capsys):
+    import cli
+
+    suite = _per_query_suite(tmp_path)
+    assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--difference", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "Seeds for a difference of 2 points at 80% power" in out
+    assert "a row vs the best (pooled) on CUB-200, ViT-S/16, R@1: seed SD" in out and "seeds for 2 points" in out
+    assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--pairs"]) == 0
+    out = capsys.readouterr().out
+    assert "Linear probing vs Zero-shot (no training) on CUB-200, ViT-S/16, R@1: seed SD" in out
+    assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--difference", "0"]) == 2
+
+
+def test_report_block_is_validated_and_travels_with_the_results(tmp_path):
+    from bench.suite import SuiteError, load_suite
+
+    base = {"name": "r", "grid": {"seed": [0]}, "defaults": {"dataset": "synthetic", "backbone": "vit_test",
+                                                              "method": "linear_probe"}}
+    for report, field in (({"equivalence_margin": -1}, "report.equivalence_margin"),
+                          ({"contrasts": [["A"]]}, "report.contrasts"), ({"populaton": "classes"}, "report.populaton"),
+                          ({"population": "all"}, "report.population")):
+        path = tmp_path / "r.yaml"
+        path.write_text(yaml.safe_dump({**base, "report": report}))
+        with pytest.raises(SuiteError, match=field.replace(".", r"\.")):
+            load_suite(path)
+    path.write_text(yaml.safe_dump({**base, "report": {"equivalence_margin": 0.5, "contrasts": [["A", "B"]]}}))
+    suite = load_suite(path)
+    from bench.dispatch import write_cells_file
+    from report.cli import report_settings
+    from report.load import load_suite as load_results
+
+    suite_dir = tmp_path / "results" / "r"
+    suite_dir.mkdir(parents=True)
+    write_cells_file(suite_dir, suite, [])
+    settings = report_settings(load_results(suite_dir))
+    assert settings.margin == 0.5 and settings.contrasts == [("A", "B")]
+    assert report_settings(load_results(suite_dir), margin=2.0, population="classes").margin == 2.0
