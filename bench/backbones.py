@@ -121,12 +121,12 @@ def _create_small(name: str, weights: str | None) -> nn.Module:
     if weights == "hub":
         if name != "demo_vit":
             raise BackboneError(f"weights: {name} has no pretrained weights; use weights: none")
-        from bench.demo_weights import weights_file
+        from bench.demo_weights import find_weights, weights_file
 
-        path = weights_file()
-        if not path.is_file():
-            raise BackboneError(f"weights: the demo backbone's pretrained weights are not at {path}; make them "
-                                "once with `python -m bench.demo_pretrain` (`make demo` does it)")
+        path = find_weights()
+        if path is None:
+            raise BackboneError(f"weights: the demo backbone's pretrained weights are not at {weights_file()}; "
+                                "make them once with `python -m bench.demo_pretrain` (`make demo` does it)")
         weights = str(path)
     if weights is not None:
         load_weights_file(model, Path(weights), name)

@@ -41,9 +41,10 @@ def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None) -
     is complete.
     """
     recipe = recipe or demo_weights.DEFAULT_RECIPE
+    found = demo_weights.find_weights(recipe, cache)
+    if found is not None:
+        return found
     path = weights_file(recipe, cache)
-    if path.is_file():
-        return path
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.is_file():  # another process may have finished while we waited
             pretrain(path, recipe)
@@ -318,11 +319,12 @@ def _save(out: Path, backbone, record: dict[str, Any]) -> None:
     from bench.results import atomic_write_json
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(out.with_suffix(".json"), record)
     state = {k: v.detach().contiguous() for k, v in backbone.state_dict().items()}
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         save_file(state, str(tmp), metadata={"backbone": BACKBONE, "version": record["version"]})
+        record["sha256"] = demo_weights.sha256(tmp)  # the shipped copy is checked against it
+        atomic_write_json(out.with_suffix(".json"), record)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)

@@ -22,7 +22,7 @@ BACKBONE = "demo_vit"
 # The demo's target classes are 0..DEMO_CLASSES-1 of family 0; source classes start here.
 SOURCE_CLASS_OFFSET = 1000
 DEMO_CLASSES = 100
-DEMO_IMAGES_PER_CLASS = 20
+DEMO_IMAGES_PER_CLASS = 20  # 50 test classes: 1,000 test queries per target
 # 36 px is a little larger than the backbone's 32 px input, as photos are larger than 224 px:
 # the usual resize-and-crop then works as it does on real data.
 DEMO_IMAGE_SIZE = 36
@@ -117,5 +117,35 @@ def version(recipe: Recipe) -> str:
 
 
 def weights_file(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
+    """Where pretraining writes the weights of ``recipe`` (the cache)."""
     recipe = recipe or DEFAULT_RECIPE  # looked up at call time: tests swap in a tiny recipe
     return Path(cache or cache_dir()) / f"{BACKBONE}-{version(recipe)}.safetensors"
+
+
+# The default recipe's weights ship with the package (1.2 MB), made by `python -m
+# bench.demo_pretrain` with 2 threads; beside them their JSON record (recipe, sha256). Everyone
+# then gets the same weights, whatever their thread count, and the demo skips 100 s of pretraining.
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+def shipped_file(recipe: Recipe | None = None) -> Path:
+    recipe = recipe or DEFAULT_RECIPE
+    return ASSETS / f"{BACKBONE}-{version(recipe)}.safetensors"
+
+
+def find_weights(recipe: Recipe | None = None, cache: Path | None = None) -> Path | None:
+    """The weights of ``recipe``: the shipped file when there is one, else the cache's, else None."""
+    for path in (shipped_file(recipe), weights_file(recipe, cache)):
+        if path.is_file():
+            return path
+    return None
+
+
+def sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -175,6 +175,40 @@ def _parse_states(text: str) -> dict[str, str]:
     return states
 
 
+def check_reuse(cells: list[Cell], states: dict[str, CellState], suite_dir: Path, *, content: bool = True) -> list[str]:
+    """The finished cells that this run would reuse, checked against the data it reads now
+    (bench.data_match): one line per data root saying what is reused; a result computed on other
+    data refuses the run (UserError naming both roots and --fresh), before anything runs."""
+    from bench.data_match import data_mismatch
+
+    reused: dict[str, list[str]] = {}
+    refused: list[str] = []
+    for cell in cells:
+        if states[cell.cell_id].state != "done":
+            continue
+        try:
+            result = read_result(suite_dir / cell.cell_id / RESULT_FILE)
+        except UserError:
+            continue
+        mismatch = data_mismatch(result, cell.config, content=content)
+        if mismatch is not None:
+            refused.append(f"{cell.cell_id}: {mismatch}")
+            continue
+        root = (result.get("data") or {}).get("root") or "?"
+        reused.setdefault(root, []).append(((result.get("provenance") or {}).get("finished") or "")[:16])
+    if refused:
+        shown = "; ".join(refused[:3]) + (f"; and {len(refused) - 3} more" if len(refused) > 3 else "")
+        raise UserError(f"{suite_dir}: {len(refused)} finished results were computed on other data than this run "
+                        f"reads, and are not reused for it: {shown}. Rerun with --fresh to replace them, or write "
+                        "these results elsewhere (--out, or another suite name)")
+    lines = []
+    for root, dates in reused.items():
+        dates = sorted(d.replace("T", " ") for d in dates if d)
+        when = f" of {dates[0]}" + (f" to {dates[-1]}" if dates[-1] != dates[0] else "") + " UTC" if dates else ""
+        lines.append(f"reused {len(dates) if dates else 'the'} finished results{when} (data {root})")
+    return lines
+
+
 def select_cells(cells: list[Cell], states: dict[str, CellState], *, rerun_failed: bool,
                  fresh: bool) -> tuple[list[Cell], dict[str, int]]:
     """Cells to run now, and how many were skipped for which reason."""

@@ -97,6 +97,14 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
         elif result_path.exists() or result_path.is_symlink():
             existing, why = _existing_result(result_path, cell_dir, config.suite, identity_hash)
             if existing is not None:
+                from bench.data_match import data_mismatch, reuse_text
+
+                mismatch = data_mismatch(existing, config)
+                if mismatch is not None:
+                    raise DataMismatch(f"{result_path}: a finished result of this cell exists, but {mismatch}; "
+                                       "it is not reused for other data. Rerun with --fresh to replace it, or "
+                                       "write these results elsewhere (--out, or another suite name)")
+                emit({"event": "note", "text": f"{cell_dir.name}: {reuse_text(existing)}"})
                 return existing
             moved = move_aside(result_path, why)
             emit({"event": "note", "text": f"{result_path} moved aside to {moved.name}: {why}; running the cell"})
@@ -104,6 +112,10 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
         result = _run_locked(config, cell_dir, key, identity_hash, progress)
         log_run(cell_dir, f"end {result['status']}")
         return result
+
+
+class DataMismatch(UserError):
+    """A finished result exists for this cell, computed on other data: refused, never overwritten."""
 
 
 def _existing_result(path: Path, cell_dir: Path, suite: str, identity_hash: str):

@@ -523,7 +523,7 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
                  report=report, prepare=prepare)
 
 
-REPORT_FIELDS = ("table", "contrasts", "equivalence_margin", "population")
+REPORT_FIELDS = ("table", "contrasts", "equivalence_margin", "population", "controls", "about")
 
 
 def _report_block(report: dict[str, Any], fail) -> dict[str, Any]:
@@ -544,6 +544,22 @@ def _report_block(report: dict[str, Any], fail) -> dict[str, Any]:
             for c in contrasts):
         raise fail("report.contrasts", "must be a list of [row A, row B] pairs of two different row names "
                                        "(method display names or labels), e.g. [[VPTSP-G (B), VPT (B)]]")
+    if "about" in report and not isinstance(report["about"], str):
+        raise fail("report.about", "must be a text (a paragraph for the report page)")
+    controls = report.get("controls", [])
+    if not isinstance(controls, list):
+        raise fail("report.controls", "must be a list of {kind: negative|positive, a: ROW, b: ROW, dataset: NAME}")
+    for i, control in enumerate(controls):
+        where = f"report.controls[{i}]"
+        if not isinstance(control, dict) or set(control) - {"kind", "a", "b", "dataset"}:
+            raise fail(where, "must be a mapping {kind: negative|positive, a: ROW, b: ROW, dataset: NAME (optional)}")
+        if control.get("kind") not in ("negative", "positive"):
+            raise fail(f"{where}.kind", f"must be 'negative' (an A/A pair) or 'positive', got {control.get('kind')!r}")
+        for side in ("a", "b"):
+            if not isinstance(control.get(side), str) or not control[side]:
+                raise fail(f"{where}.{side}", "must name a row (a method display name or label)")
+        if control.get("dataset") is not None and not isinstance(control["dataset"], str):
+            raise fail(f"{where}.dataset", f"must be a dataset name, got {control['dataset']!r}")
     return report
 
 

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 from bench.config import CellConfig, ConfigError, parse_assignments
 from bench.results import RESULT_FILE, check_name, make_cell_id
 from cli.console import make_console
@@ -45,7 +46,7 @@ def cmd_cell(args) -> int:
 
 def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
     if result["status"] != "ok":
-        console.print(f"[red]failed[/]: {result['reason']}", highlight=False)
+        console.print(f"[red]failed[/]: {escape(str(result['reason']))}", highlight=False)
         console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
         return
     test = result["final"]["test"] or result["final"]["val"] or {}

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 
+from rich.markup import escape
 from bench.events import Event, describe
 
 COLOURS = {"done": "green", "failed": "red", "running elsewhere": "cyan"}
@@ -60,7 +61,7 @@ class ProgressView:
         if kind == "suite_start":
             self.overall = progress.add_task("cells", total=event["total"], info="")
         elif kind == "cell_begin":
-            self.cell_name = event["name"]
+            self.cell_name = escape(str(event["name"]))  # a label is data, not rich markup
             self.cell = progress.add_task(self.cell_name, total=None, info="")
             self.recall = ""
         elif kind == "cell_start":
@@ -82,7 +83,7 @@ class ProgressView:
                 progress.advance(self.overall)
             colour = COLOURS.get(event["status"], "yellow")
             detail = f" {event['detail']}" if event.get("detail") else ""
-            progress.console.print(f"[{colour}]{event['status']}[/] {event['name']}{detail}", highlight=False)
+            progress.console.print(f"[{colour}]{event['status']}[/] {escape(str(event['name']))}{escape(str(detail))}", highlight=False)
         elif kind == "waiting":
             if self.wait is None:
                 self.wait = progress.add_task("waiting for SLURM", total=event["total"], info="")

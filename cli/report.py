@@ -7,6 +7,7 @@ from pathlib import Path
 import pandas as pd
 from rich.table import Table
 
+from rich.markup import escape
 from bench.errors import UserError
 from cli.console import make_console, print_table
 
@@ -64,7 +65,7 @@ def report_after_run(suite_dir: Path, table: str | None, console) -> None:
     try:
         written = build_report(suite_dir, table=table)
     except UserError as e:
-        console.print(f"[yellow]report not written[/]: {e}", highlight=False)
+        console.print(f"[yellow]report not written[/]: {escape(str(e))}", highlight=False)
         return
     console.print(f"report: {suite_dir / 'report'} ({len(written)} files; open index.md)", highlight=False)
     print_suite_summary(suite_dir, console)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from bench import dispatch
@@ -40,6 +41,8 @@ def cmd_run(args) -> int:
         dispatch.write_cells_file(suite_dir, suite, plan.cells)
         if suite.tune is not None:
             dispatch.write_tuning_file(suite_dir, suite, plan)
+        reuse = [] if args.fresh or done_before else dispatch.check_reuse(cells, states, suite_dir,
+                                                                         content=not args.no_data_check)
         todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
         todo = [c for c in todo if c.cell_id not in done_before]  # a stage runs its cells once per call
         if args.max_cells is not None:
@@ -47,6 +50,8 @@ def cmd_run(args) -> int:
         if not done_before:
             for reason, count in skipped.items():
                 console.print(f"{count} cells {reason}")
+            for line in reuse:
+                console.print(line, highlight=False, markup=False)
         if not todo:
             if not ran_any:
                 console.print(f"{suite.name}: nothing to run ({totals_line(states)}{waiting_text(plan)})")
@@ -122,7 +127,7 @@ def cmd_status(args) -> int:
 
 def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *, hyperparameters: bool) -> Table:
     key_names = list(dict.fromkeys(k for c in cells for k in c.key))
-    table = Table(title=f"{suite.name}: {suite.description}".rstrip(": "), show_lines=False)
+    table = Table(title=escape(f"{suite.name}: {suite.description}".rstrip(": ")), show_lines=False)
     table.add_column("#", justify="right")
     for name in key_names:
         table.add_column(name)
@@ -133,15 +138,17 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
     table.add_column("state")
     table.add_column("detail")
     for i, cell in enumerate(cells, 1):
-        row = [str(i)] + [text(cell.key.get(name, "")) for name in key_names]
+        # labels, values and failure reasons are data: rich must not read "[red]" in them as markup
+        row = [str(i)] + [escape(text(cell.key.get(name, ""))) for name in key_names]
         if hyperparameters:
             c = cell.config
             row += [c.optimizer, text(c.lr), text(c.proxy_lr), str(c.epochs), f"{c.batch_size}/{c.samples_per_class}",
-                    c.init, c.loss_positive_average, " ".join(f"{k}={text(v)}" for k, v in c.method_args.items()),
+                    c.init, c.loss_positive_average,
+                    escape(" ".join(f"{k}={text(v)}" for k, v in c.method_args.items())),
                     resources_text(cell.resources or suite.resources)]
         state = states[cell.cell_id]
         row.append(f"[{STATE_COLOURS[state.state]}]{state.state}[/]")
-        row.append(state.detail)
+        row.append(escape(state.detail))
         table.add_row(*row)
     return table
 

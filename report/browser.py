@@ -45,9 +45,13 @@ class PageCheck:
 
 def _run(browser: str, args: list[str], profile: str, timeout: float) -> subprocess.CompletedProcess:
     command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-               "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--allow-file-access-from-files",
-               *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+               "--disable-dev-shm-usage", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", f"--user-data-dir={profile}", *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError(f"{browser} did not finish within {timeout:.0f} s ({' '.join(args[-1:])}): a page that "
+                           "waits (a dialog, a script that never ends) or a browser that hangs; nothing checked") from None
 
 
 def check_page(index: str | Path, screenshot: str | Path | None = None, browser: str | None = None,

@@ -74,11 +74,23 @@ def figures_inline(body: str) -> str:
                   lambda m: f'<div class="gallery">{m.group(1)}</div>', body, flags=re.S)
 
 
+def csp_meta() -> str:
+    """The page's Content-Security-Policy: nothing from the network, no script but the page's own
+    image check (allowed by its hash), images and styles from the page and its folder only."""
+    import base64
+    import hashlib
+
+    digest = base64.b64encode(hashlib.sha256(CHECK_IMAGES.encode()).digest()).decode()
+    policy = (f"default-src 'none'; script-src 'sha256-{digest}'; style-src 'unsafe-inline'; "
+              "img-src 'self' file: data:; base-uri 'none'; form-action 'none'")
+    return f'<meta http-equiv="Content-Security-Policy" content="{policy}">'
+
+
 def page(title: str, body: str, footer: str) -> str:
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n"
-        f"<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n<script>{CHECK_IMAGES}</script>\n"
+        f"{csp_meta()}\n<title>{html.escape(title)}</title>\n<style>{CSS}</style>\n<script>{CHECK_IMAGES}</script>\n"
         f"</head>\n<body>\n<main>\n{body}\n<footer>{footer}</footer>\n</main>\n</body>\n</html>\n"
     )
 
@@ -88,6 +100,10 @@ def write_html(out_dir: Path, markdown_text: str, title: str, footer: str) -> Pa
     import markdown
 
     converter = markdown.Markdown(extensions=["tables", "toc", "sane_lists"], output_format="html")
+    # no raw HTML from the Markdown into the page: every string from a suite, a result or a file
+    # name is escaped where it is written (report.render.md); this catches anything missed
+    converter.preprocessors.deregister("html_block")
+    converter.inlinePatterns.deregister("html")
     body = figures_inline(converter.convert(markdown_text))
     toc = getattr(converter, "toc", "")
     if toc:

@@ -243,6 +243,7 @@ def cell_row(result: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     row["final_epoch"] = final.get("epoch")
     row.update(metric_items(final.get("test")))
     row["num_queries"] = (final.get("test") or {}).get("num_queries")
+    row["data_root"] = (result.get("data") or {}).get("root")
     row.update({f"val/{k}": v for k, v in metric_items(final.get("val")).items()})
     oracle = result.get("oracle") or {}
     row["oracle_epoch"] = oracle.get("epoch")

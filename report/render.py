@@ -15,6 +15,8 @@ _TEX_SPECIAL = {
     "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}",
     # the default OT1 font encoding prints these as other glyphs in text mode
     "<": r"$<$", ">": r"$>$", "|": r"$|$",
+    # a row (or cell) starting with [ after \\ would be read as \\[length]: pdflatex then loops
+    "[": "{[}", "]": "{]}",
 }
 _TEX_UNICODE = {
     "±": r"$\pm$", "Δ": r"$\Delta$", "α": r"$\alpha$", "λ": r"$\lambda$", "×": r"$\times$",
@@ -48,8 +50,15 @@ def tex(text: str) -> str:
     return "".join(out)
 
 
+# Characters a string from a suite, a result or a file name must not carry into Markdown: HTML
+# (Python-Markdown passes raw HTML through), emphasis, links, code spans and table cells.
+_MD_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "`": "\\`", "*": "\\*", "_": "\\_",
+               "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#", "!": "\\!"}
+
+
 def md(text: str) -> str:
-    return str(text).replace("|", r"\|").replace("\n", " ")
+    """A user-controlled string as literal Markdown text: HTML and Markdown markup escaped, one line."""
+    return "".join(_MD_SPECIAL.get(ch, ch) for ch in str(text).replace("\r", " ").replace("\n", " "))
 
 
 def tex_header(text: str) -> str:
@@ -70,9 +79,9 @@ def _cell(table: Table, column: Column, row_index: int, bold: set[int], latex: b
         text = tex(value) + (r" $\pm$ " + std if std else "")
         text = rf"\textbf{{{text}}}" if row_index in bold and text else text
         return text + (r"$^\dagger$" if marked else "") + tex(suffix)
-    text = value + (f" ± {std}" if std else "")
+    text = md(value + (f" ± {std}" if std else ""))
     text = f"**{text}**" if row_index in bold and text else text
-    return md(text + ("†" if marked else "") + suffix)
+    return text + ("†" if marked else "") + md(suffix)
 
 
 def _groups(columns: list[Column]) -> list[tuple[str, int]]:

@@ -51,19 +51,40 @@ BEST, OTHER, CONTRAST = "best", "other pairs", "contrast"
 
 
 @dataclass
+class Control:
+    """A comparison whose answer the suite's design fixes: ``negative`` (an A/A pair: must not be
+    called different) or ``positive`` (``a`` must be found better than ``b``)."""
+    kind: str
+    a: str
+    b: str
+    dataset: str | None = None  # the dataset key it is about; None: every group with both rows
+
+
+@dataclass
 class Settings:
     """The report's statistical choices (a suite's ``report:`` block, or ``report`` options)."""
     margin: float = stats.DEFAULT_MARGIN  # points
     contrasts: list[tuple[str, str]] = field(default_factory=list)
     population: str = "split"
     alpha: float = ALPHA
+    controls: list[Control] = field(default_factory=list)
+    about: str = ""  # the suite's own words on its design (report.about), printed with the controls
 
     @classmethod
     def from_block(cls, block: dict[str, Any] | None) -> "Settings":
         block = block or {}
         margin = block.get("equivalence_margin", stats.DEFAULT_MARGIN)
         contrasts = [tuple(str(x) for x in pair) for pair in block.get("contrasts") or []]
-        return cls(float(margin), contrasts, str(block.get("population") or "split"))
+        controls = [Control(str(c["kind"]), str(c["a"]), str(c["b"]), c.get("dataset"))
+                    for c in block.get("controls") or []]
+        return cls(float(margin), contrasts, str(block.get("population") or "split"), controls=controls,
+                   about=str(block.get("about") or ""))
+
+    def contrasts_for(self, dataset: str | None) -> list[tuple[str, str]]:
+        """The planned comparisons of a group: declared contrasts and the controls about it."""
+        pairs = list(self.contrasts)
+        pairs += [(c.a, c.b) for c in self.controls if c.dataset in (None, dataset)]
+        return list(dict.fromkeys(pairs))
 
 
 @dataclass
@@ -89,6 +110,7 @@ class Significance:
     references: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
     power: dict[tuple[str, str], GroupPower] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    group_dataset: dict[str, Any] = field(default_factory=dict)  # group -> its dataset key
 
     def verdict_against_best(self, group: str, metric: str, unit: str) -> str | None:
         if self.best.get((group, metric)) == unit:
@@ -203,6 +225,11 @@ def decide(values: dict[str, dict[int, np.ndarray]], *, references: dict[str, st
     def paired(a: str, b: str) -> stats.Paired:
         if (a, b) not in cache:
             shared = sorted(set(values[a]) & set(values[b]))
+            if len(shared) < 2 and len(values[a]) >= 2 and len(values[b]) >= 2:
+                # disjoint seed sets (an A/A control): nothing to pair by
+                cache[(a, b)] = stats.welch_t(list(seed_means[a].values()), list(seed_means[b].values()),
+                                              margin, alpha)
+                return cache[(a, b)]
             diffs = [seed_means[a][s] - seed_means[b][s] for s in shared]
             term = None
             if labels is not None and len(shared) >= 2:
@@ -274,6 +301,7 @@ def significance(results, settings: Settings | None = None) -> Significance:
         group = f"{record.get('dataset_name')}, {record.get('backbone_name')}"
         groups.setdefault(group, []).append(record)
     unknown_contrasts: set[tuple[str, str]] = set(settings.contrasts)
+    out.group_dataset = {group: members[0].get("dataset") for group, members in groups.items()}
     for group, members in sorted(groups.items()):
         units: dict[str, dict[int, dict[str, np.ndarray]]] = {}
         reference_units: dict[str, dict[str, float]] = {}
@@ -309,7 +337,8 @@ def significance(results, settings: Settings | None = None) -> Significance:
                     references[method] = max(candidates, key=lambda u: (means[u], u))
             out.references[(group, metric)] = references
             family_names = {f"vs {unit}": unit for unit in references.values()}
-            found, best = decide(values, references=family_names, contrasts=settings.contrasts,
+            found, best = decide(values, references=family_names,
+                                 contrasts=settings.contrasts_for(out.group_dataset.get(group)),
                                  margin=settings.margin / 100, labels=labels, alpha=settings.alpha)
             out.best[(group, metric)] = best
             out.means[(group, metric)] = {u: 100 * m for u, m in means.items()}

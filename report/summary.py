@@ -105,7 +105,7 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
     if not charts:
         lines += ["The data supports no figure (no finished cells with the needed measurements).", ""]
     for stem, paths in charts.items():
-        lines += [f"### {title_of(stem)}", ""] + _figure_lines(stem, paths, out_dir, title_of(stem))
+        lines += [f"### {md(title_of(stem))}", ""] + _figure_lines(stem, paths, out_dir, title_of(stem))
     pictures = {stem: paths for stem, paths in figures.items() if picture_section(stem) is not None}
     if pictures:
         lines += ["## What the methods learned", ""]
@@ -117,8 +117,9 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
             lines += [f"### {section}", "", intro, ""]
             for stem in stems:
                 lines += _figure_lines(stem, pictures[stem], out_dir, title_of(stem))
-    lines += ["## Data", "",
-              f"- [cells.csv]({_link(written['cells.csv'], out_dir)}): one row per cell (key, status, "
+    lines += ["## Data", ""]
+    lines += data_roots(results)
+    lines += [f"- [cells.csv]({_link(written['cells.csv'], out_dir)}): one row per cell (key, status, "
               "final and oracle metrics, measurements)",
               f"- [epochs.csv]({_link(written['epochs.csv'], out_dir)}): one row per cell and epoch", ""]
     lines += problem_cells(results.cells)
@@ -181,13 +182,28 @@ def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[s
     if sig is None:
         return []
     from report import verdicts
+    from report.significance import METRICS as METRICS_TITLE
 
     margin = sig.settings.margin
     population = ("over seeds and test classes (`--population classes`: a statement about new classes drawn "
                   "like these)" if sig.settings.population == "classes" else
                   "over seeds, test split fixed (a statement about these test classes; `--population classes` "
                   "adds the variance of a resample of test classes)")
-    lines = ["## What the differences mean", ""]
+    lines = []
+    if sig.settings.controls:
+        lines += ["## Controls: what the design puts in, and what the test finds", ""]
+        if sig.settings.about:
+            lines += [md(" ".join(sig.settings.about.split())), ""]
+        lines += ["Each control is a planned comparison (family `contrast`) under the same calibrated test as "
+                  "every other row:", ""]
+        lines += [f"- {s}" for s in verdicts.control_lines(sig, escape=md)] + [""]
+        limits = [f"{md(group)}, {METRICS_TITLE[metric]}: below {p.detectable:.1f} points "
+                  f"({p.detectable_holm:.1f} after Holm over {p.family_size}), with n = {p.n}"
+                  for (group, metric), p in sig.power.items() if p.n >= 2 and p.detectable == p.detectable]
+        if limits:
+            lines += ["What these seeds cannot resolve (differences found with less than 80 % power): "
+                      + "; ".join(limits) + ".", ""]
+    lines += ["## What the differences mean", ""]
     lines += ["Paired comparisons on R@1 and MAP@R: per seed, the difference of two rows' means over the test "
               "queries, paired by seed number; a paired t-test on those differences (n - 1 degrees of freedom) "
               f"with its 95% t interval, {population}. The comparisons are read in families (against the best row, "
@@ -196,7 +212,7 @@ def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[s
               "A suite's declared contrasts are planned comparisons with a Holm correction of their own. "
               f"Equivalence: both one-sided tests against ±{margin:g} points (TOST at 0.05). A verdict is better, "
               "worse, equivalent or not resolved; with one seed there is no test.", ""]
-    lines += [f"- {md(s)}" for s in verdicts.sentences(sig)] + [""]
+    lines += [f"- {s}" for s in verdicts.sentences(sig, escape=md)] + [""]
     lines += [f"- {md(n)}" for n in sig.notes]
     if sig.notes:
         lines.append("")
@@ -219,13 +235,26 @@ def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[s
     return lines
 
 
+def data_roots(results: SuiteResults) -> list[str]:
+    """Which data folder each group's results were computed on (result.json's data.root)."""
+    ok = results.ok
+    if ok.empty or "data_root" not in ok:
+        return []
+    lines = []
+    for (dataset, backbone), part in ok.groupby(["dataset_name", "backbone_name"], sort=True):
+        roots = sorted({str(r) for r in part["data_root"] if not names.is_missing(r)})
+        if roots:
+            lines.append(f"- {md(dataset)}, {md(backbone)}: data in " + ", ".join(md(r) for r in roots))
+    return lines
+
+
 def tuning_section(results: SuiteResults, written: dict[str, Path], out_dir: Path) -> list[str]:
     from report import tuning
 
     frame = tuning.summary_frame(results.tuning)
     if frame.empty:
         return []
-    lines = ["## Tuning", "", tuning.plan_text(results.tuning), ""]
+    lines = ["## Tuning", "", md(tuning.plan_text(results.tuning)), ""]
     lines += ["| " + " | ".join(map(md, frame.columns)) + " |", "|" + "|".join(["---"] * len(frame.columns)) + "|"]
     lines += ["| " + " | ".join(md(str(v)) for v in row) + " |" for row in frame.itertuples(index=False)]
     lines.append("")

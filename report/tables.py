@@ -153,7 +153,14 @@ def validation_specs(layout: "Layout") -> list["Spec"]:
 
 
 def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+    """A file-name-safe stem; long names (a 300-character label) are cut and keep a hash, so that
+    two long names never share a file and no name exceeds the file system's limit."""
+    stem = re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "x"
+    if len(stem) > 60:
+        import hashlib
+
+        stem = stem[:50].rstrip("-") + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return stem
 
 
 def decimals(column: Column) -> int:

@@ -27,14 +27,14 @@ def _partial(sig: Significance, key, unit: str, other: str, n: int) -> str:
     return f", on {n} of {most} seeds" if n < most else ""
 
 
-def _listing(sig: Significance, key, unit: str, rows, margin: float) -> str:
+def _listing(sig: Significance, key, unit: str, rows, margin: float, e=str) -> str:
     """``rows`` from ``against(part, unit)``: the others grouped by verdict (theirs against unit)."""
     by: dict[str, list[str]] = {}
     for other, diff, low, high, p_holm, verdict, n in rows:
         if verdict in (BETTER, WORSE):
-            text = f"{other} ({diff:+.1f}, 95% CI {low:+.1f} to {high:+.1f}, p_holm {_fmt_p(p_holm)}"
+            text = f"{e(other)} ({diff:+.1f}, 95% CI {low:+.1f} to {high:+.1f}, p_holm {_fmt_p(p_holm)}"
         else:
-            text = f"{other} ({diff:+.1f}"
+            text = f"{e(other)} ({diff:+.1f}"
         by.setdefault(verdict, []).append(text + _partial(sig, key, unit, other, n) + ")")
     words = {BETTER: "better", WORSE: "worse", EQUIVALENT: f"equivalent within ±{margin:g}",
              NOT_RESOLVED: "not resolved"}
@@ -49,8 +49,10 @@ def _rows(sig: Significance, group: str, metric: str, family: str, unit: str):
     return [(*row, n_of[frozenset((unit, row[0]))]) for row in against(part, unit)], part
 
 
-def sentences(sig: Significance) -> list[str]:
-    """One paragraph per group and metric."""
+def sentences(sig: Significance, escape=str) -> list[str]:
+    """One paragraph per group and metric; ``escape`` is applied to every name from a suite or a
+    result (the report passes Markdown escaping: the paragraph's own emphasis stays)."""
+    e = escape
     if sig.empty:
         return ["No comparisons: fewer than two methods with per-query records in a group."]
     margin = sig.settings.margin
@@ -63,15 +65,15 @@ def sentences(sig: Significance) -> list[str]:
         means = sig.means[key]
         test = part["test"].iloc[0] if not part.empty else stats.TEST_SEEDS
         if power.n < 2:
-            lines.append(f"**{group}, {title}**: the highest mean is {best} ({means[best]:.1f}). Not testable: "
+            lines.append(f"**{e(group)}, {title}**: the highest mean is {e(best)} ({means[best]:.1f}). Not testable: "
                          f"n = {power.n} shared seed per pair of rows; with one run per row, a difference between "
                          "rows cannot be told from run-to-run noise. Run at least 2 seeds (`run_suite.py plan` says "
                          "how many a given difference needs).")
             continue
-        text = (f"**{group}, {title}** (n = {power.n} seeds, {test}; one Holm correction over all "
+        text = (f"**{e(group)}, {title}** (n = {power.n} seeds, {test}; one Holm correction over all "
                 f"{power.family_size} pairs of the group; equivalence within ±{margin:g} points by two one-sided "
-                f"tests): the best row is {best} ({means[best]:.1f}).")
-        text += " Against it (family `best`): " + _listing(sig, key, best, rows, margin) + "."
+                f"tests): the best row is {e(best)} ({means[best]:.1f}).")
+        text += " Against it (family `best`): " + _listing(sig, key, best, rows, margin, e) + "."
         text += " " + power_sentence(power, title)
         for method, unit in sig.references.get(key, {}).items():
             family = f"vs {unit}"
@@ -80,17 +82,61 @@ def sentences(sig: Significance) -> list[str]:
                 continue
             what = ("the backbone as it is: does training help?" if method == "zero_shot"
                     else "can full fine-tuning be dropped?")
-            text += f" Against {unit} ({what} Family `{family}`): " + _listing(sig, key, unit, ref_rows, margin) + "."
+            text += (f" Against {e(unit)} ({what} Family: vs {e(unit)}): "
+                     + _listing(sig, key, unit, ref_rows, margin, e) + ".")
         contrast = sig.family(group, metric, CONTRAST)
         if not contrast.empty:
             size = int(contrast["family_size"].iloc[0])
             items = []
             for r in contrast.itertuples():
-                items.append(f"{r.method_a} vs {r.method_b}: {r.verdict} ({r.diff:+.1f}, 95% CI {r.ci_low:+.1f} to "
+                items.append(f"{e(r.method_a)} vs {e(r.method_b)}: {r.verdict} ({r.diff:+.1f}, 95% CI {r.ci_low:+.1f} to "
                              f"{r.ci_high:+.1f}, p_holm {_fmt_p(r.p_holm)}, n = {r.n_seeds})")
             text += (f" Declared contrasts (planned: family `contrast`, Holm over its {size}): " + "; ".join(items)
                      + ".")
         lines.append(text)
+    return lines
+
+
+def control_lines(sig: Significance, escape=str) -> list[str]:
+    """Each designed control's outcome, per group and metric it applies to, in words: whether the
+    calibrated test found what the design put in (or, for an A/A pair, claimed nothing)."""
+    e = escape
+    lines = []
+    for control in sig.settings.controls:
+        found_any = False
+        for (group, metric), _best in sig.best.items():
+            if control.dataset not in (None, sig.group_dataset.get(group)):
+                continue
+            part = sig.family(group, metric, CONTRAST)
+            rows = part[((part.method_a == control.a) & (part.method_b == control.b))
+                        | ((part.method_a == control.b) & (part.method_b == control.a))]
+            if rows.empty:
+                continue
+            found_any = True
+            r = rows.iloc[0]
+            flip = r.method_a != control.a
+            diff = -r["diff"] if flip else r["diff"]
+            low, high = (-r.ci_high, -r.ci_low) if flip else (r.ci_low, r.ci_high)
+            verdict = {BETTER: WORSE, WORSE: BETTER}.get(r.verdict, r.verdict) if flip else r.verdict
+            seeds = sig.seeds.get((group, metric), {})
+            n = (f"n = {seeds.get(control.a, '?')} + {seeds.get(control.b, '?')} seeds" if r.test == stats.TEST_WELCH
+                 else f"n = {r.n_seeds} seeds")
+            numbers = (f"{e(control.a)} minus {e(control.b)} {diff:+.1f} points, 95% CI {low:+.1f} to {high:+.1f}, "
+                       f"p {_fmt_p(r.p)}, p_holm {_fmt_p(r.p_holm)}; {r.test}, {n}")
+            where = f"{e(group)}, {METRICS[metric]}"
+            if control.kind == "negative":
+                ok = verdict not in (BETTER, WORSE)
+                what = (f"A/A control: no difference ({verdict})" if ok
+                        else f"A/A control: called {verdict}: a false positive of the procedure or a real difference "
+                             "between runs that should be equal")
+            else:
+                ok = verdict == BETTER
+                what = (f"positive control: {e(control.a)} better than {e(control.b)}" if ok
+                        else f"positive control not found: {verdict}")
+            lines.append(f"{where}: {what} ({numbers}). {'As designed.' if ok else 'NOT as designed.'}")
+        if not found_any:
+            lines.append(f"{control.kind} control {e(control.a)} vs {e(control.b)}: the report has no group with "
+                         "both rows; not tested.")
     return lines
 
 
@@ -210,7 +256,7 @@ def plan_lines(frame: pd.DataFrame, target: float = stats.POWER) -> list[str]:
             lines.append(f"{where}: seed SD unknown (n = {r['n now']}); a pilot of at least 2 seeds per row is needed.")
             continue
         unit = "point" if r["difference"] == 1 else "points"
-        lines.append(f"{where}: seed SD {r['seed SD']:.2f} -> {count(r['seeds'])} seeds for {r['difference']:g} "
-                     f"{unit} at {target:.0%} power ({count(r['seeds with Holm'])} with Holm over the "
-                     f"{r['family size']} of family `{r['family']}`; n now {r['n now']}).")
+        lines.append(f"{where}: seed SD {r['seed SD']:.2f} points, so {count(r['seeds'])} seeds find "
+                     f"{r['difference']:g} {unit} with {target:.0%} power ({count(r['seeds with Holm'])} with Holm over "
+                     f"the {r['family size']} comparisons of family {r['family']}; n now {r['n now']}).")
     return lines

@@ -155,3 +155,47 @@ def test_pretraining_threads_can_be_pinned(monkeypatch):
         pretrain_threads(window_s=0)
     monkeypatch.delenv(PRETRAIN_THREADS_ENV)
     assert pretrain_threads(window_s=0.05) in (1, 2)
+
+
+def test_the_shipped_weights_match_their_recipe_checksum_and_loader(monkeypatch, tmp_path):
+    """bench/assets holds the default recipe's weights: the file's checksum is its record's, the
+    record's recipe is the code's default, and `weights: hub` loads exactly that file, with or
+    without anything in the cache."""
+    monkeypatch.setenv("PEFT_DML_CACHE", str(tmp_path / "empty-cache"))
+    path = demo_weights.shipped_file()
+    assert path.is_file(), "the default recipe changed: run python -m bench.demo_pretrain and ship its weights"
+    record = json.loads(path.with_suffix(".json").read_text())
+    assert record["recipe"] == demo_weights.DEFAULT_RECIPE.to_dict()
+    assert record["version"] == demo_weights.version(demo_weights.DEFAULT_RECIPE)
+    assert record["sha256"] == demo_weights.sha256(path)
+    assert demo_weights.find_weights() == path == demo_weights_path()  # nothing to train
+    saved = load_file(str(path))
+    backbone = create_backbone("demo_vit", weights="hub")
+    assert all(torch.equal(t, saved[name]) for name, t in backbone.state_dict().items())
+
+
+def test_the_far_target_is_defined_by_colour_and_the_near_one_is_not(tmp_path):
+    """The demo's designed-in domain shift: a nearest-centroid classifier on an image's mean
+    colour separates the far classes and not the near ones."""
+    import numpy as np
+    from PIL import Image
+
+    from bench.data import make_synthetic_dataset
+
+    def colour_accuracy(variant: str) -> float:
+        root = make_synthetic_dataset(tmp_path / variant, num_classes=12, images_per_class=8, image_size=36,
+                                      variant=variant)
+        features, labels = [], []
+        for label, folder in enumerate(sorted((root / "images").iterdir())):
+            for image in sorted(folder.iterdir()):
+                pixels = np.asarray(Image.open(image), dtype=np.float64) / 255
+                features.append(np.concatenate([pixels[:4].mean((0, 1)), pixels.mean((0, 1))]))
+                labels.append(label)
+        features, labels = np.array(features), np.array(labels)
+        train = np.arange(len(labels)) % 2 == 0
+        centroids = np.stack([features[train & (labels == c)].mean(0) for c in range(12)])
+        guess = np.argmin(((features[~train, None] - centroids[None]) ** 2).sum(-1), axis=1)
+        return float((guess == labels[~train]).mean())
+
+    far, near = colour_accuracy("far"), colour_accuracy("near")
+    assert far > 0.45 and near < far / 3, (far, near)  # chance: 1/12

@@ -289,8 +289,10 @@ def test_the_demo_page_opens_in_headless_chromium(tmp_path):
     result = browser.check_page(DEMO_PAGE, REPO / "results" / "demo" / "screenshot.png")
     assert result.problems == []
     figures = {p.stem for p in (DEMO_PAGE.parent / "figures").glob("*.png")}
-    methods = [s for s in figures if s.startswith("retrieval_synthetic_")]
-    assert len(methods) == 11  # every row of the demo's table, the random-init control included
-    assert {"attention_synthetic", "proxies_synthetic", "proxies_pca_synthetic", "disagreement_synthetic",
-            "curves_synthetic"} <= figures
+    near = [s for s in figures if s.startswith("retrieval_synthetic_") and not s.startswith("retrieval_synthetic_far_")]
+    far = [s for s in figures if s.startswith("retrieval_synthetic_far_")]
+    assert len(near) == 7 and len(far) == 6  # every row of the demo's tables, the controls included
+    for target in ("synthetic", "synthetic_far"):
+        assert {f"attention_{target}", f"proxies_{target}", f"proxies_pca_{target}", f"disagreement_{target}",
+                f"curves_{target}"} <= figures
     assert result.images >= len(figures)

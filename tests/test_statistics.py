@@ -371,7 +371,7 @@ def test_the_significance_figure_keeps_long_ablation_names_readable(tmp_path):
 
 
 def test_identical_differences_on_every_seed_are_not_a_significant_difference():
-    r = paired_t([0.004, 0.004], margin=0.01)  # discrete hit counts make this common at 2 seeds
+    r = paired_t([0.1 + 0.2 - 0.25, 0.05], margin=0.01)  # equal up to float rounding: common at 2 seeds
     assert not r.testable and np.isnan(r.p) and r.test.startswith("not testable")
     assert stats.verdict(r, float("nan"), float("nan")).startswith("not testable")
 
@@ -414,3 +414,20 @@ def test_report_block_is_validated_and_travels_with_the_results(tmp_path):
     settings = report_settings(load_results(suite_dir))
     assert settings.margin == 0.5 and settings.contrasts == [("A", "B")]
     assert report_settings(load_results(suite_dir), margin=2.0, population="classes").margin == 2.0
+
+
+def test_rows_without_shared_seeds_get_welchs_t_test():
+    a = np.array([0.51, 0.53, 0.50, 0.52, 0.515])
+    b = np.array([0.49, 0.50, 0.505, 0.48, 0.495])
+    r = stats.welch_t(a, b, margin=0.01)
+    reference = scipy_stats.ttest_ind(a, b, equal_var=False)
+    assert r.p == pytest.approx(reference.pvalue) and r.test == stats.TEST_WELCH
+    low, high = reference.confidence_interval(0.95)
+    assert (r.ci_low, r.ci_high) == (pytest.approx(low), pytest.approx(high))
+    from report.significance import decide
+
+    rng = np.random.default_rng(0)
+    values = {"LoRA": {s: (rng.random(300) < 0.5).astype(float) for s in range(5)},
+              "LoRA (replicate)": {s: (rng.random(300) < 0.5).astype(float) for s in range(5, 10)}}
+    (row,), _ = decide(values)
+    assert row["test"] == stats.TEST_WELCH and row["n_seeds"] == 5

@@ -71,6 +71,7 @@ class DatasetSplits:
     query: Split | None  # inshop only
     gallery: Split | None  # inshop only, same class list as query
     num_skipped: int = 0  # empty or undecodable images left out (skip_corrupt=True)
+    fingerprint: str = ""  # of the image list as listed (data_fingerprint): what a result was computed on
 
     def record(self) -> dict:
         """What ``result.json`` keeps of the splits (``data``), so that a wrong split is visible:
@@ -81,7 +82,7 @@ class DatasetSplits:
                          "first_class": split.class_names[0], "last_class": split.class_names[-1]}
                   for name, split in present if split is not None}
         return {"dataset": self.name, "root": self.root, "splits": splits, "lone_queries": self.lone_queries(),
-                "skipped_images": self.num_skipped}
+                "skipped_images": self.num_skipped, "fingerprint": self.fingerprint}
 
     def lone_queries(self) -> int:
         if self.query is not None and self.gallery is not None:
@@ -122,6 +123,7 @@ def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int =
     root = resolve_root(name, data_root, layout)
     parsed = layout.parse(root)
     check_disjoint(parsed, root)
+    fingerprint = fingerprint_entries(parsed, root)
     entries, num_skipped = drop_unreadable(parsed, root, skip_corrupt)
     splits = make_splits(entries, root)
     train, val = carve_validation(splits["train"], val_fraction, seed)
@@ -129,7 +131,32 @@ def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int =
     train = subset_images(train, train_fraction, seed, min_per_class)
     return DatasetSplits(name=name, root=str(root), train=train, val=val,
                          test=splits.get("test"), query=splits.get("query"),
-                         gallery=splits.get("gallery"), num_skipped=num_skipped)
+                         gallery=splits.get("gallery"), num_skipped=num_skipped, fingerprint=fingerprint)
+
+
+def data_fingerprint(name: str, data_root) -> str:
+    """What identifies a dataset's content without reading an image: a hash of every listed
+    image's split, path (relative to the dataset folder), class and size in bytes. A finished
+    result is reused only for data with the same fingerprint (bench.runner)."""
+    if name not in LAYOUTS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
+    layout = LAYOUTS[name]
+    root = resolve_root(name, data_root, layout)
+    return fingerprint_entries(layout.parse(root), root)
+
+
+def fingerprint_entries(entries: dict[str, list[Entry]], root) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    for split in sorted(entries):
+        for path, class_name in entries[split]:
+            try:
+                size = os.stat(path).st_size
+            except OSError:
+                size = -1
+            digest.update(f"{split}\0{os.path.relpath(path, root)}\0{class_name}\0{size}\n".encode())
+    return "sha256:" + digest.hexdigest()[:32]
 
 
 def check_dataset(name: str, data_root) -> None:

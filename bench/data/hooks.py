@@ -34,15 +34,16 @@ def ensure_synthetic_data(data_root) -> Path:
 
 
 def ensure_demo_data(data_root) -> Path:
-    """Write the demo's target dataset into ``<data_root>/synthetic`` unless it is there.
-
-    100 classes of family 0 (ids 0-99: the first 50 train, the last 50 test, as
-    ``load_dataset('synthetic', ...)`` splits them), 20 images each, disjoint from the
-    pretraining classes. Cheap (a few seconds) and idempotent: a finished dataset is reused.
-    """
-    return generate_once(Path(data_root) / "synthetic", num_classes=DEMO_CLASSES,
-                         images_per_class=DEMO_IMAGES_PER_CLASS, image_size=DEMO_IMAGE_SIZE,
-                         seed=0, class_offset=0, family_seed=0)
+    """Write the demo's two target datasets unless they are there: ``<data_root>/synthetic``
+    (*near*: 100 classes of family 0, ids 0-99, disjoint from the pretraining classes) and
+    ``<data_root>/synthetic_far`` (*far*: 100 colour classes of the same family, a factor the
+    pretraining ignored). The first 50 classes train, the last 50 test, as
+    ``load_dataset('synthetic', ...)`` splits them; 20 images each. Cheap (a few seconds) and
+    idempotent: a finished dataset is reused."""
+    common = dict(num_classes=DEMO_CLASSES, images_per_class=DEMO_IMAGES_PER_CLASS, image_size=DEMO_IMAGE_SIZE,
+                  seed=0, class_offset=0, family_seed=0)
+    generate_once(Path(data_root) / "synthetic_far", variant="far", **common)
+    return generate_once(Path(data_root) / "synthetic", **common)
 
 
 def generate_once(root: Path, **arguments) -> Path:

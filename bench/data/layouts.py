@@ -167,6 +167,14 @@ def parse_synthetic(root: Path) -> dict[str, list[Entry]]:
     return split_folders_in_order(root, SYNTHETIC_EXPECTED, count=None)
 
 
+SYNTHETIC_FAR_EXPECTED = ("images/<NNN.name>/*.jpg with at least 2 class folders "
+                          "(write one with: python -m bench.data.synthetic ROOT --variant far)")
+
+
+def parse_synthetic_far(root: Path) -> dict[str, list[Entry]]:
+    return split_folders_in_order(root, SYNTHETIC_FAR_EXPECTED, count=None)
+
+
 # --- index-file layouts ---------------------------------------------------------------------
 
 def read_lines(path: Path) -> list[tuple[int, str]]:
@@ -290,4 +298,5 @@ LAYOUTS: dict[str, Layout] = {
                      official=("In-shop Clothes Retrieval Benchmark", "In-shop_Clothes_Retrieval_Benchmark")),
     "inaturalist": Layout(INAT_EXPECTED, ("Inaturalist_train_set1.txt",), parse_inaturalist),
     "synthetic": Layout(SYNTHETIC_EXPECTED, ("images",), parse_synthetic),
+    "synthetic_far": Layout(SYNTHETIC_FAR_EXPECTED, ("images",), parse_synthetic_far),
 }

@@ -13,6 +13,12 @@ background gradient and pixel noise, position, spread and size of the layout, a 
 the stripe phase, and a few clutter dots. Mean colour therefore says almost nothing about the
 class, while a network that has learnt to see outlines, counts and stripes does well.
 
+The *far* variant (``variant="far"``) turns this around: a class is a pair of colours (the hue
+of the shapes' stripes and the hue of the background, 12 hues, 132 ordered pairs), and every
+factor above is drawn per image from the same family. A backbone pretrained on the near
+classes has learnt to ignore colour and to see outlines, counts and stripes: on far classes its
+features are weak until it is trained (the demo's shifted target domain; README, "The demo").
+
 Classes ``class_offset .. class_offset + num_classes - 1`` pick which combinations are used, so
 two datasets of one family with disjoint class ranges share a visual vocabulary but no class:
 pretraining on one helps metric learning on the other. ``seed`` only changes the per-image
@@ -39,6 +45,8 @@ NUM_PROFILES = 8  # each filled and hollow: 16 shape values
 NUM_LAYOUTS = 12
 ORIENTATIONS_DEG = (0.0, 22.5, 45.0, 67.5, 90.0)
 FREQUENCIES = (3.0, 5.0, 8.0)  # stripe cycles per image width
+FAR_HUES = 12  # far classes: (stripe hue, background hue) pairs of different hues
+VARIANTS = ("near", "far")
 JPEG_QUALITY = 90
 _FAMILY_TAG = 0x5EED  # keeps family draws apart from per-image draws of equal integers
 
@@ -68,10 +76,52 @@ class Family:
     profiles: list[Profile]
     layouts: list[ShapeLayout]
     combinations: np.ndarray  # (num_combinations, 4): shape, layout, orientation, frequency
+    seed: int = 0
 
     @property
     def num_classes(self) -> int:
         return len(self.combinations)
+
+
+@functools.lru_cache(maxsize=8)
+def far_classes(family_seed: int) -> np.ndarray:
+    """(132, 2): the far variant's classes, (stripe hue, background hue), shuffled."""
+    pairs = np.array([(f, b) for f in range(FAR_HUES) for b in range(FAR_HUES) if f != b])
+    rng = np.random.default_rng([_FAMILY_TAG, family_seed, 1])
+    return pairs[rng.permutation(len(pairs))]
+
+
+def render_far_image(family: Family, class_id: int, rng: np.random.Generator, size: int) -> np.ndarray:
+    """One image of far class ``class_id``: its two hues; outline, layout, stripes drawn per image."""
+    import colorsys
+
+    stripe_hue, background_hue = far_classes_for(family)[class_id]
+    coords = (np.arange(size) + 0.5) / size - 0.5
+    x, y = np.meshgrid(coords, coords)
+    shape = int(rng.integers(2 * NUM_PROFILES))
+    layout = family.layouts[int(rng.integers(NUM_LAYOUTS))]
+    coverage = _layout_coverage(family, shape, layout, rng, x, y, size)
+    stripes = _stripes(float(rng.uniform(0, 90)), float(rng.choice(FREQUENCIES)), rng, x, y)
+
+    def colour(hue_index: int, value: float) -> np.ndarray:
+        hue = (hue_index + rng.normal(0, 0.08)) / FAR_HUES % 1.0
+        return np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.65, 0.95), value))
+
+    dark, light = colour(stripe_hue, rng.uniform(0.3, 0.5)), colour(stripe_hue, rng.uniform(0.8, 1.0))
+    if rng.random() < 0.5:
+        dark, light = light, dark
+    foreground = dark * (1 - stripes[..., None]) + light * stripes[..., None]
+    gradient = rng.normal(0, 0.15, size=2)
+    background = colour(background_hue, rng.uniform(0.5, 0.9)) + (x * gradient[0] + y * gradient[1])[..., None]
+    image = background * (1 - coverage[..., None]) + foreground * coverage[..., None]
+    image = _add_clutter(image, rng, x, y, size)
+    image = image * rng.uniform(0.9, 1.1) + rng.uniform(-0.05, 0.05)
+    image = image + rng.normal(0, 0.035, size=image.shape)
+    return (np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def far_classes_for(family: Family) -> np.ndarray:
+    return far_classes(family.seed)
 
 
 @functools.lru_cache(maxsize=8)
@@ -85,7 +135,7 @@ def make_family(family_seed: int) -> Family:
     )
     combinations = np.stack([g.ravel() for g in grids], axis=1)
     # Shuffled so that a run of consecutive class ids covers the factor values evenly.
-    return Family(profiles, layouts, combinations[rng.permutation(len(combinations))])
+    return Family(profiles, layouts, combinations[rng.permutation(len(combinations))], family_seed)
 
 
 def _random_profile(rng: np.random.Generator) -> Profile:
@@ -188,6 +238,7 @@ def make_synthetic_dataset(
     seed: int = 0,
     class_offset: int = 0,
     family_seed: int = 0,
+    variant: str = "near",
 ) -> Path:
     """Write ``root/images/NNN.class_XXXX/*.jpg`` and ``root/README.txt``; return ``root``.
 
@@ -197,12 +248,15 @@ def make_synthetic_dataset(
     """
     root = Path(root)
     family = make_family(family_seed)
-    _check_arguments(num_classes, images_per_class, image_size, class_offset, family)
-    readme = _readme(num_classes, images_per_class, image_size, seed, class_offset, family_seed)
+    if variant not in VARIANTS:
+        raise DataError(f"synthetic dataset: variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+    _check_arguments(num_classes, images_per_class, image_size, class_offset,
+                     len(far_classes(family_seed)) if variant == "far" else family.num_classes)
+    readme = _readme(num_classes, images_per_class, image_size, seed, class_offset, family_seed, variant)
     if _already_written(root, readme):
         return root
 
-    jobs = [(root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed)
+    jobs = [(root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed, variant)
             for index in range(num_classes)]
     # Every image has its own seed, so classes can be drawn in any order, in parallel, with
     # the same bytes: 16,000 demo source images took 27 s in one process on 2 cores. Threads
@@ -225,7 +279,8 @@ def make_synthetic_dataset(
 
 
 def _write_class(job) -> None:
-    root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed = job
+    root, index, num_classes, images_per_class, image_size, seed, class_offset, family_seed, variant = job
+    render = render_far_image if variant == "far" else render_image
     family = make_family(family_seed)  # cached per process
     index_width = max(3, len(str(num_classes)))
     id_width = max(4, len(str(class_offset + num_classes - 1)))
@@ -233,27 +288,30 @@ def _write_class(job) -> None:
     folder = root / "images" / f"{index + 1:0{index_width}d}.class_{class_id:0{id_width}d}"
     folder.mkdir(parents=True, exist_ok=True)
     for image_index in range(images_per_class):
-        rng = np.random.default_rng([seed, family_seed, class_id, image_index])
-        pixels = render_image(family, class_id, rng, image_size)
+        # the far variant's draws are kept apart from the near variant's of equal integers
+        rng = np.random.default_rng([seed, family_seed, class_id, image_index] + ([2] if variant == "far" else []))
+        pixels = render(family, class_id, rng, image_size)
         path = folder / f"{class_id:0{id_width}d}_{image_index:04d}.jpg"
         Image.fromarray(pixels).save(path, quality=JPEG_QUALITY)
 
 
-def _check_arguments(num_classes, images_per_class, image_size, class_offset, family) -> None:
+def _check_arguments(num_classes, images_per_class, image_size, class_offset, available: int) -> None:
     if num_classes < 1 or images_per_class < 1:
         raise DataError(f"synthetic dataset: num_classes ({num_classes}) and images_per_class "
                         f"({images_per_class}) must be at least 1")
     if image_size < 16:
         raise DataError(f"synthetic dataset: image_size {image_size} is too small to draw shapes; "
                         "use at least 16")
-    if class_offset < 0 or class_offset + num_classes > family.num_classes:
+    if class_offset < 0 or class_offset + num_classes > available:
         raise DataError(f"synthetic dataset: classes {class_offset}..{class_offset + num_classes - 1} "
-                        f"requested, but a family has {family.num_classes} classes (ids 0.."
-                        f"{family.num_classes - 1})")
+                        f"requested, but this variant of a family has {available} classes (ids 0.."
+                        f"{available - 1})")
 
 
-def _readme(num_classes, images_per_class, image_size, seed, class_offset, family_seed) -> str:
-    return (
+def _readme(num_classes, images_per_class, image_size, seed, class_offset, family_seed, variant="near") -> str:
+    far = ("variant: far (a class is a pair of hues: stripes and background; outline, layout and\n"
+           "stripes are drawn per image)\n\n") if variant == "far" else ""
+    return far + (
         "Synthetic metric-learning dataset written by bench.data.synthetic "
         "(python -m bench.data.synthetic --help).\n\n"
         f"generator_version: {GENERATOR_VERSION}\n"
@@ -295,12 +353,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="per-image nuisance draws")
     parser.add_argument("--class-offset", type=int, default=0, help="first class id of the family")
     parser.add_argument("--family-seed", type=int, default=0, help="the shared visual vocabulary")
+    parser.add_argument("--variant", choices=VARIANTS, default="near",
+                        help="near: classes by outline, layout and stripes; far: classes by colour")
     args = parser.parse_args(argv)
     try:
         root = make_synthetic_dataset(
             args.root, num_classes=args.classes, images_per_class=args.per_class,
             image_size=args.size, seed=args.seed, class_offset=args.class_offset,
-            family_seed=args.family_seed,
+            family_seed=args.family_seed, variant=args.variant,
         )
     except DataError as error:
         print(f"error: {error}", file=sys.stderr)
