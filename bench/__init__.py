@@ -2,7 +2,7 @@
 (bench/reuse.py); they are imported on first use, so ``import bench`` stays torch-free for the
 reporter."""
 
-__all__ = ["load_cell", "load_exported"]
+__all__ = ["load_cell", "load_exported", "export_transform"]
 
 
 def __getattr__(name: str):

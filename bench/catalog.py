@@ -40,12 +40,36 @@ DATASETS: dict[str, DatasetInfo] = {info.name: info for info in (
     DatasetInfo("synthetic_far", "Synthetic (far)", (1, 2, 4, 8), (1, 2, 4)),
 )}
 DATASET_NAMES = tuple(DATASETS)
+# Your own images: `folder:NAME` (<data_root>/NAME/<class>/*.jpg) or `csv:NAME` (<data_root>/NAME/
+# index.csv with label, path, split[, is_query, is_gallery]); NAME shows in tables and cell ids.
+OWN_KINDS = ("folder", "csv")
+OWN_KS = (1, 2, 4, 8)
+_OWN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def own_dataset(name: str) -> tuple[str, str] | None:
+    """``("folder", "flowers")`` for ``folder:flowers``; None for a catalog name or a malformed one."""
+    kind, sep, own = str(name).partition(":")
+    if sep and kind in OWN_KINDS and _OWN_NAME.match(own):
+        return kind, own
+    return None
+
+
+def is_dataset(name: str) -> bool:
+    return name in DATASETS or own_dataset(name) is not None
 
 
 def dataset(name: str) -> DatasetInfo:
+    own = own_dataset(name)
+    if own is not None:
+        return DatasetInfo(name, own[1], OWN_KS, OWN_KS[:3])
     if name not in DATASETS:
+        kind, sep, rest = str(name).partition(":")
+        if sep and kind in OWN_KINDS:
+            raise CatalogError(f"dataset {name!r}: after '{kind}:' give a name of letters, digits, '.', '_' or '-' "
+                               "(it shows in tables and cell ids), e.g. folder:flowers")
         raise CatalogError(f"unknown dataset {name!r}{closest(name, DATASETS)}; choose one of "
-                           f"{', '.join(DATASETS)}")
+                           f"{', '.join(DATASETS)}, or your own images as folder:NAME or csv:NAME")
     return DATASETS[name]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.catalog import DATASET_NAMES as DATASETS
+from bench.catalog import is_dataset
 from bench.catalog import closest, method_trains
 from bench.errors import UserError
 
@@ -136,9 +137,10 @@ class CellConfig:
 
         for f in dataclasses.fields(self):
             _check_range(f, getattr(self, f.name), fail)
-        if self.dataset not in DATASETS:
+        if not is_dataset(self.dataset):
             fail("dataset", f"unknown dataset {self.dataset!r}{closest(self.dataset, DATASETS)}; "
-                            f"choose one of {', '.join(DATASETS)}")
+                            f"choose one of {', '.join(DATASETS)}, or your own images as folder:NAME or csv:NAME "
+                            "(README, Your own dataset)")
         for name, choices in (("optimizer", OPTIMIZERS), ("selection", SELECTIONS),
                               ("loss_positive_average", POSITIVE_AVERAGING), ("init", INITS), ("output", OUTPUTS)):
             value = getattr(self, name)

@@ -19,15 +19,13 @@ from bench.config import CellConfig
 def _current(dataset: str, data_root: str | None) -> tuple[str | None, str | None]:
     """(the dataset folder this config reads, its fingerprint); (None, None) when the data is
     not visible here (a login node without the data: then nothing can be compared)."""
-    from bench.data.datasets import fingerprint_entries
+    from bench.data.datasets import dataset_root, fingerprint_entries
     from bench.data.errors import DataError
-    from bench.data.layouts import LAYOUTS, resolve_root
 
-    if data_root is None or dataset not in LAYOUTS:
+    if data_root is None:
         return None, None
     try:
-        layout = LAYOUTS[dataset]
-        root = resolve_root(dataset, data_root, layout)
+        root, layout = dataset_root(dataset, data_root)
         return os.path.realpath(root), fingerprint_entries(layout.parse(root), root)
     except (DataError, OSError):
         return None, None
@@ -45,7 +43,8 @@ def data_mismatch(result: dict[str, Any], config: CellConfig, *, content: bool =
     if content:
         new_root, fingerprint = _current(config.dataset, config.data_root)
     else:
-        new_root, fingerprint = (os.path.realpath(os.path.join(config.data_root, config.dataset))
+        folder = config.dataset.partition(":")[2] or config.dataset  # folder:NAME reads NAME/
+        new_root, fingerprint = (os.path.realpath(os.path.join(config.data_root, folder))
                                  if config.data_root else None), None
     if old_root and new_root and os.path.realpath(old_root) != new_root and not (
             not content and os.path.realpath(old_root) == os.path.realpath(config.data_root or "")):

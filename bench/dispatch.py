@@ -305,25 +305,75 @@ def _run_one(cell: Cell, suite_dir: Path, fresh: bool, on_event: Listener = igno
     return "failed", str(result["reason"])
 
 
-def _run_parallel(cells: list[Cell], suite_dir: Path, fresh: bool, on_event: Listener, jobs: int) -> int:
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+def _cell_worker(cell: Cell, suite_dir: Path, fresh: bool, conn) -> None:
+    """One cell in a process of its own; its (status, detail) goes back through ``conn``."""
+    try:
+        conn.send(_run_one(cell, suite_dir, fresh))
+    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says what stopped
+        pass
+    finally:
+        conn.close()
 
-    failed = 0
+
+def _exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        why = " (out of memory, or killed by hand)" if name == "SIGKILL" else ""
+        return f"killed by {name}{why}"
+    return f"exit code {code}"
+
+
+def _run_parallel(cells: list[Cell], suite_dir: Path, fresh: bool, on_event: Listener, jobs: int) -> int:
+    """At most ``jobs`` cells at once, one spawned process each. A process that dies (killed, out
+    of memory) fails its own cell only; Ctrl-C stops the run: no new cell starts, the running
+    ones are stopped (they resume from their last checkpoint), and the event says which."""
+    import multiprocessing
+    from multiprocessing.connection import wait
+
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
-        futures = {}
-        for cell in cells:
-            on_event({"event": "cell_begin", "name": cell_name(cell)})
-            futures[pool.submit(_run_one, cell, suite_dir, fresh)] = cell
-        for future in as_completed(futures):
-            cell = futures[future]
-            try:
-                status, detail = future.result()
-            except Exception as e:  # the worker process died (killed, out of memory)
-                status, detail = "failed", f"worker process ended: {type(e).__name__}: {e}"
-            failed += status == "failed"
-            on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
+    pending = list(cells)
+    running: dict[Any, tuple[Cell, Any]] = {}
+    failed = 0
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                cell = pending.pop(0)
+                receive, send = context.Pipe(duplex=False)
+                process = context.Process(target=_cell_worker, args=(cell, suite_dir, fresh, send), daemon=True)
+                process.start()
+                send.close()
+                running[process] = (cell, receive)
+                on_event({"event": "cell_begin", "name": cell_name(cell)})
+            wait([p.sentinel for p in running], timeout=5.0)
+            for process in [p for p in running if not p.is_alive()]:
+                cell, receive = running.pop(process)
+                process.join()
+                try:
+                    status, detail = receive.recv() if receive.poll() else (None, None)
+                except (EOFError, OSError):
+                    status, detail = None, None
+                receive.close()
+                if status is None:
+                    status, detail = "failed", (f"its worker process ended without a result ({_exit_text(process.exitcode)}); "
+                                                "rerun to resume it from its last checkpoint")
+                failed += status == "failed"
+                on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
+    except KeyboardInterrupt:
+        stopped = [cell for cell, _ in running.values()]
+        for process in running:
+            process.join(timeout=10)  # Ctrl-C reached them too; give them a moment to stop
+            if process.is_alive():
+                process.terminate()
+                process.join(timeout=10)
+        names = ", ".join(cell_name(c) for c in stopped) or "none"
+        on_event({"event": "note", "text": f"interrupted: {len(stopped)} running cells stopped ({names}; they resume "
+                                           f"from their last checkpoint when rerun), {len(pending)} not started"})
+        raise
     return failed
 
 

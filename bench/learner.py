@@ -84,10 +84,19 @@ def count_parameters(backbone: str, num_classes: int, embedding_size: int, metho
     for name in methods:
         accepted = method_arguments(name)
         args = {k: v for k, v in method_args.items() if k in accepted}
-        torch.manual_seed(0)
-        config = CellConfig(backbone=backbone, weights=None, embedding_size=embedding_size, method=name,
-                            method_args=args)
-        learner = build_learner(config, num_classes, backbone=copy.deepcopy(base))
+        from methods.base import DepthError
+
+        while True:  # a default depth deeper than a small backbone shrinks to fit it (said in the row)
+            torch.manual_seed(0)
+            config = CellConfig(backbone=backbone, weights=None, embedding_size=embedding_size, method=name,
+                                method_args=args)
+            try:
+                learner = build_learner(config, num_classes, backbone=copy.deepcopy(base))
+                break
+            except DepthError as e:
+                if e.argument in method_args:  # the user's own value: their error to see
+                    raise
+                args = {**args, e.argument: e.blocks}
         counts = parameter_counts(learner)
         values = {spec.name: args.get(spec.name, spec.default) for spec in method_arg_specs(name)}
         changed = {k: v for k, v in values.items() if v != accepted.get(k)}

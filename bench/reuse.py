@@ -100,22 +100,31 @@ def load_cell(cell_dir: str | Path, device: str | torch.device = "cpu") -> torch
 # --- embeddings ----------------------------------------------------------------------------
 
 def image_folder_split(folder: str | Path):
-    """Every image under ``folder`` (recursively), labelled by its parent folder's name in sorted
-    order: ``folder/<class>/*.jpg`` gives class labels, a flat folder gives label 0 to all."""
-    from bench.data import Split
-    from bench.data.layouts import IMAGE_EXTENSIONS
+    """The images of ``folder`` by the rule ``folder:NAME`` datasets use (bench.data.own): one
+    folder per class, natural order, nested folders an error; a flat folder of images is one
+    class (label 0). Symlinked class folders are followed, as in training."""
+    from bench.data import DataError, Split
+    from bench.data.own import folder_classes, image_extensions, natural_key
 
     folder = Path(folder)
     if not folder.is_dir():
         raise CellLoadError(f"{folder}: not a folder of images")
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-                   and not p.name.startswith("."))
-    if not paths:
-        raise CellLoadError(f"{folder}: no images ({', '.join(IMAGE_EXTENSIONS)}) found")
-    classes = sorted({str(p.parent.relative_to(folder)) for p in paths})
-    index = {name: i for i, name in enumerate(classes)}
-    return Split([str(p) for p in paths], np.array([index[str(p.parent.relative_to(folder))] for p in paths]),
-                 classes)
+    extensions = image_extensions()
+    flat = sorted(str(p) for p in folder.iterdir() if p.is_file() and p.suffix.lower() in extensions
+                  and not p.name.startswith("."))
+    subfolders = [p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    if flat and not subfolders:
+        flat.sort(key=lambda p: natural_key(Path(p).name))
+        return Split(flat, np.zeros(len(flat), dtype=np.int64), [folder.name])
+    try:
+        classes = folder_classes(folder)
+    except DataError as e:
+        raise CellLoadError(str(e)) from None
+    if not classes:
+        raise CellLoadError(f"{folder}: no images (extensions Pillow opens: {', '.join(extensions[:8])}, ...) found")
+    paths = [path for _, images in classes for path in images]
+    labels = np.concatenate([np.full(len(images), i, dtype=np.int64) for i, (_, images) in enumerate(classes)])
+    return Split(paths, labels, [name for name, _ in classes])
 
 
 def embed(cell_dir: str | Path, *, images: str | Path | None = None, split: str | None = None,
@@ -173,11 +182,37 @@ def export_cell(cell_dir: str | Path, out: str | Path) -> Path:
             "image_size": image_cfg.image_size, "mean": list(image_cfg.mean), "std": list(image_cfg.std),
             "embedding_size": config.embedding_size, "output": config.output, "trained_method": config.method,
             "method": method, "method_args": method_args, "num_classes": int(result["data"]["splits"]["train"]["classes"]),
-            "init": config.init, "identity_hash": result["identity_hash"]}
+            "init": config.init, "identity_hash": result["identity_hash"],
+            # the evaluation transform the cell's numbers were computed with (``export_transform``)
+            "preprocess": {"resize": round(image_cfg.image_size * 256 / 224), "center_crop": image_cfg.image_size,
+                           "interpolation": _interpolation_of(config, image_cfg), "mean": list(image_cfg.mean),
+                           "std": list(image_cfg.std), "jpeg_draft": config.jpeg_draft}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(state, metadata={"export": json.dumps(info, sort_keys=True)}))
     return out
+
+
+def _interpolation_of(config: CellConfig, image_cfg) -> str:
+    from bench.train import eval_interpolation
+
+    return eval_interpolation(config, image_cfg)
+
+
+def export_transform(model_or_info):
+    """The evaluation transform of an exported model (``load_exported(...)`` or its
+    ``export_info``): resize the short side to ``round(size * 256 / 224)``, centre-crop ``size``,
+    the cell's interpolation, then normalise with its mean and std. Embeddings of images prepared
+    any other way differ from the ones the cell was scored with (cosine about 0.97 with a plain
+    resize)."""
+    from bench.data.transforms import build_transforms
+
+    info = getattr(model_or_info, "export_info", model_or_info)
+    pre = info.get("preprocess")
+    if pre is None:  # an export of an older version: the default the engine used
+        return build_transforms(info["image_size"], info["mean"], info["std"], train=False)
+    return build_transforms(pre["center_crop"], pre["mean"], pre["std"], train=False,
+                            interpolation=pre["interpolation"])
 
 
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:

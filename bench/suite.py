@@ -158,7 +158,7 @@ class Suite:
 
     def _tuned(self, grid_cells: list[Cell], data_root, results_dir):
         """Stage 1 (trials) and stage 2 (winners) of equal-budget tuning, from the grid's cells."""
-        from bench.results import RESULT_FILE, ResultError, read_result
+        from bench.results import RESULT_FILE, ResultError, config_hash, read_result
 
         plan = self.tune
         groups: dict[str, list[Cell]] = {}
@@ -175,9 +175,12 @@ class Suite:
             trial_records = []
             for t, point in enumerate(points):
                 scores: list[float | None] | None = []
+                # a trial is named by its values, not its position: a space that grows by one value
+                # (which reshuffles the sampler's order) reruns no trial already done
+                trial_id = "p" + config_hash(point)
                 for seed in plan.seeds:
                     key = {**{k: v for k, v in base.key.items() if k != "seed"}, "seed": seed, "stage": "trial",
-                           "trial": t}
+                           "trial": trial_id}
                     config = self._with(base, {**point, "seed": seed, "val_fraction": plan.val_fraction,
                                                "selection": "last", "evaluate_test": False})
                     cell = Cell(self.name, key, config, make_cell_id(key, config.identity()), base.resources)
@@ -185,7 +188,7 @@ class Suite:
                     if scores is not None:
                         score = _trial_score(results_dir, cell, plan.metric, read_result, RESULT_FILE, ResultError)
                         scores = None if score == "pending" else scores + [score]
-                trial_records.append({"trial": t, "params": point, "scores": scores})
+                trial_records.append({"trial": t, "id": trial_id, "params": point, "scores": scores})
             group_key = {k: v for k, v in base.key.items() if k != "seed"}
             best = winner(trial_records, plan.metric) if points else {"trial": None, "params": {}}
             tuning.append({"key": group_key, "space": {p.name: p.describe() for p in params},
@@ -606,9 +609,9 @@ def _settings(raw: Any, where: str, fail) -> dict[str, Any]:
 
 def _check_value(name: str, value: Any, where: str, fail) -> None:
     """Names the file and field for a bad dataset or backbone; types are CellConfig's job."""
-    if name == "dataset" and value not in DATASETS:
-        raise fail(where, f"unknown dataset {value!r}{closest(value, DATASETS)}; "
-                          f"choose one of {', '.join(DATASETS)}")
+    if name == "dataset" and not (isinstance(value, str) and catalog.is_dataset(value)):
+        raise fail(where, f"unknown dataset {value!r}{closest(str(value), DATASETS)}; "
+                          f"choose one of {', '.join(DATASETS)}, or your own images as folder:NAME or csv:NAME")
     if name == "backbone" and (not isinstance(value, str) or not value.strip()):
         # any timm name is accepted here; whether timm knows it is checked with the methods
         # (run, --dry-run), where torch is loaded anyway

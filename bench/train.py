@@ -154,8 +154,11 @@ def load_splits(config: CellConfig):
                                  min_per_class=config.samples_per_class)
 
 
-def _interpolation(config: CellConfig, image_cfg) -> str:
+def eval_interpolation(config: CellConfig, image_cfg) -> str:
     return image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
+
+
+_interpolation = eval_interpolation
 
 
 def eval_transforms(config: CellConfig, image_cfg):
@@ -211,11 +214,28 @@ class SplitEvaluation:
     gallery_labels: np.ndarray | None = None
 
 
+def check_embeddings(embeddings: np.ndarray, split: str) -> None:
+    """A model whose embeddings are all (nearly) equal, zero or non-finite ranks by index order
+    alone: its R@K would be the tie rule's, not the model's (a diverged tuning trial once won
+    that way). Such a cell fails with the reason instead of reporting it."""
+    if not np.isfinite(embeddings).all():
+        raise CellFailure(f"the {split} embeddings hold non-finite values: the model diverged")
+    scale = float(np.abs(embeddings).max(initial=0.0))
+    spread = float(embeddings.std(axis=0).max(initial=0.0)) if len(embeddings) > 1 else scale
+    if scale < 1e-12 or spread <= 1e-6 * scale:
+        raise CellFailure(f"degenerate {split} embeddings: every image gets the same embedding (largest per-"
+                          f"dimension SD {spread:.3g}, largest value {scale:.3g}); distances all tie, so R@K "
+                          "would only reflect the order of the images. The model collapsed: a lower learning "
+                          "rate usually helps")
+
+
 def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitEvaluation | None:
     """R@K and MAP@R of one split; In-Shop (query/gallery) when ``name == 'test'`` and it has them."""
     if name == "test" and loaders.get("query") is not None:
         q, ql = compute_embeddings(learner.model, loaders["query"], device, amp_dtype)
         g, gl = compute_embeddings(learner.model, loaders["gallery"], device, amp_dtype)
+        check_embeddings(q, "query")
+        check_embeddings(g, "gallery")
         metrics, per_query = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl,
                                                return_per_query=True)
         return SplitEvaluation(metrics, per_query, q, ql, g, gl)
@@ -223,6 +243,7 @@ def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitE
     if loader is None:
         return None
     emb, labels = compute_embeddings(learner.model, loader, device, amp_dtype)
+    check_embeddings(emb, name)
     if name == "val":  # a small validation split cannot have SOP's R@1000: report the Ks it has
         ks = [k for k in ks if k < len(labels)] or [1]
     metrics, per_query = retrieval_metrics(emb, labels, ks, return_per_query=True)

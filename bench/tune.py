@@ -19,11 +19,13 @@ A suite's ``tune:`` section::
 
 Stage 1: for each method (each cell of the grid without its seed), ``budget`` trial cells
 (key ``stage: trial``, ``trial: i``) trained on the training classes minus the validation ones.
-Stage 2: once a method's trials have all ended, its winner (best mean validation metric; ties
-go to the lower trial) is retrained on the full training classes for the suite's seeds (key
+Stage 2: once a method's trials have all ended, its winner (best mean validation metric; a tie
+goes to the trial the sampler asked for first, and the tuning table says so) is retrained on the full training classes for the suite's seeds (key
 ``stage: final``) and evaluated on the test split once. Methods with nothing to tune (zero_shot,
 or an empty space) go straight to stage 2. Trial parameters come from Optuna's samplers asked in
-order (ask without tell): the same suite file always gives the same trials.
+order (ask without tell): the same suite file always gives the same trials. A trial cell is named
+by a hash of its values (key ``trial: p<hash>``), not by its position: adding a value to a space
+reruns only the trials whose values are new.
 
 ``tuning.json`` in the suite's results folder records the plan, the trials and the winners, for
 the reporter (which never imports this module).
@@ -191,8 +193,11 @@ def winner(trials: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
     None while a trial has not ended, or when every trial failed."""
     if any(t["scores"] is None for t in trials):
         return None
-    scored = [t for t in trials if t["scores"] and all(s is not None for s in t["scores"])]
+    # a NaN score (a result that says nothing) never wins a max: such a trial counts as failed
+    scored = [t for t in trials if t["scores"] and all(s is not None and s == s for s in t["scores"])]
     if not scored:
         return None
-    best = max(scored, key=lambda t: (sum(t["scores"]) / len(t["scores"]), -t["trial"]))
-    return {**best, "mean": sum(best["scores"]) / len(best["scores"]), "metric": metric}
+    mean = {id(t): sum(t["scores"]) / len(t["scores"]) for t in scored}
+    best = max(scored, key=lambda t: (mean[id(t)], -t["trial"]))
+    tied = [t["trial"] for t in scored if t is not best and mean[id(t)] == mean[id(best)]]
+    return {**best, "mean": mean[id(best)], "metric": metric, "tied_with": tied}

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                    help="keep cells whose grid key matches, repeatable")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--max-cells", type=int, default=None)
+    p.add_argument("--max-cells", type=int, default=None, metavar="N",
+                   help="run (or submit) at most N cells in all, then stop; rerun to go on")
     p.add_argument("--rerun-failed", action="store_true")
     p.add_argument("--fresh", action="store_true", help="rerun finished cells too")
     p.add_argument("--out", default="results")

@@ -5,8 +5,20 @@ import shlex
 from pathlib import Path
 
 from bench.artifacts import npy_bytes
-from bench.results import atomic_write_bytes
+from bench.errors import UserError
+from bench.results import RESULT_FILE, atomic_write_bytes
 from cli.console import make_console
+
+
+def check_out(out: Path, option: str = "--out") -> Path:
+    """Refuse an output inside a cell folder (any folder holding a result.json, up the tree):
+    writing there could overwrite the cell's result or weights, which no rerun brings back."""
+    resolved = out.expanduser().resolve()
+    for folder in [resolved.parent, *resolved.parent.parents]:
+        if (folder / RESULT_FILE).is_file():
+            raise UserError(f"{option} {out}: inside the cell folder {folder}, whose files (result.json, "
+                            "trainable.safetensors, ...) it could overwrite; write it elsewhere")
+    return out
 
 
 def labels_path(out: Path) -> Path:
@@ -16,6 +28,8 @@ def labels_path(out: Path) -> Path:
 def cmd_embed(args) -> int:
     from bench.reuse import embed
 
+    check_out(Path(args.out))
+    check_out(labels_path(Path(args.out)))
     embeddings, labels = embed(args.cell_dir, images=args.images, split=args.split, data_root=args.data_root,
                                device=args.device)
     out = Path(args.out)
@@ -34,6 +48,7 @@ def cmd_embed(args) -> int:
 def cmd_export(args) -> int:
     from bench.reuse import export_cell
 
+    check_out(Path(args.out))
     out = export_cell(args.cell_dir, args.out)
     console = make_console()
     console.print(f"{out}: {out.stat().st_size / 2**20:.1f} MiB, the whole embedding model", highlight=False)

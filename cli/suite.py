@@ -33,6 +33,7 @@ def cmd_run(args) -> int:
         cells = suite.select(plan.cells, args.only) if args.only else plan.cells
         states = dispatch.collect_states(cells, suite_dir)
         if args.dry_run:
+            dispatch.check_suite_folder(suite_dir, suite)  # the real run would refuse a name another file owns
             print_table(console, grid_table(suite, cells, states, hyperparameters=True))
             console.print(totals_line(states) + waiting_text(plan))
             if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
@@ -45,8 +46,8 @@ def cmd_run(args) -> int:
                                                                          content=not args.no_data_check)
         todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
         todo = [c for c in todo if c.cell_id not in done_before]  # a stage runs its cells once per call
-        if args.max_cells is not None:
-            todo = todo[: max(args.max_cells, 0)]
+        if args.max_cells is not None:  # in total over the stages of this call, not per stage
+            todo = todo[: max(args.max_cells - len(done_before), 0)]
         if not done_before:
             for reason, count in skipped.items():
                 console.print(f"{count} cells {reason}")
@@ -98,7 +99,9 @@ def _submit(console, suite: Suite, todo: list[Cell], suite_dir: Path, executor: 
         states = dispatch.collect_states(todo, suite_dir)
         console.print(totals_line(states))
         return 0 if all(s.state == "done" for s in states.values()) else 1
-    follow = f"python run_suite.py status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
+    # in a checkout the script beside it; an installed package has the console script
+    program = "python run_suite.py" if Path("run_suite.py").is_file() else "peft-dml"
+    follow = f"{program} status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
     arrays = ", ".join(dict.fromkeys(j.job_id.split("_")[0] for j in jobs))
     console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job array {arrays} "
                   f"(logs in {suite_dir / dispatch.SUBMITIT_DIR}); follow with: {follow}", highlight=False)
@@ -118,10 +121,17 @@ def cmd_status(args) -> int:
     console = make_console()
     suite = load_suite(args.suite, check_methods=False)  # no torch: status runs anywhere
     suite_dir = Path(args.out).resolve() / suite.name
+    if not suite_dir.is_dir():
+        console.print(f"{suite.name}: no results yet ({suite_dir} does not exist); start it with "
+                      f"`run {args.suite}`", highlight=False, markup=False)
     plan = suite.plan(results_dir=suite_dir)
     states = dispatch.collect_states(plan.cells, suite_dir)
     print_table(console, grid_table(suite, plan.cells, states, hyperparameters=False))
     console.print(totals_line(states) + waiting_text(plan))
+    if suite.tune is not None and plan.tuning and not plan.waiting:
+        finals = [c for c in plan.cells if c.key.get("stage") == "final"]
+        if finals and any(states[c.cell_id].state == "pending" for c in finals):
+            console.print("trials done: rerun `run` to start the final cells", highlight=False, markup=False)
     return 0
 
 

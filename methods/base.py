@@ -56,10 +56,18 @@ class Component:
         raise NotImplementedError
 
 
+class DepthError(MethodError):
+    """A depth-like argument larger than the backbone: ``describe`` shrinks defaults to fit."""
+
+    def __init__(self, argument: str, value: int, blocks: int):
+        super().__init__(f"method_args: {argument}={value} but the backbone has {blocks} blocks")
+        self.argument, self.blocks = argument, blocks
+
+
 def require_blocks(backbone, argument: str, value: int) -> None:
     """A depth-like argument (counted in blocks) must fit the backbone."""
     if value > len(backbone.blocks):
-        raise MethodError(f"method_args: {argument}={value} but the backbone has {len(backbone.blocks)} blocks")
+        raise DepthError(argument, value, len(backbone.blocks))
 
 
 class Method:

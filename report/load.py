@@ -91,7 +91,7 @@ def load_suite(suite_dir: str | Path, skip: frozenset[str] = NOT_CELLS) -> Suite
         seen.update({row["cell_id"], cell_dir.name})
     for cell_id, key in expected.items():
         if cell_id not in seen:
-            rows.append(missing_row(cell_id, key, "never started: no folder"))
+            rows.append(missing_row(cell_id, key, "no folder: never started, or its folder was deleted"))
             key_lists.append(rows[-1].pop(KEY_NAMES))
 
     # Tuning: trial cells (stage 1) are reported apart; the tables hold the final cells.

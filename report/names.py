@@ -124,6 +124,8 @@ def dataset_display(dataset: Any) -> str:
     if is_missing(dataset):
         return "?"
     info = catalog.DATASETS.get(str(dataset))
+    if info is None and catalog.own_dataset(str(dataset)):
+        return catalog.own_dataset(str(dataset))[1]  # your own: the name you gave it
     return info.display if info else str(dataset)
 
 

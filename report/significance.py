@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from report import names, stats
-from report.stats import ALPHA, BETTER, EQUIVALENT, NOT_RESOLVED, POWER, WORSE
+from report.stats import ALPHA, BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
 PER_QUERY_FILE = "per_query.npz"  # bench.train.PER_QUERY_FILE
 METRICS = {"recall@1": "R@1", "map@r": "MAP@R"}

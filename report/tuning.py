@@ -39,6 +39,8 @@ def summary_frame(tuning: dict[str, Any] | None) -> pd.DataFrame:
                       or ("-" if space else "(defaults)"),
             f"val {plan.get('metric', 'recall@1')} (%)":
                 "" if not best or best.get("mean") is None else f"{100 * best['mean']:.1f}",
+            "tie": (f"tied with trial {', '.join(str(t) for t in best['tied_with'])}: the sampler's first wins"
+                    if best and best.get("tied_with") else ""),
         })
     return pd.DataFrame(rows)
 

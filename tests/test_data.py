@@ -257,7 +257,7 @@ def test_zero_byte_files_are_an_error_naming_them(small_dataset):
         path.write_bytes(b"")
     message = load_error("synthetic", small_dataset)
     assert "2 image files are empty (0 bytes)" in message
-    assert all(str(path) in message for path in empty) and "skip_corrupt=True" in message
+    assert all(str(path) in message for path in empty) and "--set skip_corrupt_images=true" in message
 
 
 def test_long_lists_of_bad_files_are_shortened(small_dataset):

@@ -81,3 +81,11 @@ def test_the_browser_check_gives_up_with_a_message_instead_of_hanging(tmp_path, 
     page.write_text("<html><body></body></html>")
     with pytest.raises(RuntimeError, match="did not finish within"):
         browser.check_page(page, browser="/bin/true", timeout=1)
+
+
+def test_long_labels_give_short_distinct_file_names():
+    from report.tables import slug
+
+    long_a, long_b = "VPT " + "x" * 300 + " a", "VPT " + "x" * 300 + " b"
+    assert len(slug(long_a)) <= 60 and slug(long_a) != slug(long_b)
+    assert slug("VPTSP-G (GRU)") == "vptsp-g-gru"  # short names unchanged

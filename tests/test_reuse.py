@@ -122,3 +122,31 @@ def test_embed_a_folder_of_images_labels_by_subfolder(cells, synthetic_root, tmp
     embeddings, labels = embed(cells["adapter"][0], images=folder)
     assert embeddings.shape == (4, 16) and labels.tolist() == [0, 0, 1, 1]  # a_class first
     assert np.allclose(np.linalg.norm(embeddings, axis=1), 1.0, atol=1e-5)
+
+
+def test_an_export_carries_its_evaluation_transform_and_embeds_like_the_cell(cells, tmp_path):
+    """``export_transform`` is the cell's own evaluation transform: an image prepared with it and
+    embedded by the exported model gives the embedding ``embed`` computes for the cell."""
+    from PIL import Image
+
+    from bench import export_transform
+    from bench.reuse import embed
+
+    cell_dir, result = cells["full_ft"]
+    out = tmp_path / "model.safetensors"
+    assert run_suite.main(["export", str(cell_dir), "--out", str(out)]) == 0
+    model = load_exported(out)
+    pre = model.export_info["preprocess"]
+    assert pre["resize"] == round(32 * 256 / 224) and pre["center_crop"] == 32
+    assert pre["interpolation"] in ("bilinear", "bicubic") and len(pre["mean"]) == 3
+    folder = tmp_path / "images" / "a"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    expected, _ = embed(cell_dir, images=str(tmp_path / "images"))
+    transform = export_transform(model)
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in sorted(folder.iterdir())])
+    with torch.no_grad():
+        got = model(batch).numpy()
+    assert np.allclose(got, expected, atol=1e-5)

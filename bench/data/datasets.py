@@ -11,13 +11,14 @@ query and gallery share one class list, so their labels can be compared directly
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
 
 from bench.data.errors import DataError, list_some
 from bench.data.images import verify_images
-from bench.data.layouts import LAYOUTS, Entry, resolve_root
+from bench.data.layouts import LAYOUTS, Entry, Layout, resolve_root
 
 DATASET_NAMES = tuple(LAYOUTS)
 
@@ -115,18 +116,21 @@ def load_dataset(name: str, data_root, *, val_fraction: float = 0.0, seed: int =
     (every class keeps at least ``min_per_class``): the training-data-size ablation. The
     validation and test splits are never reduced.
     """
-    if name not in LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"val_fraction={val_fraction}: expected a fraction in [0, 1)")
-    layout = LAYOUTS[name]
-    root = resolve_root(name, data_root, layout)
+    root, layout = dataset_root(name, data_root)
     parsed = layout.parse(root)
     check_disjoint(parsed, root)
     fingerprint = fingerprint_entries(parsed, root)
     entries, num_skipped = drop_unreadable(parsed, root, skip_corrupt)
     splits = make_splits(entries, root)
-    train, val = carve_validation(splits["train"], val_fraction, seed)
+    if "val" in splits:  # your own validation classes (csv:NAME's split column)
+        if val_fraction:
+            raise DataError(f"{root}: the index file lists val rows (your validation classes); with them, "
+                            f"val_fraction must be 0, got {val_fraction}")
+        train, val = splits["train"], splits["val"]
+    else:
+        train, val = carve_validation(splits["train"], val_fraction, seed)
     train = subset_classes(train, train_classes_fraction, seed)
     train = subset_images(train, train_fraction, seed, min_per_class)
     return DatasetSplits(name=name, root=str(root), train=train, val=val,
@@ -138,10 +142,7 @@ def data_fingerprint(name: str, data_root) -> str:
     """What identifies a dataset's content without reading an image: a hash of every listed
     image's split, path (relative to the dataset folder), class and size in bytes. A finished
     result is reused only for data with the same fingerprint (bench.runner)."""
-    if name not in LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
-    layout = LAYOUTS[name]
-    root = resolve_root(name, data_root, layout)
+    root, layout = dataset_root(name, data_root)
     return fingerprint_entries(layout.parse(root), root)
 
 
@@ -162,17 +163,35 @@ def fingerprint_entries(entries: dict[str, list[Entry]], root) -> str:
 def check_dataset(name: str, data_root) -> None:
     """What ``load_dataset`` checks before reading any image: the folder, the layout, the index
     files, paths inside the dataset folder and disjoint splits (cheap: run before queueing)."""
-    if name not in LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}")
-    layout = LAYOUTS[name]
-    root = resolve_root(name, data_root, layout)
+    root, layout = dataset_root(name, data_root)
     check_disjoint(layout.parse(root), root)
+
+
+def dataset_root(name: str, data_root) -> tuple[Path, Layout]:
+    """The dataset folder ``name`` reads in ``data_root`` and its layout: a catalog dataset, or
+    your own (``folder:NAME`` / ``csv:NAME``: ``<data_root>/NAME/``, or ``data_root`` itself when it
+    is that folder)."""
+    from bench.catalog import own_dataset
+    from bench.data.own import OWN_LAYOUTS
+
+    own = own_dataset(name)
+    if own is not None:
+        kind, folder = own
+        layout = OWN_LAYOUTS[kind]
+        base = Path(data_root).expanduser()
+        if base.name == folder and base.is_dir() and not (base / folder).is_dir():
+            return Path(os.path.abspath(base)), layout
+        return resolve_root(folder, data_root, layout), layout
+    if name not in LAYOUTS:
+        raise DataError(f"unknown dataset {name!r}; known: {', '.join(DATASET_NAMES)}, or your own images as "
+                        "folder:NAME or csv:NAME")
+    return resolve_root(name, data_root, LAYOUTS[name]), LAYOUTS[name]
 
 
 def check_disjoint(entries: dict[str, list[Entry]], root) -> None:
     """DML's protocol evaluates on classes never trained on: train must share no image and no
     class with the evaluation splits (query and gallery share classes by design)."""
-    evaluated = [split for split in ("test", "query", "gallery") if split in entries]
+    evaluated = [split for split in ("val", "test", "query", "gallery") if split in entries]
     train_paths = {os.path.normpath(path) for path, _ in entries["train"]}
     train_classes = {name for _, name in entries["train"]}
     for split in evaluated:
@@ -194,7 +213,8 @@ def drop_unreadable(entries: dict[str, list[Entry]], root, skip_corrupt: bool):
         raise DataError(f"{root}: {len(missing)} listed images do not exist: {list_some(missing)}")
     if empty and not skip_corrupt:
         raise DataError(f"{root}: {len(empty)} image files are empty (0 bytes): {list_some(empty)}; "
-                        "replace or delete them, or load with skip_corrupt=True to leave them out")
+                        "replace or delete them, or leave them out with --set skip_corrupt_images=true "
+                        "(in a suite: defaults: {skip_corrupt_images: true})")
     if not skip_corrupt:
         return entries, 0
     bad = set(empty)

@@ -29,7 +29,8 @@ def load_image(path: str, draft: int | None = None) -> Image.Image:
             return to_rgb(image, path)
     except _DECODE_ERRORS as error:
         raise DataError(f"{path}: cannot read image ({type(error).__name__}: {error}); delete or replace "
-                        "the file, or load the dataset with skip_corrupt=True to leave such files out") from error
+                        "the file, or leave such files out with --set skip_corrupt_images=true "
+                        "(in a suite: defaults: {skip_corrupt_images: true})") from error
 
 
 def to_rgb(image: Image.Image, path: str) -> Image.Image:

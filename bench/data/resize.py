@@ -22,22 +22,22 @@ from pathlib import Path
 from PIL import Image
 
 from bench.data.errors import DataError
-from bench.data.layouts import LAYOUTS, resolve_root
+from bench.data.layouts import LAYOUTS
 
 QUALITY = 95
 
 
 def resize_dataset(name: str, data_root, out_root, *, short_side: int = 288, threads: int | None = None) -> Path:
     """Write ``<out_root>/<name>/`` (the dataset folder ``data_root`` holds, resized); returns it."""
-    if name not in LAYOUTS:
-        raise DataError(f"unknown dataset {name!r}; known: {', '.join(LAYOUTS)}")
+    from bench.data.datasets import dataset_root
+
     if short_side < 32:
         raise DataError(f"--short-side {short_side}: too small for any backbone")
-    source = resolve_root(name, data_root, LAYOUTS[name])
-    target = Path(out_root) / name
+    source, layout = dataset_root(name, data_root)
+    target = Path(out_root) / source.name
     if target.resolve() == source.resolve():
         raise DataError(f"{target}: the copy would overwrite its source")
-    images = sorted({path for split in LAYOUTS[name].parse(source).values() for path, _ in split})
+    images = sorted({path for split in layout.parse(source).values() for path, _ in split})
     listed = set(images)
     for dirpath, _, files in os.walk(source):  # index and annotation files, unchanged
         for file in files:
