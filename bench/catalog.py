@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from bench.errors import UserError
 
@@ -234,3 +235,26 @@ def closest(name: str, choices) -> str:
 
     match = difflib.get_close_matches(str(name), [str(c) for c in choices], n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+# --- suite prepare hooks -----------------------------------------------------------------------
+
+# What a suite's `prepare:` may name: a hook registered here, called with each data root before
+# any cell. Nothing else can be called from a suite file (one such call once deleted another
+# cell's checkpoint). The value is the function, imported only when the hook runs.
+PREPARE_HOOKS: dict[str, str] = {
+    "demo": "bench.demo_pretrain:prepare_demo",  # the demo's two targets and its pretrained backbone
+    "synthetic": "bench.data.hooks:ensure_synthetic_data",  # generated data unless the root has some
+}
+
+
+def prepare_hook(name: Any) -> str:
+    """The registered hook a suite's ``prepare:`` names (its name, or its registered target)."""
+    if isinstance(name, str):
+        if name in PREPARE_HOOKS:
+            return name
+        for hook, target in PREPARE_HOOKS.items():
+            if name == target:
+                return hook
+    raise CatalogError(f"{name!r} is not a registered prepare hook; choose one of "
+                       f"{', '.join(PREPARE_HOOKS)} (bench/catalog.py:PREPARE_HOOKS)")

@@ -153,6 +153,19 @@ def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
             header, start = read_safetensors_header(handle)
             check_tables(header, start, os.fstat(handle.fileno()).st_size, _references(small), tables_path.name)
 
+            def fits(key: str, destination: torch.Tensor | None) -> None:
+                if destination is not None and not _fits(destination, header[key]):
+                    raise ValueError(f"{tables_path.name}: table {key!r} is {header[key]['dtype']} "
+                                     f"{header[key]['shape']}, but the model's tensor is {destination.dtype} "
+                                     f"{list(destination.shape)} (a checkpoint of another model)")
+
+            _join(small, fits, into)  # every destination checked before a byte is written
+            # the file's own hash, as its name records it, before any byte goes into the model:
+            # a tables file of another seed or cell (same shapes, other numbers) must not resume
+            if reference.get("hash") and file_hash(tables_path) != reference["hash"]:
+                raise ValueError(f"{tables_path.name}: its content does not match the hash {reference['hash']} "
+                                 "its checkpoint names (a tables file copied from another run?)")
+
             def table(key: str, destination: torch.Tensor | None) -> torch.Tensor:
                 if destination is not None and _fits(destination, header[key]):
                     written.append(key)

@@ -172,6 +172,8 @@ class CellConfig:
             fail("interpolation", f"must be auto, bilinear, bicubic or nearest, got {self.interpolation!r}")
         if not isinstance(self.logger, list) or [x for x in self.logger if x not in LOGGERS]:
             fail("logger", f"must be a list of {', '.join(LOGGERS)}, got {self.logger!r}")
+        if len(set(self.logger)) != len(self.logger):
+            fail("logger", f"names a tracker twice ({self.logger!r}): each would write every row again")
 
     @property
     def selection_rule(self) -> str:

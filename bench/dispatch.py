@@ -70,7 +70,9 @@ def prepare_data(suite: Suite, cells: list[Cell], on_event: Listener = ignore) -
     """The suite's ``prepare`` hook, once per data root (before submitting: on the login node)."""
     if not suite.prepare:
         return
-    module_name, function_name = suite.prepare.split(":")
+    from bench.catalog import PREPARE_HOOKS, prepare_hook
+
+    module_name, function_name = PREPARE_HOOKS[prepare_hook(suite.prepare)].split(":")
     try:
         function = getattr(importlib.import_module(module_name), function_name)
     except (ImportError, AttributeError) as e:

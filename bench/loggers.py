@@ -112,13 +112,29 @@ class CsvSink:
         self.path = path
 
     def log(self, values: dict[str, float], epoch: int) -> None:
+        """One row per epoch. Epochs differ in what they hold (an epoch without evaluation has no
+        R@K): when a row brings a new column, the file is rewritten with the wider header, so
+        that every reader (pandas included) sees one header and rows of its width."""
         row = {"epoch": epoch, **values}
-        exists = self.path.exists()
-        with open(self.path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row), extrasaction="ignore")
-            if not exists:
-                writer.writeheader()
-            writer.writerow(row)
+        rows: list[dict[str, Any]] = []
+        columns: list[str] = []
+        if self.path.exists():
+            with open(self.path, newline="") as handle:
+                reader = csv.DictReader(handle)
+                columns = list(reader.fieldnames or [])
+                rows = list(reader)
+        if set(row) <= set(columns):
+            with open(self.path, "a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=columns).writerow(row)
+            return
+        columns += [c for c in row if c not in columns]
+        from io import StringIO
+
+        buffer = StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows + [row])
+        atomic_write_text(self.path, buffer.getvalue())
 
     def close(self) -> None:
         pass

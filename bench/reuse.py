@@ -215,6 +215,22 @@ def export_transform(model_or_info):
                             interpolation=pre["interpolation"])
 
 
+def _check_export_info(path: Path, info: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The metadata's sizes, checked against the file's own tensors before anything is built: a
+    damaged or hand-edited file must not make the loader allocate what it asks for."""
+    needed = {"backbone": str, "image_size": int, "embedding_size": int, "num_classes": int, "method": str,
+              "method_args": dict, "output": str, "init": str}
+    for name, kind in needed.items():
+        if not isinstance(info.get(name), kind) or isinstance(info.get(name), bool):
+            raise CellLoadError(f"{path}: export metadata {name!r} is missing or not a {kind.__name__}")
+    head = [t for k, t in state.items() if k.endswith("head.weight") or k.endswith("head.linear.weight")]
+    if not 0 < info["embedding_size"] <= 65536 or (head and head[0].shape[0] != info["embedding_size"]):
+        raise CellLoadError(f"{path}: embedding_size {info['embedding_size']} does not match the file's head")
+    if not 0 < info["image_size"] <= 4096 or not 0 < info["num_classes"] <= 10_000_000:
+        raise CellLoadError(f"{path}: image_size {info['image_size']} or num_classes {info['num_classes']} is out of "
+                            "range for any model")
+
+
 def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The embedding model of an ``export`` file, in eval mode; ``model.export_info`` holds its
     metadata (backbone, image size, mean/std, the method it was trained with)."""
@@ -225,16 +241,28 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch
     path = Path(path)
     if not path.is_file():
         raise CellLoadError(f"{path}: no such file")
-    with safe_open(str(path), framework="pt") as f:
-        raw = (f.metadata() or {}).get("export")
-        state = {key: f.get_tensor(key) for key in f.keys()}
-    info = json.loads(raw) if raw else {}
-    if info.get("format") != EXPORT_FORMAT:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("export")
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for a damaged file
+        raise CellLoadError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e})") from None
+    try:
+        info = json.loads(raw) if raw else {}
+    except ValueError:
+        info = {}
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT:
         raise CellLoadError(f"{path}: not a peft-dml-bench export (no '{EXPORT_FORMAT}' metadata)")
-    config = CellConfig(backbone=info["backbone"], weights="none", image_size=info["image_size"],
-                        embedding_size=info["embedding_size"], output=info["output"], method=info["method"],
-                        method_args=info["method_args"], init=info["init"])
-    learner = build_learner(config, info["num_classes"])
+    _check_export_info(path, info, state)
+    try:
+        config = CellConfig(backbone=info["backbone"], weights="none", image_size=info["image_size"],
+                            embedding_size=info["embedding_size"], output=info["output"], method=info["method"],
+                            method_args=info["method_args"], init=info["init"])
+        # the training-only parts (proxies, class prompts) are not in an export: built for 2
+        # classes, whatever the metadata says, so that loading never allocates per-class tables
+        learner = build_learner(config, 2)
+    except (UserError, KeyError, TypeError, ValueError) as e:
+        raise CellLoadError(f"{path}: its metadata does not describe a model this version builds ({e})") from None
     missing, unexpected = learner.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
     if missing or unexpected:

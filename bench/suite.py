@@ -57,9 +57,9 @@ SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
 
 TOP_LEVEL = ("name", "description", "grid", "defaults", "overrides", "exclude", "protocol",
              "resources", "report", "prepare", "tune")
-# `prepare` names a function of the project's own packages that makes a data root ready (e.g.
-# generated data); run once per data root before any cell. Suite files stay data, not code.
-PREPARE_PACKAGES = ("bench.",)
+# `prepare` names a registered hook (bench.catalog.PREPARE_HOOKS) that makes a data root ready
+# (generated data); run once per data root before any cell. Suite files stay data, not code:
+# nothing else can be called from one.
 KEY_FIELDS = ("dataset", "backbone", "method", "label", "seed")  # always in a cell's key
 PROTOCOL_FIELDS = ("val_fraction", "selection")
 # resources -> (type, what submitit calls it); see bench.dispatch.make_executor
@@ -105,16 +105,23 @@ class SuitePlan:
     cells: list[Cell]  # what can run now
     waiting: list[dict[str, Any]] = field(default_factory=list)  # final cells waiting for their trials
     tuning: list[dict[str, Any]] = field(default_factory=list)  # per method: space, trials, winner
+    failed: list[str] = field(default_factory=list)  # methods whose every trial failed: no final cell can run
 
 
 def _trial_score(results_dir: Path | None, cell: Cell, metric: str, read_result, result_file, error):
-    """A trial's validation score; None when it failed; "pending" while it has no result."""
+    """A trial's validation score; None when it failed; "pending" while it has no result (or
+    only one that is not this trial's: copied from another cell or suite)."""
+    from bench.results import config_hash, foreign_reason
+
     if results_dir is None:
         return "pending"
+    cell_dir = Path(results_dir) / cell.cell_id
     try:
-        result = read_result(Path(results_dir) / cell.cell_id / result_file)
+        result = read_result(cell_dir / result_file)
     except (error, FileNotFoundError):
         return "pending"
+    if foreign_reason(result, cell_dir, cell.suite, config_hash(cell.config.identity())) is not None:
+        return "pending"  # the runner moves it aside and runs the trial
     if result["status"] != "ok":
         return None
     value = ((result.get("final") or {}).get("val") or {}).get(metric)
@@ -152,9 +159,10 @@ class Suite:
         cells = self._grid_cells(data_root)
         waiting: list[dict[str, Any]] = []
         tuning: list[dict[str, Any]] = []
+        failed: list[str] = []
         if self.tune is not None:
-            cells, waiting, tuning = self._tuned(cells, data_root, results_dir)
-        return SuitePlan(self.select(cells, only) if only else cells, waiting, tuning)
+            cells, waiting, tuning, failed = self._tuned(cells, data_root, results_dir)
+        return SuitePlan(self.select(cells, only) if only else cells, waiting, failed=failed, tuning=tuning)
 
     def _tuned(self, grid_cells: list[Cell], data_root, results_dir):
         """Stage 1 (trials) and stage 2 (winners) of equal-budget tuning, from the grid's cells."""
@@ -168,6 +176,11 @@ class Suite:
         cells: list[Cell] = []
         waiting: list[dict[str, Any]] = []
         tuning: list[dict[str, Any]] = []
+        failed: list[str] = []
+
+        def group_key_of(cell: Cell) -> dict[str, Any]:
+            return {k: v for k, v in cell.key.items() if k != "seed"}
+
         for members in groups.values():
             base = members[0]
             params = plan.space_for(base.config.method, base.key.get("label"), None)
@@ -191,16 +204,20 @@ class Suite:
                 trial_records.append({"trial": t, "id": trial_id, "params": point, "scores": scores})
             group_key = {k: v for k, v in base.key.items() if k != "seed"}
             best = winner(trial_records, plan.metric) if points else {"trial": None, "params": {}}
+            if best is None and all(t["scores"] is not None for t in trial_records):
+                failed.append(f"{_describe(group_key_of(base))}: every trial failed (or scored no {plan.metric}); "
+                              "its final cells cannot run: see the trials' reasons with `status`")
             tuning.append({"key": group_key, "space": {p.name: p.describe() for p in params},
                            "trials": trial_records, "winner": best})
             for member in members:
                 key = {**member.key, "stage": "final"}
                 if best is None:
-                    waiting.append(key)
+                    if not (failed and failed[-1].startswith(_describe(group_key_of(base)) + ":")):
+                        waiting.append(key)
                     continue
                 config = self._with(member, best["params"])
                 cells.append(Cell(self.name, key, config, make_cell_id(key, config.identity()), member.resources))
-        return cells, waiting, tuning
+        return cells, waiting, tuning, failed
 
     def _with(self, cell: Cell, fields: dict[str, Any]) -> CellConfig:
         """A cell's config with tuned values: config fields as they are, the rest method args."""
@@ -363,12 +380,25 @@ def load_suite(name_or_path: str | Path, *, check_methods: bool = True,
         if name in KEY_FIELDS or name in ("suite", "method_args") or any(name in g for g in suite.grids):
             raise SuiteError(f"--set {name}: {name} is a key field or a grid axis of {suite.name}; it cannot be "
                              "set for every cell")
+    if suite.tune is not None:
+        tuned = {p.name for params in suite.tune.space.values() for p in params}
+        both = sorted(tuned & set(overrides or {}))
+        if both:
+            raise SuiteError(f"--set {both[0]}: {suite.name} tunes {both[0]} (tune.space); the tuned value would "
+                             "replace yours in the final cells. Remove it from tune.space to fix it, or drop --set")
     suite.set_fields = dict(overrides or {})
     if check_methods:
         _check_methods(suite)
     cells = suite.cells()
     if check_methods:
         _check_backbones(suite, cells)
+    if suite.tune is not None and suite.tune.metric != "map@r":
+        k = int(suite.tune.metric.split("@")[1]) if suite.tune.metric.split("@")[1].isdigit() else None
+        for cell in cells:
+            ks = cell.config.recall_ks or catalog.dataset(cell.config.dataset).eval_ks
+            if k not in ks:
+                raise SuiteError(f"{path}: tune.metric: {suite.tune.metric} is not computed for {cell.config.dataset} "
+                                 f"(its R@K: {', '.join(map(str, ks))}); choose one of those or map@r")
     return suite
 
 
@@ -510,20 +540,45 @@ def _parse(path: Path, data: dict[str, Any]) -> Suite:
                for i, item in enumerate(_list(data, "exclude", fail))]
 
     prepare = data.get("prepare")
-    if prepare is not None and (not isinstance(prepare, str) or prepare.count(":") != 1
-                                or not prepare.startswith(PREPARE_PACKAGES)):
-        raise fail("prepare", f"must be 'module:function' in the project's packages "
-                              f"({', '.join(PREPARE_PACKAGES)}), got {prepare!r}")
+    if prepare is not None:
+        try:
+            prepare = catalog.prepare_hook(prepare)
+        except UserError as e:
+            raise fail("prepare", str(e)) from None
 
     tune = parse_tune(data.get("tune"), fail)
     if tune is not None:
+        from bench.config import RUNTIME_FIELDS
+
         for name_ in (p.name for p in tune.space.get("default", [])):
             if name_ not in CONFIG_FIELDS:
                 raise fail(f"tune.space.default.{name_}", "default holds config fields only (lr, proxy_lr, ...); "
                                                           "put a method argument under its method's entry")
+        # what a trial may vary: training hyperparameters, never what defines the cell or the protocol
+        untunable = set(KEY_FIELDS) | set(RUNTIME_FIELDS) | set(PROTOCOL_FIELDS) | {
+            "method_args", "evaluate_test", "epochs_eval", "recall_ks", "train_fraction", "train_classes_fraction",
+            "data_root", "weights", "image_size", "embedding_size"}
+        owners = _space_owners(grids, defaults)
+        for owner, params in tune.space.items():
+            if owner != "default" and owner not in owners:
+                raise fail(f"tune.space.{owner}", f"names no method of the grid (labels and registry names: "
+                                                  f"{', '.join(sorted(owners))}); a typo would tune nothing")
+            for param in params:
+                if param.name in untunable:
+                    raise fail(f"tune.space.{owner}.{param.name}", f"{param.name} defines the cell or the protocol; "
+                                                                   "a search space holds training hyperparameters "
+                                                                   "(lr, proxy_lr, method arguments, ...)")
     return Suite(tune=tune, name=name, path=path, description=description, grids=grids, defaults=defaults,
                  overrides=overrides, exclude=exclude, protocol=protocol, resources=resources,
                  report=report, prepare=prepare)
+
+
+def _space_owners(grids: list[dict[str, list[Any]]], defaults: dict[str, Any]) -> set[str]:
+    """The names a ``tune.space`` entry may use: every method's label and registry name."""
+    owners = {str(defaults["method"])} if defaults.get("method") else set()
+    for entry in (e for g in grids for e in g.get("method", [])):
+        owners.update(str(v) for v in (entry.name, entry.label) if v)
+    return owners
 
 
 REPORT_FIELDS = ("table", "contrasts", "equivalence_margin", "population", "controls", "about")

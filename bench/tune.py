@@ -39,6 +39,7 @@ from typing import Any
 SAMPLERS = ("random", "grid")
 TUNE_KEYS = ("budget", "sampler", "seed", "metric", "val_fraction", "seeds", "space")
 TUNING_FILE = "tuning.json"
+MAX_BUDGET = 500
 
 
 @dataclass
@@ -108,10 +109,17 @@ class TunePlan:
             count = self.budget
         study = optuna.create_study(sampler=sampler, direction="maximize")
         distributions = {p.name: p.distribution() for p in params}
-        points = []
-        for _ in range(count):
+        points: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        for _ in range(count * 20):  # a small categorical space draws repeats: each point once
             trial = study.ask(distributions)
-            points.append({name: _plain(value) for name, value in trial.params.items()})
+            point = {name: _plain(value) for name, value in trial.params.items()}
+            marker = repr(sorted(point.items()))
+            if marker not in seen:
+                seen.add(marker)
+                points.append(point)
+            if len(points) == count:
+                break
         return points
 
     def to_dict(self) -> dict[str, Any]:
@@ -138,6 +146,8 @@ def parse_tune(raw: Any, fail) -> TunePlan | None:
     budget = raw.get("budget")
     if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
         raise fail("tune.budget", f"must be a positive integer (trials per method), got {budget!r}")
+    if budget > MAX_BUDGET:
+        raise fail("tune.budget", f"{budget} trials per method: at most {MAX_BUDGET} (each trial is a cell to train)")
     sampler = raw.get("sampler", "random")
     if sampler not in SAMPLERS:
         raise fail("tune.sampler", f"must be one of {', '.join(SAMPLERS)}, got {sampler!r}")

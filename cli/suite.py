@@ -27,6 +27,7 @@ def cmd_run(args) -> int:
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
     executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
     done_before: set[str] = set()
+    said: set[str] = set()  # tuning failures already printed
     code, prepared, ran_any = 0, False, False
     while True:
         plan = suite.plan(data_root=data_root, results_dir=suite_dir)
@@ -53,6 +54,12 @@ def cmd_run(args) -> int:
                 console.print(f"{count} cells {reason}")
             for line in reuse:
                 console.print(line, highlight=False, markup=False)
+        for message in plan.failed:
+            if message not in said:
+                said.add(message)
+                console.print(f"[red]tuning failed[/] {escape(message)}", highlight=False)
+        if plan.failed:
+            code = max(code, 1)
         if not todo:
             if not ran_any:
                 console.print(f"{suite.name}: nothing to run ({totals_line(states)}{waiting_text(plan)})")

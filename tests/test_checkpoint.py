@@ -147,10 +147,28 @@ def test_a_table_is_read_straight_into_the_models_tensor(tmp_path, small_tables)
     assert torch.equal(destination, table)
     assert torch.equal(state["optimizers"][0]["state"][0]["exp_avg"], moment)  # no destination: a tensor of its own
     assert torch.equal(state["learner"]["bias"], torch.ones(3))  # small: in checkpoint.pt
-    # a destination of another shape or dtype is left alone: the table is read into its own tensor
+    # a destination of another shape or dtype: a checkpoint of another model, refused before any
+    # byte is written, and moved aside so that the next run starts clean
     other = torch.zeros(64, 8, dtype=torch.float64)
-    state = checkpoint.load_checkpoint(tmp_path, "x", lambda e: None, into={"learner": {"table": other}})
-    assert not other.any() and torch.equal(state["learner"]["table"], table)
+    notes = []
+    state = checkpoint.load_checkpoint(tmp_path, "x", notes.append, into={"learner": {"table": other}})
+    assert state is None and not other.any() and "checkpoint of another model" in notes[0]["text"]
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_tables_file_of_another_run_is_refused_by_its_hash(tmp_path, small_tables):
+    """Same names, shapes and dtypes, other numbers (another seed's file under this name)."""
+    from safetensors.torch import load_file, save_file
+
+    _saved_tables(tmp_path, small_tables)
+    (tables,) = tmp_path.glob("checkpoint.tables.*.safetensors")
+    content = {k: v + 1 for k, v in load_file(str(tables)).items()}
+    save_file(content, str(tables))
+    destination = torch.full((64, 8), 7.0)
+    notes = []
+    state = checkpoint.load_checkpoint(tmp_path, "x", notes.append, into={"learner": {"table": destination}})
+    assert state is None and torch.all(destination == 7.0)  # the model untouched, restart from epoch 0
+    assert "does not match the hash" in notes[0]["text"] and not (tmp_path / "checkpoint.pt").exists()
 
 
 def test_a_cut_short_tables_file_is_found_before_the_model_is_touched(tmp_path, small_tables):

@@ -132,7 +132,7 @@ def test_an_export_carries_its_evaluation_transform_and_embeds_like_the_cell(cel
     from bench import export_transform
     from bench.reuse import embed
 
-    cell_dir, result = cells["full_ft"]
+    cell_dir, result = cells["lora+bitfit"]
     out = tmp_path / "model.safetensors"
     assert run_suite.main(["export", str(cell_dir), "--out", str(out)]) == 0
     model = load_exported(out)

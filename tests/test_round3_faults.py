@@ -126,3 +126,140 @@ def test_a_tie_between_trials_is_reported():
     frame = summary_frame({"plan": {"budget": 2}, "methods": [{"key": {"method": "lora"}, "space": {"lr": "{1, 2}"},
                                                                 "trials": trials, "winner": best}]})
     assert "tied with trial 1" in frame["tie"].iloc[0]
+
+
+def test_prepare_names_a_registered_hook_and_nothing_else(tmp_path):
+    import yaml
+
+    from bench.suite import SuiteError, load_suite
+
+    base = {"name": "p", "grid": {"method": ["linear_probe"], "seed": [0]},
+            "defaults": {"dataset": "synthetic", "backbone": "vit_test", "weights": None}}
+    for hook in ("bench.checkpoint:remove_checkpoint", "bench.runner:_save_weights", "os:remove", 3):
+        path = tmp_path / "p.yaml"
+        path.write_text(yaml.safe_dump({**base, "prepare": hook}))
+        with pytest.raises(SuiteError, match="not a registered prepare hook; choose one of demo, synthetic"):
+            load_suite(path)
+    path.write_text(yaml.safe_dump({**base, "prepare": "synthetic"}))
+    assert load_suite(path).prepare == "synthetic"
+    path.write_text(yaml.safe_dump({**base, "prepare": "bench.demo_pretrain:prepare_demo"}))  # an older file
+    assert load_suite(path).prepare == "demo"
+
+
+def _tuned_suite(tmp_path, **tune):
+    import yaml
+
+    suite = {"name": "tuned", "grid": {"method": ["linear_probe"], "seed": [0]},
+             "defaults": {"dataset": "synthetic", "backbone": "vit_test", "weights": None, "image_size": 32,
+                          "embedding_size": 16, "epochs": 1, "max_steps_per_epoch": 2, "batch_size": 8,
+                          "samples_per_class": 2, "num_workers": 0, "device": "cpu"},
+             "tune": {"budget": 2, "sampler": "grid", "val_fraction": 0.25, "seeds": [0],
+                      "space": {"default": {"lr": [1.0e-3, 1.0e-2]}}, **tune}}
+    path = tmp_path / "tuned.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    return path
+
+
+@pytest.mark.parametrize("tune, field", [
+    ({"space": {"default": {"seed": [0, 1]}}}, "tune.space.default.seed"),
+    ({"space": {"linear_probe": {"method": ["lora"]}}}, "tune.space.linear_probe.method"),
+    ({"space": {"Linear probe": {"lr": [1.0e-3]}}}, "tune.space.Linear probe"),
+    ({"budget": 10 ** 9, "sampler": "random"}, "tune.budget"),
+    ({"metric": "recall@1000"}, "tune.metric"),
+])
+def test_tuning_refuses_what_it_cannot_do(tmp_path, tune, field):
+    from bench.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError, match=field.replace(".", r"\.")):
+        load_suite(_tuned_suite(tmp_path, **tune))
+
+
+def test_set_of_a_tuned_field_is_refused(tmp_path):
+    from bench.suite import SuiteError, load_suite
+
+    with pytest.raises(SuiteError, match="--set lr: tuned tunes lr"):
+        load_suite(_tuned_suite(tmp_path), overrides={"lr": 0.5})
+
+
+def test_a_random_sampler_on_a_small_space_draws_each_point_once(tmp_path):
+    from bench.suite import load_suite
+
+    suite = load_suite(_tuned_suite(tmp_path, budget=50, sampler="random"))
+    trials = [c for c in suite.plan().cells if c.key.get("stage") == "trial"]
+    assert sorted(c.config.lr for c in trials) == [1.0e-3, 1.0e-2]
+
+
+def test_when_every_trial_fails_the_run_says_so_and_fails(synthetic_root, tmp_path, capsys):
+    import cli
+
+    path = _tuned_suite(tmp_path, space={"default": {"lr": [1.0e30]}})
+    code = cli.main(["run", str(path), "--executor", "local", "--data-root", str(synthetic_root), "--out",
+                     str(tmp_path / "out"), "--no-report"])
+    out = capsys.readouterr().out
+    assert code == 1 and "tuning failed" in out and "every trial failed" in out
+
+
+def test_metrics_csv_stays_one_table_when_later_epochs_add_columns(tmp_path):
+    import pandas as pd
+
+    from bench.loggers import CsvSink
+
+    sink = CsvSink(tmp_path / "metrics.csv")
+    sink.log({"train/loss": 1.0}, 1)  # epoch 1: not evaluated
+    sink.log({"train/loss": 0.8, "test/recall@1": 0.4}, 2)
+    sink.log({"train/loss": 0.7}, 3)
+    frame = pd.read_csv(tmp_path / "metrics.csv")
+    assert list(frame["epoch"]) == [1, 2, 3] and frame["test/recall@1"].iloc[1] == 0.4
+    assert frame["test/recall@1"].isna().tolist() == [True, False, True]
+
+
+def test_a_tracker_named_twice_is_refused():
+    from bench.config import CellConfig, ConfigError
+
+    with pytest.raises(ConfigError, match="logger: names a tracker twice"):
+        CellConfig(logger=["csv", "csv"])
+
+
+def test_the_resize_tool_refuses_a_used_or_nested_output_and_leaves_no_half_copy(tmp_path):
+    from bench.data import DataError, make_synthetic_dataset
+    from bench.data.resize import main, resize_dataset
+
+    make_synthetic_dataset(tmp_path / "data" / "synthetic", num_classes=4, images_per_class=3, image_size=40)
+    with pytest.raises(DataError, match="inside its source"):
+        resize_dataset("synthetic", tmp_path / "data", tmp_path / "data" / "synthetic" / "out", short_side=32)
+    (tmp_path / "used" / "synthetic").mkdir(parents=True)
+    (tmp_path / "used" / "synthetic" / "stale.jpg").write_bytes(b"old")
+    with pytest.raises(DataError, match="already exists"):
+        resize_dataset("synthetic", tmp_path / "data", tmp_path / "used", short_side=32)
+    victim = sorted((tmp_path / "data" / "synthetic" / "images").rglob("*.jpg"))[-1]
+    victim.write_bytes(b"not a jpeg")
+    assert main(["synthetic", str(tmp_path / "data"), str(tmp_path / "out"), "--short-side", "32"]) == 2
+    assert not (tmp_path / "out" / "synthetic").exists() and not list((tmp_path / "out").glob(".synthetic*"))
+
+
+def test_load_exported_refuses_bad_metadata_with_one_message(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from bench import load_exported
+    from bench.reuse import CellLoadError
+
+    path = tmp_path / "model.safetensors"
+    weights = {"head.linear.weight": torch.zeros(16, 8)}
+    cases = [
+        ({"export": "{not json"}, "not a peft-dml-bench export"),
+        ({"export": json.dumps({"format": "peft-dml-bench-export-v1"})}, "missing or not"),
+        ({"export": json.dumps({"format": "peft-dml-bench-export-v1", "backbone": "vit_test", "image_size": 32,
+                                "embedding_size": 10 ** 9, "num_classes": 10 ** 9, "method": "linear_probe",
+                                "method_args": {}, "output": "cls", "init": "vpt"})}, "embedding_size"),
+    ]
+    from bench.reuse import EXPORT_FORMAT
+
+    for metadata, message in cases:
+        metadata = {k: v.replace("peft-dml-bench-export-v1", EXPORT_FORMAT) for k, v in metadata.items()}
+        save_file(weights, str(path), metadata=metadata)
+        with pytest.raises(CellLoadError, match=message):
+            load_exported(path)
+    path.write_bytes(b"garbage")
+    with pytest.raises(CellLoadError, match="not a readable safetensors file"):
+        load_exported(path)

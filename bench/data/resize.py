@@ -35,24 +35,45 @@ def resize_dataset(name: str, data_root, out_root, *, short_side: int = 288, thr
         raise DataError(f"--short-side {short_side}: too small for any backbone")
     source, layout = dataset_root(name, data_root)
     target = Path(out_root) / source.name
-    if target.resolve() == source.resolve():
-        raise DataError(f"{target}: the copy would overwrite its source")
+    real_source, real_target = source.resolve(), target.resolve()
+    if real_target == real_source or real_source in real_target.parents or real_target in real_source.parents:
+        raise DataError(f"{target}: the copy would lie inside its source {source} (or hold it); choose an out root "
+                        "outside the dataset")
+    if target.exists():
+        raise DataError(f"{target}: already exists; its files would mix with the new copy's. Remove it, or choose "
+                        "another out root")
     images = sorted({path for split in layout.parse(source).values() for path, _ in split})
     listed = set(images)
-    for dirpath, _, files in os.walk(source):  # index and annotation files, unchanged
-        for file in files:
-            path = os.path.join(dirpath, file)
-            if path not in listed and not file.lower().endswith((".jpg", ".jpeg", ".png")):
-                destination = target / os.path.relpath(path, source)
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, destination)
-    with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
-        list(pool.map(lambda p: _resize(Path(p), target / os.path.relpath(p, source), short_side), images))
+    # written beside the target and renamed into place at the end: a copy that failed half-way
+    # never looks like a dataset
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        for dirpath, _, files in os.walk(source):  # index and annotation files, unchanged
+            for file in files:
+                path = os.path.join(dirpath, file)
+                if path not in listed and not file.lower().endswith((".jpg", ".jpeg", ".png")):
+                    destination = partial / os.path.relpath(path, source)
+                    destination.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, destination)
+        with ThreadPoolExecutor(max_workers=threads or min(8, os.cpu_count() or 1)) as pool:
+            list(pool.map(lambda p: _resize(Path(p), partial / os.path.relpath(p, source), short_side), images))
+        os.replace(partial, target)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     return target
 
 
 def _resize(source: Path, destination: Path, short_side: int) -> None:
     destination.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        _resize_image(source, destination, short_side)
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise DataError(f"{source}: cannot read image ({type(e).__name__}: {e}); replace or delete it, then "
+                        "resize again (nothing was written)") from None
+
+
+def _resize_image(source: Path, destination: Path, short_side: int) -> None:
     with Image.open(source) as image:
         if min(image.size) <= short_side:
             shutil.copy2(source, destination)
