@@ -17,6 +17,7 @@ hook runs).
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,23 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # the model's pretrained config's (bicubic for DINO, CLIP, AugReg)
+
+
+def check_image_size(name: str, image_size: int | None) -> None:
+    """A ViT cuts the image into patches: an ``image_size`` that is not a multiple of the
+    backbone's patch size fails here, before any data is read (not as a traceback per cell)."""
+    if not image_size:
+        return
+    resolved = resolve_backbone_alias(name)
+    if resolved in SMALL_VITS:
+        patch = SMALL_VITS[resolved]["patch_size"]
+    else:
+        match = re.search(r"patch(\d+)", resolved)
+        patch = int(match.group(1)) if match else None
+    if patch and image_size % patch:
+        low = image_size // patch * patch
+        raise BackboneError(f"image_size: {image_size} px is not a multiple of {name}'s {patch} px patches; "
+                            f"use {low or patch} or {low + patch}")
 
 
 def resolve_name(name: str) -> str:

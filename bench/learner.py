@@ -28,10 +28,11 @@ def validate_method(name: str, args: dict[str, Any] | None = None) -> None:
 def validate_cell(config: CellConfig) -> None:
     """Everything about a cell that can be checked without data or weights: the method, its
     arguments and their values, and that timm knows the backbone (and its tag)."""
-    from bench.backbones import resolve_name
+    from bench.backbones import check_image_size, resolve_name
 
     validate_method(config.method, config.method_args)
     resolve_name(config.backbone)
+    check_image_size(config.backbone, config.image_size)
 
 
 def method_arguments(name: str) -> dict[str, Any]:

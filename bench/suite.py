@@ -807,13 +807,18 @@ def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
     cell's method takes every argument the cell gives it, with a valid value: a typo fails the
     whole suite here (exit 2), before anything runs or any folder is made."""
     from bench import learner
-    from bench.backbones import resolve_name
+    from bench.backbones import check_image_size, resolve_name
 
     for name in sorted({c.config.backbone for c in cells}):
         try:
             resolve_name(name)
         except UserError as e:
             raise suite.fail(_where_set(suite, "backbone", name), str(e).removeprefix("backbone: ")) from None
+    for name, size in sorted({(c.config.backbone, c.config.image_size or 0) for c in cells}):
+        try:
+            check_image_size(name, size)
+        except UserError as e:
+            raise suite.fail(_where_set(suite, "image_size", size), str(e).removeprefix("image_size: ")) from None
     checked: set[str] = set()
     for cell in cells:
         signature = json.dumps([cell.config.method, cell.config.method_args], sort_keys=True, default=str)

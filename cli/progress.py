@@ -8,10 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.table import Column
 
-from rich.markup import escape
 from bench.events import Event, describe
 
 COLOURS = {"done": "green", "failed": "red", "running elsewhere": "cyan"}
@@ -34,9 +35,16 @@ class ProgressView:
 
     def __enter__(self) -> "ProgressView":
         if self.bars:
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                     TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                                     console=self.console, transient=self.transient)
+            # at 80 columns the name and the loss give way (cut with "…"), never the step count,
+            # the elapsed time or the ETA
+            flexible = dict(no_wrap=True, overflow="ellipsis")
+            self.progress = Progress(
+                TextColumn("{task.description}", table_column=Column(ratio=3, min_width=8, **flexible)),
+                BarColumn(bar_width=10), MofNCompleteColumn(table_column=Column(no_wrap=True, min_width=7)),
+                TextColumn("{task.fields[info]}", table_column=Column(ratio=2, min_width=4, **flexible)),
+                TimeElapsedColumn(table_column=Column(no_wrap=True, min_width=7)),
+                TimeRemainingColumn(table_column=Column(no_wrap=True, min_width=7)),
+                console=self.console, transient=self.transient, expand=True)
             self.progress.__enter__()
         return self
 

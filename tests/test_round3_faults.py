@@ -263,3 +263,56 @@ def test_load_exported_refuses_bad_metadata_with_one_message(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(CellLoadError, match="not a readable safetensors file"):
         load_exported(path)
+
+
+def test_an_image_size_the_backbone_cannot_cut_into_patches_fails_before_any_data(tmp_path, capsys):
+    import yaml
+
+    import cli
+
+    assert cli.main(["cell", "--dataset", "synthetic", "--data-root", str(tmp_path / "none"), "--backbone",
+                     "vit_test", "--weights", "none", "--set", "image_size=30"]) == 2
+    assert "not a multiple of vit_test's 8 px patches; use 24 or 32" in capsys.readouterr().err
+    suite = {"name": "odd", "grid": {"method": ["linear_probe"], "seed": [0]},
+             "defaults": {"dataset": "synthetic", "backbone": "vit_test", "weights": None, "image_size": 30}}
+    path = tmp_path / "odd.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    assert cli.main(["run", str(path), "--dry-run", "--no-data-check"]) == 2
+    assert "defaults.image_size" in capsys.readouterr().err
+
+
+def test_an_80_column_progress_bar_keeps_steps_elapsed_time_and_eta():
+    import io
+
+    from rich.console import Console
+
+    from cli.progress import ProgressView
+
+    stream = io.StringIO()
+    console = Console(file=stream, width=80, force_terminal=True, color_system=None)
+    with ProgressView(console) as on_event:
+        on_event({"event": "cell_begin", "name": "cub200/vit_small_patch16_224.augreg_in21k/VPTSP-G (B) long label/0"})
+        on_event({"event": "cell_start", "total_epochs": 30, "start_epoch": 0, "steps": 100})
+        for step in range(7):
+            on_event({"event": "step", "epoch": 1, "step": step, "loss": 0.123456})
+        on_event.progress.refresh()
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", stream.getvalue())  # cursor and erase codes
+    frames = [line for line in text.replace("\r", "\n").splitlines() if "/3000" in line]
+    last = frames[-1]
+    assert len(last.rstrip()) <= 80, last
+    assert "7/3000" in last and "0:00:0" in last  # the step count and the elapsed time
+    assert "-:--:--" in last or last.rstrip().count(":") >= 4, last  # and the ETA
+
+
+def test_status_says_when_the_trials_are_done_and_the_finals_wait(synthetic_root, tmp_path, capsys):
+    import cli
+
+    path = _tuned_suite(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["run", str(path), "--executor", "local", "--data-root", str(synthetic_root), "--out", str(out),
+                     "--no-report", "--max-cells", "2"]) == 0  # the two trials only
+    capsys.readouterr()
+    assert cli.main(["status", str(path), "--out", str(out)]) == 0
+    assert "trials done: rerun `run` to start the final cells" in capsys.readouterr().out
