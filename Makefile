@@ -6,7 +6,7 @@ SUITE  ?= smoke
 FAISS  ?= cpu  # or gpu: faiss-gpu-cu12 instead of faiss-cpu (the extras exclude each other)
 ARGS   ?=
 
-.PHONY: setup test demo suite report status bench bench-gpu clean
+.PHONY: setup test test-fast demo suite report status bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 test: setup
 	$(BIN)/python -m pytest -q -ra $(ARGS)
+
+# the inner loop: everything but the slow and the SLURM tests (a few minutes on 2 cores)
+test-fast: setup
+	$(BIN)/python -m pytest -q -ra -m "not slow and not slurm" $(ARGS)
 
 demo: setup
 	$(BIN)/python run_suite.py run demo --executor local --jobs 2 $(ARGS)

@@ -51,9 +51,11 @@ def tex(text: str) -> str:
 
 
 # Characters a string from a suite, a result or a file name must not carry into Markdown: HTML
-# (Python-Markdown passes raw HTML through), emphasis, links, code spans and table cells.
-_MD_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "`": "\\`", "*": "\\*", "_": "\\_",
-               "[": "\\[", "]": "\\]", "|": "\\|", "#": "\\#", "!": "\\!"}
+# (Python-Markdown passes raw HTML through), links and images ([ and ]), code spans, emphasis
+# with * and table cells. Underscores stay: Python-Markdown ignores them inside words
+# (vit_s16), so escaping them would only clutter the raw index.md.
+_MD_SPECIAL = {"&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "\\\\", "`": "\\`", "*": "\\*",
+               "[": "\\[", "]": "\\]", "|": "\\|"}
 
 
 def md(text: str) -> str:

@@ -57,7 +57,7 @@ class Paired:
 
     @property
     def testable(self) -> bool:
-        return self.n >= 2 and math.isfinite(self.se) and self.se > 0
+        return not self.test.startswith(NOT_TESTABLE)
 
 
 def paired_t(diffs, margin: float, class_term: tuple[float, int] | None = None,

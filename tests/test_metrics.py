@@ -507,7 +507,7 @@ def test_dataset_ks():
 
     assert catalog.dataset("sop").eval_ks == (1, 10, 100, 1000)
     assert catalog.dataset("inshop").eval_ks == (1, 10, 20, 30, 40, 50)
-    assert set(catalog.DATASETS) == {"cub200", "cars196", "synthetic", "sop", "inshop", "inaturalist"}
+    assert set(catalog.DATASETS) == {"cub200", "cars196", "synthetic", "synthetic_far", "sop", "inshop", "inaturalist"}
 
 
 # --------------------------------------------------------------------------------------------

@@ -113,3 +113,14 @@ def test_the_readme_example_runs_and_the_report_names_the_datasets(tmp_path, mon
     assert "flowers" in index and "shoes" in index and "data in" in index
     table = next((tmp_path / "results" / "flowers" / "report" / "tables").glob("*.md")).read_text()
     assert "flowers" in table and "shoes" in table and "Synthetic" not in table
+
+
+def test_a_symlinked_class_folder_is_a_class_in_training_and_in_embed(tmp_path):
+    from bench.reuse import image_folder_split
+
+    root = make_folder_tree(tmp_path / "flowers", classes=4, per_class=2)
+    elsewhere = make_folder_tree(tmp_path / "elsewhere", classes=1, per_class=2) / "class1"
+    (root / "class5").symlink_to(elsewhere, target_is_directory=True)
+    data = load_dataset("folder:flowers", tmp_path)
+    assert "class5" in data.test.class_names
+    assert "class5" in image_folder_split(root).class_names

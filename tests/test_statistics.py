@@ -383,7 +383,7 @@ def test_plan_prints_seeds_per_group_and_per_pair(tmp_path, capsys):
     assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--difference", "2"]) == 0
     out = capsys.readouterr().out
     assert "Seeds for a difference of 2 points at 80% power" in out
-    assert "a row vs the best (pooled) on CUB-200, ViT-S/16, R@1: seed SD" in out and "seeds for 2 points" in out
+    assert "a row vs the best (pooled) on CUB-200, ViT-S/16, R@1: seed SD" in out and "seeds find 2 points" in out
     assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--pairs"]) == 0
     out = capsys.readouterr().out
     assert "Linear probing vs Zero-shot (no training) on CUB-200, ViT-S/16, R@1: seed SD" in out
