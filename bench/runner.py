@@ -36,8 +36,13 @@ PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "nump
 @contextmanager
 def cell_lock(cell_dir: Path):
     """Yields True when this process holds the cell, False when another process does."""
-    cell_dir.mkdir(parents=True, exist_ok=True)
-    with open(cell_dir / LOCK_FILE, "a+") as handle:
+    try:
+        cell_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(cell_dir / LOCK_FILE, "a+")
+    except OSError as e:  # a read-only results folder, a file where the folder should be
+        raise UserError(f"{cell_dir}: cannot write in the cell folder ({e.strerror or e}); make the results folder "
+                        "writable, or write results elsewhere with --out") from None
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -316,3 +316,14 @@ def test_status_says_when_the_trials_are_done_and_the_finals_wait(synthetic_root
     capsys.readouterr()
     assert cli.main(["status", str(path), "--out", str(out)]) == 0
     assert "trials done: rerun `run` to start the final cells" in capsys.readouterr().out
+
+
+def test_a_cell_folder_that_cannot_be_written_is_one_message(tmp_path, capsys):
+    import cli
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "adhoc").write_text("a file where the suite folder should be")  # as unwritable as it gets for root
+    code = cli.main(["cell", "--dataset", "synthetic", "--data-root", str(tmp_path), "--backbone", "vit_test",
+                     "--weights", "none", "--out", str(out)])
+    assert code == 2 and "cannot write in the cell folder" in capsys.readouterr().err
