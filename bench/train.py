@@ -225,8 +225,8 @@ def check_embeddings(embeddings: np.ndarray, split: str) -> None:
     if scale < 1e-12 or spread <= 1e-6 * scale:
         raise CellFailure(f"degenerate {split} embeddings: every image gets the same embedding (largest per-"
                           f"dimension SD {spread:.3g}, largest value {scale:.3g}); distances all tie, so R@K "
-                          "would only reflect the order of the images. The model collapsed: a lower learning "
-                          "rate usually helps")
+                          "would only reflect the order of the images. Either the images are all alike, or the "
+                          "model collapsed (a lower learning rate usually helps)")
 
 
 def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitEvaluation | None:

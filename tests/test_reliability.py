@@ -136,7 +136,13 @@ def test_5_summary_of_a_one_seed_sweep_has_one_row_per_setting(tmp_path):
 def test_6_impossible_recall_k_fails_before_training_and_recall_ks_overrides(tmp_path):
     from bench.runner import run_cell
 
+    import numpy as np
+    from PIL import Image
+
     layouts.make_sop(tmp_path / "sop", train_classes=6, test_classes=4, images_per_class=4)
+    rng = np.random.default_rng(0)  # images of their own: identical ones embed identically, a degenerate cell
+    for image in sorted((tmp_path / "sop" / "images").rglob("*.JPG")):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(image, "JPEG")
     config = CellConfig(dataset="sop", data_root=str(tmp_path), **{**TINY, "batch_size": 4})
     result = run_cell(config, tmp_path / "cell", key={"method": "linear_probe"})
     assert result["status"] == "failed" and result["epochs"] == []
