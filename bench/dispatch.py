@@ -307,14 +307,18 @@ def _run_one(cell: Cell, suite_dir: Path, fresh: bool, on_event: Listener = igno
     return "failed", str(result["reason"])
 
 
-def _cell_worker(cell: Cell, suite_dir: Path, fresh: bool, conn) -> None:
-    """One cell in a process of its own; its (status, detail) goes back through ``conn``."""
+def _worker_loop(conn) -> None:
+    """A worker process: runs the cells it is sent, one at a time, until told to stop (None).
+    Kept for many cells: importing torch and timm costs seconds, a demo cell about ten."""
     try:
-        conn.send(_run_one(cell, suite_dir, fresh))
-    except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: the parent says what stopped
-        pass
-    finally:
-        conn.close()
+        while True:
+            task = conn.recv()
+            if task is None:
+                return
+            cell, suite_dir, fresh = task
+            conn.send(_run_one(cell, suite_dir, fresh))
+    except (KeyboardInterrupt, EOFError, OSError):
+        pass  # Ctrl-C reaches the whole process group: the parent says what stopped
 
 
 def _exit_text(code: int | None) -> str:
@@ -331,43 +335,63 @@ def _exit_text(code: int | None) -> str:
 
 
 def _run_parallel(cells: list[Cell], suite_dir: Path, fresh: bool, on_event: Listener, jobs: int) -> int:
-    """At most ``jobs`` cells at once, one spawned process each. A process that dies (killed, out
-    of memory) fails its own cell only; Ctrl-C stops the run: no new cell starts, the running
-    ones are stopped (they resume from their last checkpoint), and the event says which."""
+    """At most ``jobs`` cells at once, in as many spawned worker processes, each reused for the
+    next cell. A worker that dies (killed, out of memory) fails its own cell only and is
+    replaced; Ctrl-C stops the run: no new cell starts, the running ones are stopped (they resume
+    from their last checkpoint), and the event says which."""
     import multiprocessing
     from multiprocessing.connection import wait
 
     context = multiprocessing.get_context("spawn")
     pending = list(cells)
-    running: dict[Any, tuple[Cell, Any]] = {}
+    workers: dict[Any, list[Any]] = {}  # process -> [its connection, the cell it runs or None]
     failed = 0
+
+    def start_worker() -> None:
+        parent, child = context.Pipe()
+        process = context.Process(target=_worker_loop, args=(child,), daemon=True)
+        process.start()
+        child.close()
+        workers[process] = [parent, None]
+
+    def finish(cell: Cell, status: str, detail: str) -> None:
+        nonlocal failed
+        failed += status == "failed"
+        on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
+
     try:
-        while pending or running:
-            while pending and len(running) < jobs:
-                cell = pending.pop(0)
-                receive, send = context.Pipe(duplex=False)
-                process = context.Process(target=_cell_worker, args=(cell, suite_dir, fresh, send), daemon=True)
-                process.start()
-                send.close()
-                running[process] = (cell, receive)
-                on_event({"event": "cell_begin", "name": cell_name(cell)})
-            wait([p.sentinel for p in running], timeout=5.0)
-            for process in [p for p in running if not p.is_alive()]:
-                cell, receive = running.pop(process)
-                process.join()
+        for _ in range(min(jobs, len(cells))):
+            start_worker()
+        while pending or any(slot[1] is not None for slot in workers.values()):
+            for slot in workers.values():
+                if slot[1] is None and pending:
+                    slot[1] = pending.pop(0)
+                    slot[0].send((slot[1], suite_dir, fresh))
+                    on_event({"event": "cell_begin", "name": cell_name(slot[1])})
+            busy = [(process, slot) for process, slot in workers.items() if slot[1] is not None]
+            wait([slot[0] for _, slot in busy] + [process.sentinel for process, _ in busy], timeout=5.0)
+            for process, slot in busy:
+                connection, cell = slot
+                outcome = None
                 try:
-                    status, detail = receive.recv() if receive.poll() else (None, None)
+                    if connection.poll():
+                        outcome = connection.recv()
                 except (EOFError, OSError):
-                    status, detail = None, None
-                receive.close()
-                if status is None:
-                    status, detail = "failed", (f"its worker process ended without a result ({_exit_text(process.exitcode)}); "
-                                                "rerun to resume it from its last checkpoint")
-                failed += status == "failed"
-                on_event({"event": "cell_done", "name": cell_name(cell), "status": status, "detail": detail})
+                    outcome = None
+                if outcome is not None:
+                    slot[1] = None
+                    finish(cell, *outcome)
+                elif not process.is_alive():
+                    process.join()
+                    connection.close()
+                    del workers[process]
+                    finish(cell, "failed", f"its worker process ended without a result ({_exit_text(process.exitcode)}); "
+                                           "rerun to resume it from its last checkpoint")
+                    if pending:
+                        start_worker()
     except KeyboardInterrupt:
-        stopped = [cell for cell, _ in running.values()]
-        for process in running:
+        stopped = [slot[1] for slot in workers.values() if slot[1] is not None]
+        for process in workers:
             process.join(timeout=10)  # Ctrl-C reached them too; give them a moment to stop
             if process.is_alive():
                 process.terminate()
@@ -376,6 +400,16 @@ def _run_parallel(cells: list[Cell], suite_dir: Path, fresh: bool, on_event: Lis
         on_event({"event": "note", "text": f"interrupted: {len(stopped)} running cells stopped ({names}; they resume "
                                            f"from their last checkpoint when rerun), {len(pending)} not started"})
         raise
+    finally:
+        for process, (connection, _) in workers.items():
+            try:
+                connection.send(None)
+            except (OSError, ValueError):
+                pass
+        for process in workers:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.terminate()
     return failed
 
 
