@@ -167,6 +167,7 @@ def export_cell(cell_dir: str | Path, out: str | Path) -> Path:
 
     from bench.backbones import data_config
     from bench.learner import merged_for_export
+    from bench.train import eval_interpolation
 
     learner = load_learner(cell_dir, "cpu")
     result = learner.cell_result
@@ -185,18 +186,12 @@ def export_cell(cell_dir: str | Path, out: str | Path) -> Path:
             "init": config.init, "identity_hash": result["identity_hash"],
             # the evaluation transform the cell's numbers were computed with (``export_transform``)
             "preprocess": {"resize": round(image_cfg.image_size * 256 / 224), "center_crop": image_cfg.image_size,
-                           "interpolation": _interpolation_of(config, image_cfg), "mean": list(image_cfg.mean),
+                           "interpolation": eval_interpolation(config, image_cfg), "mean": list(image_cfg.mean),
                            "std": list(image_cfg.std), "jpeg_draft": config.jpeg_draft}}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, save(state, metadata={"export": json.dumps(info, sort_keys=True)}))
     return out
-
-
-def _interpolation_of(config: CellConfig, image_cfg) -> str:
-    from bench.train import eval_interpolation
-
-    return eval_interpolation(config, image_cfg)
 
 
 def export_transform(model_or_info):

@@ -48,7 +48,8 @@ def cmd_plan(args) -> int:
         return 1
     frame = verdicts.plan(sig, args.difference, args.power) if args.pairs else \
         verdicts.plan_groups(sig, args.difference, args.power)
-    console.print(f"Seeds for a difference of {args.difference:g} points at {args.power:.0%} power (paired t-test "
+    unit = "point" if args.difference == 1 else "points"
+    console.print(f"Seeds for a difference of {args.difference:g} {unit} at {args.power:.0%} power (paired t-test "
                   "over seeds, alpha 0.05; seed SDs measured in " + str(suite_dir) + "):", highlight=False,
                   markup=False)
     for line in verdicts.plan_lines(frame, args.power):
