@@ -158,13 +158,11 @@ def eval_interpolation(config: CellConfig, image_cfg) -> str:
     return image_cfg.interpolation if config.interpolation == "auto" else (config.interpolation or "bilinear")
 
 
-_interpolation = eval_interpolation
-
 
 def eval_transforms(config: CellConfig, image_cfg):
     """(evaluation transform, JPEG draft size or None): what every evaluation of the cell sees."""
     transform = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=False,
-                                          interpolation=_interpolation(config, image_cfg))
+                                          interpolation=eval_interpolation(config, image_cfg))
     draft = None
     if config.jpeg_draft:
         draft = max(math.ceil(config.jpeg_draft * image_cfg.image_size), round(image_cfg.image_size * 256 / 224))
@@ -173,7 +171,7 @@ def eval_transforms(config: CellConfig, image_cfg):
 
 def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
     train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True,
-                                         interpolation=_interpolation(config, image_cfg))
+                                         interpolation=eval_interpolation(config, image_cfg))
     test_tf, eval_draft = eval_transforms(config, image_cfg)
     sampler = dml_data.ClassBalancedBatchSampler(
         splits.train.labels, config.batch_size, config.samples_per_class, seed=config.seed,
