@@ -14,7 +14,7 @@ lock (held while a process runs the cell). ``squeue`` (or ``sacct`` when the clu
 accounting) says whether a submitted job is still queued or running.
 
 This module returns data and reports progress as events (``bench.events``); the CLI
-(``cli/``) renders them and prints the tables.
+(``peft_dml_cli/``) renders them and prints the tables.
 """
 from __future__ import annotations
 

@@ -240,7 +240,7 @@ def tiny_copy(name: str, tmp_path: Path) -> Path:
     ("ablation_vpt", {"ablation_num_prompts", "ablation_prompt_depth", "ablation_prompt_location", "ablation_output"}),
 ])
 def test_each_new_ablation_suite_runs_tiny_and_draws_its_figure(tmp_path, synthetic_root, name, figures, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     path = tiny_copy(name, tmp_path)
     code = cli.main(["run", str(path), "--executor", "local", "--data-root", str(synthetic_root),

@@ -7,7 +7,7 @@ import json
 import pytest
 import yaml
 
-import cli
+import peft_dml_cli as cli
 from bench.data import make_synthetic_dataset
 
 TINY = ["--backbone", "vit_test", "--weights", "none", "--epochs", "1", "--set", "image_size=32",

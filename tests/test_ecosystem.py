@@ -204,9 +204,12 @@ def test_the_wheel_ships_suites_the_cli_and_the_console_script(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {Path(n).name for n in names if n.startswith("suites/") and n.endswith(".yaml")}
     assert shipped == {p.name for p in (REPO / "suites").glob("*.yaml")}
-    assert "cli/__init__.py" in names and "run_suite.py" in names and "bench/reuse.py" in names
+    assert "peft_dml_cli/__init__.py" in names and "run_suite.py" in names and "bench/reuse.py" in names
+    # Only the layout's names (and the command line under a name of its own) go on users' paths.
+    top_level = {n.split("/")[0] for n in names if ".dist-info" not in n.split("/")[0]}
+    assert top_level == {"bench", "methods", "report", "suites", "peft_dml_cli", "run_suite.py"}
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "peft-dml = cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "peft-dml = peft_dml_cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_the_console_script_runs_like_run_suite():

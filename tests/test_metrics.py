@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from bench.errors import UserError
-from cli.evaluate import cmd_evaluate
+from peft_dml_cli.evaluate import cmd_evaluate
 from bench.evaluate import (
     EmbeddingFileError,
     EvaluationError,
@@ -600,7 +600,7 @@ def test_cli_missing_file_is_a_one_line_error(saved_embeddings):
 def cli_args(*argv):
     sys.path.insert(0, str(REPO))
     try:
-        from cli import build_parser
+        from peft_dml_cli import build_parser
     finally:
         sys.path.remove(str(REPO))
     return build_parser().parse_args(["evaluate", *map(str, argv)])

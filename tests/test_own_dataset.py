@@ -10,7 +10,7 @@ import pytest
 import yaml
 from PIL import Image
 
-import cli
+import peft_dml_cli as cli
 from bench.data import DataError, load_dataset
 from bench.data.synthetic import make_family, render_image
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import cli
+import peft_dml_cli as cli
 from bench.suite import SUITES_DIR
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-import cli
+import peft_dml_cli as cli
 from bench import dispatch, results
 from bench.config import CellConfig
 from bench.data import load_dataset, make_synthetic_dataset

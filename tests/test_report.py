@@ -24,7 +24,7 @@ from report.cli import build_report, resolve_suite_dir, suite_table
 from report.load import ReportError, load_suite
 from report.plots import make_figures, pareto_front
 from report.render import tex, to_latex, to_markdown, write_table
-from cli.report import print_summary
+from peft_dml_cli.report import print_summary
 from report import load
 from report.tables import KINDS, ORACLE_TITLE, build_table, default_kind
 from tests import report_fixtures as fx

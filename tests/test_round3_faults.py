@@ -37,7 +37,7 @@ def test_a_nan_score_never_wins_a_tuning_trial():
 
 
 def test_embed_and_export_refuse_an_out_inside_a_cell_folder(tmp_path):
-    from cli.reuse import check_out
+    from peft_dml_cli.reuse import check_out
 
     cell = tmp_path / "results" / "suite" / "cell"
     cell.mkdir(parents=True)
@@ -51,7 +51,7 @@ def test_embed_and_export_refuse_an_out_inside_a_cell_folder(tmp_path):
 def test_max_cells_counts_every_cell_of_the_call(synthetic_root, tmp_path, capsys):
     import yaml
 
-    import cli
+    import peft_dml_cli as cli
 
     suite = {"name": "few", "grid": {"method": ["linear_probe"], "seed": [0, 1, 2]},
              "defaults": {"dataset": "synthetic", "backbone": "vit_test", "weights": None, "image_size": 32,
@@ -67,7 +67,7 @@ def test_max_cells_counts_every_cell_of_the_call(synthetic_root, tmp_path, capsy
 
 
 def test_describe_a_small_backbone_without_naming_methods(capsys):
-    import cli
+    import peft_dml_cli as cli
 
     assert cli.main(["describe", "--backbone", "vit_test", "--num-classes", "10", "--embedding-size", "16"]) == 0
     out = capsys.readouterr().out
@@ -75,7 +75,7 @@ def test_describe_a_small_backbone_without_naming_methods(capsys):
 
 
 def test_status_of_a_suite_without_results_says_so(tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     assert cli.main(["status", "smoke", "--out", str(tmp_path / "nowhere")]) == 0
     assert "no results yet" in capsys.readouterr().out
@@ -84,7 +84,7 @@ def test_status_of_a_suite_without_results_says_so(tmp_path, capsys):
 def test_dry_run_refuses_a_suite_name_another_file_owns(tmp_path, capsys):
     import yaml
 
-    import cli
+    import peft_dml_cli as cli
 
     suite = {"name": "twin", "grid": {"method": ["linear_probe"], "seed": [0]},
              "defaults": {"dataset": "synthetic", "backbone": "vit_test", "weights": None}}
@@ -190,7 +190,7 @@ def test_a_random_sampler_on_a_small_space_draws_each_point_once(tmp_path):
 
 
 def test_when_every_trial_fails_the_run_says_so_and_fails(synthetic_root, tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     path = _tuned_suite(tmp_path, space={"default": {"lr": [1.0e30]}})
     code = cli.main(["run", str(path), "--executor", "local", "--data-root", str(synthetic_root), "--out",
@@ -268,7 +268,7 @@ def test_load_exported_refuses_bad_metadata_with_one_message(tmp_path):
 def test_an_image_size_the_backbone_cannot_cut_into_patches_fails_before_any_data(tmp_path, capsys):
     import yaml
 
-    import cli
+    import peft_dml_cli as cli
 
     assert cli.main(["cell", "--dataset", "synthetic", "--data-root", str(tmp_path / "none"), "--backbone",
                      "vit_test", "--weights", "none", "--set", "image_size=30"]) == 2
@@ -286,7 +286,7 @@ def test_an_80_column_progress_bar_keeps_steps_elapsed_time_and_eta():
 
     from rich.console import Console
 
-    from cli.progress import ProgressView
+    from peft_dml_cli.progress import ProgressView
 
     stream = io.StringIO()
     console = Console(file=stream, width=80, force_terminal=True, color_system=None)
@@ -307,7 +307,7 @@ def test_an_80_column_progress_bar_keeps_steps_elapsed_time_and_eta():
 
 
 def test_status_says_when_the_trials_are_done_and_the_finals_wait(synthetic_root, tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     path = _tuned_suite(tmp_path)
     out = tmp_path / "out"
@@ -319,7 +319,7 @@ def test_status_says_when_the_trials_are_done_and_the_finals_wait(synthetic_root
 
 
 def test_a_cell_folder_that_cannot_be_written_is_one_message(tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     out = tmp_path / "results"
     out.mkdir()

@@ -141,7 +141,7 @@ def test_winner_is_the_best_mean_validation_score_ties_to_the_lower_trial():
 
 
 def test_stage_one_picks_the_clearly_better_learning_rate_and_stage_two_retrains_it(synthetic_root, tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     # lr 1e30 makes every weight infinite after one step (a non-finite loss: the trial fails),
     # 1e-3 trains: an unambiguous choice on any machine, made by stage 1's own cells
@@ -377,7 +377,7 @@ def test_identical_differences_on_every_seed_are_not_a_significant_difference():
 
 
 def test_plan_prints_seeds_per_group_and_per_pair(tmp_path, capsys):
-    import cli
+    import peft_dml_cli as cli
 
     suite = _per_query_suite(tmp_path)
     assert cli.main(["plan", suite.name, "--results", str(tmp_path), "--difference", "2"]) == 0

@@ -8,8 +8,8 @@ from typing import Any
 from rich.markup import escape
 from bench.config import CellConfig, ConfigError, parse_assignments
 from bench.results import RESULT_FILE, check_name, make_cell_id
-from cli.console import make_console
-from cli.progress import ProgressView
+from peft_dml_cli.console import make_console
+from peft_dml_cli.progress import ProgressView
 
 
 def cmd_cell(args) -> int:

@@ -7,7 +7,7 @@ from pathlib import Path
 from bench.artifacts import npy_bytes
 from bench.errors import UserError
 from bench.results import RESULT_FILE, atomic_write_bytes
-from cli.console import make_console
+from peft_dml_cli.console import make_console
 
 
 def check_out(out: Path, option: str = "--out") -> Path:

@@ -8,7 +8,7 @@ from rich.table import Table
 
 from bench.catalog import metric_display
 from bench.evaluate import EvaluationError, load_array, retrieval_metrics
-from cli.console import make_console, print_table
+from peft_dml_cli.console import make_console, print_table
 
 
 def cmd_evaluate(args) -> int:

@@ -1,6 +1,6 @@
 """The command line: run a suite, one cell, status, report, evaluate saved embeddings, describe
 methods. The only layer that prints: the engine (``bench/``) returns data and reports progress
-as events, which ``cli.progress`` renders.
+as events, which ``peft_dml_cli.progress`` renders.
 
 Each subcommand's module is imported only when used, so ``report`` and ``status`` start
 without importing torch (results are often read on a laptop). Entry points: ``peft-dml``
@@ -15,15 +15,15 @@ import sys
 
 # subcommand -> "module:function"; the function takes the parsed arguments, returns an exit code
 COMMANDS = {
-    "cell": "cli.cell:cmd_cell",
-    "run": "cli.suite:cmd_run",
-    "status": "cli.suite:cmd_status",
-    "report": "cli.report:cmd_report",
-    "plan": "cli.report:cmd_plan",
-    "evaluate": "cli.evaluate:cmd_evaluate",
-    "describe": "cli.describe:cmd_describe",
-    "embed": "cli.reuse:cmd_embed",
-    "export": "cli.reuse:cmd_export",
+    "cell": "peft_dml_cli.cell:cmd_cell",
+    "run": "peft_dml_cli.suite:cmd_run",
+    "status": "peft_dml_cli.suite:cmd_status",
+    "report": "peft_dml_cli.report:cmd_report",
+    "plan": "peft_dml_cli.report:cmd_plan",
+    "evaluate": "peft_dml_cli.evaluate:cmd_evaluate",
+    "describe": "peft_dml_cli.describe:cmd_describe",
+    "embed": "peft_dml_cli.reuse:cmd_embed",
+    "export": "peft_dml_cli.reuse:cmd_export",
 }
 
 

@@ -11,8 +11,8 @@ from bench import dispatch
 from bench.dispatch import CellState, cell_name, text, totals_line
 from bench.config import parse_assignments
 from bench.suite import Cell, Suite, load_suite
-from cli.console import make_console, print_table
-from cli.progress import ProgressView
+from peft_dml_cli.console import make_console, print_table
+from peft_dml_cli.progress import ProgressView
 
 STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": "blue", "pending": "yellow",
                  "corrupt": "magenta", "foreign": "magenta"}
@@ -85,7 +85,7 @@ def cmd_run(args) -> int:
                               "once the trials have ended (or pass --wait)", highlight=False)
             return code
     if executor == "local" and not args.no_report:
-        from cli.report import print_suite_summary, report_after_run
+        from peft_dml_cli.report import print_suite_summary, report_after_run
 
         if ran_any:
             report_after_run(suite_dir, suite.report.get("table"), console)

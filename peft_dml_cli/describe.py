@@ -6,7 +6,7 @@ import json
 from rich.table import Table
 
 from bench.config import ConfigError, parse_assignments
-from cli.console import make_console, print_table
+from peft_dml_cli.console import make_console, print_table
 
 
 def cmd_describe(args) -> int:

@@ -9,7 +9,7 @@ from rich.table import Table
 
 from rich.markup import escape
 from bench.errors import UserError
-from cli.console import make_console, print_table
+from peft_dml_cli.console import make_console, print_table
 
 
 def cmd_report(args) -> int:
