@@ -652,6 +652,47 @@ def _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, num_querie
     return metrics
 
 
+TIE_SAMPLE = 2000  # queries checked for ties: exact below this, a fixed sample above
+
+
+def top1_ties(embeddings: Any, labels: Any, *, gallery_embeddings: Any = None, gallery_labels: Any = None,
+              normalize: bool = True, max_queries: int = TIE_SAMPLE) -> dict[str, int]:
+    """How many queries' R@1 the tie rule decided rather than the model.
+
+    A query's R@1 is *decided by a tie* when its greatest similarity is shared exactly by an item
+    of its class and an item of another class: then only the lower-index rule makes it a hit or
+    a miss. A near-constant embedding makes this common, and its R@K then measures the order of
+    the images. Checked exactly on every query up to ``max_queries`` and on a fixed, evenly
+    spaced sample of that many above (a statement of rate, not of which queries).
+
+    Returns ``{"checked": n, "decided_by_tie": m}`` over scored (non-lone) queries.
+    """
+    self_search = gallery_embeddings is None
+    query, query_labels, gallery, gallery_labels = _checked_query_and_gallery(
+        embeddings, labels, gallery_embeddings, gallery_labels)
+    if normalize:
+        query = _l2_normalise(query)
+        gallery = query if self_search else _l2_normalise(gallery)
+    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels)
+    class_sizes = np.bincount(gallery_codes, minlength=int(query_codes.max()) + 1)
+    scored = np.flatnonzero(class_sizes[query_codes] - int(self_search) > 0)
+    if len(scored) > max_queries:
+        scored = scored[np.linspace(0, len(scored) - 1, max_queries).round().astype(np.int64)]
+    decided = 0
+    gallery64 = gallery.astype(np.float64)
+    for start in range(0, len(scored), 256):
+        rows = scored[start:start + 256]
+        # float64 products: an exact tie of the float32 embeddings stays one, and rounding does
+        # not invent ties between different vectors
+        similarities = query[rows].astype(np.float64) @ gallery64.T
+        if self_search:
+            similarities[np.arange(len(rows)), rows] = -np.inf
+        at_best = similarities >= similarities.max(axis=1, keepdims=True) - 1e-12
+        same = gallery_codes[None, :] == query_codes[rows, None]
+        decided += int(((at_best & same).any(axis=1) & (at_best & ~same).any(axis=1)).sum())
+    return {"checked": int(len(scored)), "decided_by_tie": decided}
+
+
 def _symmetric_pays(backend: str, codes: np.ndarray) -> bool:
     """Whether "auto" self-retrieval runs on the symmetric CPU engine (bench.evaluate_symmetric):
     on a machine without a GPU engine, it computes half the products of any block engine."""

@@ -27,7 +27,7 @@ from bench.artifacts import class_sample, npz_bytes, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
-from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics
+from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics, top1_ties
 from bench.learner import build_learner
 from bench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from bench.checkpoint import remove_checkpoint as remove_checkpoint_files
@@ -236,6 +236,7 @@ def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitE
         check_embeddings(g, "gallery")
         metrics, per_query = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl,
                                                return_per_query=True)
+        _record_ties(metrics, top1_ties(q, ql, gallery_embeddings=g, gallery_labels=gl))
         return SplitEvaluation(metrics, per_query, q, ql, g, gl)
     loader = loaders.get(name)
     if loader is None:
@@ -245,7 +246,15 @@ def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitE
     if name == "val":  # a small validation split cannot have SOP's R@1000: report the Ks it has
         ks = [k for k in ks if k < len(labels)] or [1]
     metrics, per_query = retrieval_metrics(emb, labels, ks, return_per_query=True)
+    _record_ties(metrics, top1_ties(emb, labels))
     return SplitEvaluation(metrics, per_query, emb, labels)
+
+
+def _record_ties(metrics: dict[str, Any], ties: dict[str, int]) -> None:
+    """Says in the result how often the tie rule, not the model, decided R@1 (the reporter
+    names cells where that is common): ``ties_top1`` of ``ties_checked`` queries."""
+    metrics["ties_top1"] = ties["decided_by_tie"]
+    metrics["ties_checked"] = ties["checked"]
 
 
 def _metrics(evaluation: SplitEvaluation | None) -> dict[str, Any] | None:

@@ -243,6 +243,8 @@ def cell_row(result: dict[str, Any], cell_dir: Path) -> dict[str, Any]:
     row["final_epoch"] = final.get("epoch")
     row.update(metric_items(final.get("test")))
     row["num_queries"] = (final.get("test") or {}).get("num_queries")
+    row["ties_top1"] = (final.get("test") or {}).get("ties_top1")
+    row["ties_checked"] = (final.get("test") or {}).get("ties_checked")
     row["data_root"] = (result.get("data") or {}).get("root")
     row.update({f"val/{k}": v for k, v in metric_items(final.get("val")).items()})
     oracle = result.get("oracle") or {}

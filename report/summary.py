@@ -123,6 +123,7 @@ def write_index(out_dir: Path, results: SuiteResults, table: Table, written: dic
               "final and oracle metrics, measurements)",
               f"- [epochs.csv]({_link(written['epochs.csv'], out_dir)}): one row per cell and epoch", ""]
     lines += problem_cells(results.cells)
+    lines += tie_notes(results.ok)
     if results.stale:
         lines += ["## Left out: not in cells.json", "",
                   "Result folders from an earlier version of the suite (their configuration changed), "
@@ -276,6 +277,29 @@ def problem_cells(cells: pd.DataFrame) -> list[str]:
         seed = names.value_display("seed", row.seed)
         lines.append(f"| `{row.cell_id}` | {row.status} | {md(row.method_name)} | {md(row.dataset_name)} | "
                      f"{seed} | {md(_plain(row.reason))} |")
+    return lines + [""]
+
+
+TIE_NOTE_FRACTION = 0.01  # a cell is named when the tie rule decided R@1 for 1 % of its queries
+
+
+def tie_notes(ok: pd.DataFrame) -> list[str]:
+    """Cells whose test R@1 the lower-index tie rule decided for many queries (result.json's
+    ``ties_top1`` of ``ties_checked``): their embeddings tie often, and R@K then reflects the
+    order of the images as much as the model."""
+    if ok.empty or "ties_top1" not in ok:
+        return []
+    counts = ok[["cell_id", "ties_top1", "ties_checked"]].dropna()
+    counts = counts[counts["ties_checked"] > 0]
+    flagged = counts[counts["ties_top1"] / counts["ties_checked"] >= TIE_NOTE_FRACTION]
+    if flagged.empty:
+        return []
+    lines = ["## Ties that decided R@1", "",
+             "In these cells a query's nearest similarity was shared exactly by an image of its class and one "
+             "of another class often: the lower gallery index, not the model, made those queries hits or "
+             "misses. Near-constant embeddings do this; read their R@K with care.", ""]
+    lines += [f"- `{row.cell_id}`: {int(row.ties_top1)} of {int(row.ties_checked)} test queries checked "
+              f"({100 * row.ties_top1 / row.ties_checked:.1f} %)" for row in flagged.itertuples()]
     return lines + [""]
 
 

@@ -63,7 +63,9 @@ def test_max_cells_counts_every_cell_of_the_call(synthetic_root, tmp_path, capsy
     run = ["run", str(path), "--executor", "local", "--data-root", str(synthetic_root), "--out", str(out),
            "--no-report", "--jobs", "2", "--max-cells", "1"]
     assert cli.main(run) == 0
-    assert len(list((out / "few").glob("*/result.json"))) == 1
+    (result_file,) = (out / "few").glob("*/result.json")
+    test = json.loads(result_file.read_text())["final"]["test"]
+    assert test["ties_checked"] == test["num_queries"] and 0 <= test["ties_top1"] <= test["ties_checked"]
 
 
 def test_describe_a_small_backbone_without_naming_methods(capsys):
@@ -327,3 +329,56 @@ def test_a_cell_folder_that_cannot_be_written_is_one_message(tmp_path, capsys):
     code = cli.main(["cell", "--dataset", "synthetic", "--data-root", str(tmp_path), "--backbone", "vit_test",
                      "--weights", "none", "--out", str(out)])
     assert code == 2 and "cannot write in the cell folder" in capsys.readouterr().err
+
+
+# --- ties that decide R@1 are said, not hidden (27.3) ---------------------------------------
+
+def test_top1_ties_count_the_queries_that_index_order_decided():
+    from bench.evaluate import top1_ties
+
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    # 0 and 1 share class 0, 2 is class 1 with the same vector: for queries 0, 1 and 3 the best
+    # similarity is shared by a positive and a negative; query 2's best are all negatives.
+    embeddings = np.array([a, a, a, b])
+    assert top1_ties(embeddings, np.array([0, 0, 1, 1])) == {"checked": 4, "decided_by_tie": 3}
+    apart = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    assert top1_ties(apart, np.array([0, 0, 1, 1])) == {"checked": 4, "decided_by_tie": 0}
+    assert top1_ties(np.eye(4), np.array([0, 0, 1, 1]))["decided_by_tie"] == 4  # all at 0: a tie
+
+
+def test_top1_ties_agree_with_brute_force_in_both_modes():
+    from bench.evaluate import top1_ties
+
+    rng = np.random.default_rng(3)
+    vectors = rng.normal(size=(6, 8))
+    embeddings = vectors[rng.integers(0, 6, size=60)]  # many exact duplicates
+    labels = rng.integers(0, 5, size=60)
+
+    def brute(q, ql, g, gl, self_search):
+        decided = checked = 0
+        for i in range(len(q)):
+            others = [j for j in range(len(g)) if not (self_search and j == i)]
+            if not any(gl[j] == ql[i] for j in others):
+                continue
+            checked += 1
+            sims = {j: float(q[i] @ g[j]) / np.linalg.norm(q[i]) / np.linalg.norm(g[j]) for j in others}
+            best = max(sims.values())
+            tied = [j for j in others if sims[j] >= best - 1e-9]
+            decided += any(gl[j] == ql[i] for j in tied) and any(gl[j] != ql[i] for j in tied)
+        return {"checked": checked, "decided_by_tie": decided}
+
+    assert top1_ties(embeddings, labels) == brute(embeddings, labels, embeddings, labels, True)
+    q, ql, g, gl = embeddings[:20], labels[:20], embeddings[20:], labels[20:]
+    assert top1_ties(q, ql, gallery_embeddings=g, gallery_labels=gl) == brute(q, ql, g, gl, False)
+    assert top1_ties(embeddings, labels, max_queries=7)["checked"] == 7
+
+
+def test_the_report_names_cells_whose_r1_ties_decided():
+    import pandas as pd
+
+    from report.summary import tie_notes
+
+    ok = pd.DataFrame({"cell_id": ["good", "tied"], "ties_top1": [0, 30], "ties_checked": [1000, 1000]})
+    text = "\n".join(tie_notes(ok))
+    assert "`tied`: 30 of 1000" in text and "`good`" not in text
+    assert tie_notes(ok.iloc[:1]) == []
