@@ -212,21 +212,6 @@ ACCUMULATORS: dict[str, str] = {
     "attention": "Attention",
 }
 
-# --- metrics ---------------------------------------------------------------------------------
-
-METRICS_FIXED = {"map@r": "MAP@R"}
-
-
-def metric_display(metric: str) -> str:
-    """'recall@4' -> 'R@4', 'map@r' -> 'MAP@R'."""
-    if metric in METRICS_FIXED:
-        return METRICS_FIXED[metric]
-    match = re.fullmatch(r"recall@(\d+)", metric)
-    if match:
-        return f"R@{match.group(1)}"
-    raise CatalogError(f"metric {metric!r} has no display name; add it to bench/catalog.py")
-
-
 # --- helpers -----------------------------------------------------------------------------------
 
 def closest(name: str, choices) -> str:

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from bench import metrics as metric_registry
 from bench.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported only where needed: `evaluate` on .npy files can skip it
@@ -43,17 +44,25 @@ FAISS_GPU_MAX_K = 2048
 
 @dataclass
 class PerQuery:
-    """One row per scored query (lone queries are left out, as in the metrics)."""
+    """One row per scored query (lone queries are left out, as in the metrics), with each
+    registered metric's record (``bench.metrics``: ``hit_at_k`` bool [Q, len(K)], a same-class
+    image among its K nearest; ``ap_at_r`` float64 [Q], its average precision at R)."""
     query_index: np.ndarray  # int64 [Q]: the query's index in its split
     label: np.ndarray  # [Q]: its label
     ks: np.ndarray  # int64 [len(K)]
-    hit_at_k: np.ndarray  # bool [Q, len(K)]: a same-class image among its K nearest
-    ap_at_r: np.ndarray  # float64 [Q]: its average precision at R
+    records: dict[str, np.ndarray]  # metric record name -> per-query values
     engine: str = ""  # the kNN engine that ranked them
 
+    @property
+    def hit_at_k(self) -> np.ndarray:
+        return self.records["hit_at_k"]
+
+    @property
+    def ap_at_r(self) -> np.ndarray:
+        return self.records["ap_at_r"]
+
     def arrays(self) -> dict[str, np.ndarray]:
-        return {"query_index": self.query_index, "label": self.label, "ks": self.ks, "hit_at_k": self.hit_at_k,
-                "ap_at_r": self.ap_at_r}
+        return {"query_index": self.query_index, "label": self.label, "ks": self.ks, **self.records}
 
 
 class EvaluationError(UserError, ValueError):
@@ -508,15 +517,6 @@ def _class_members(codes: np.ndarray, num_classes: int) -> np.ndarray:
     return members
 
 
-def _average_precision_at_r(same_class: np.ndarray, r: np.ndarray) -> np.ndarray:
-    """(1/R) * sum_{i<=R} P(i) rel(i) per row, with R per row (all R >= 1)."""
-    width = int(r.max())
-    ranks = np.arange(1, width + 1)
-    relevant = same_class[:, :width] & (ranks <= r[:, None])
-    hits_so_far = np.cumsum(relevant, axis=1, dtype=np.int64)
-    return (hits_so_far * relevant / ranks).sum(axis=1) / r
-
-
 def _checked_query_and_gallery(embeddings, labels, gallery_embeddings, gallery_labels):
     """(query, query labels, gallery, gallery labels); the gallery is the query set when absent."""
     query = _check_embeddings(embeddings, "embeddings")
@@ -589,27 +589,28 @@ def retrieval_metrics(
         from bench import evaluate_symmetric
 
         first_hit, ap_at_r = evaluate_symmetric.self_retrieval_records(query, query_codes, ks, chunk_size)
-        hit_at_k = first_hit[:, None] < np.asarray(ks)[None, :]
         # Identical embeddings of different classes tie exactly; the half-matrix engine computes
         # their similarities in different blocks, where rounding may part them. The queries
         # whose ranking such a tie decides are searched again, each row in one product.
         redo = np.flatnonzero(np.isin(scored, evaluate_symmetric.queries_with_mixed_duplicates(query, query_codes)))
         if len(redo):
-            hit_at_k[redo], ap_at_r[redo], _ = _records_by_search(
+            first_hit[redo], ap_at_r[redo], _ = _records_by_search(
                 query, gallery, query_codes, gallery_codes, r_per_query, scored[redo], ks, "torch" if _torch_importable() else "auto", chunk_size,
                 self_search)
-        return _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, len(query),
+        return _metrics_and_records(first_hit, ap_at_r, ks, scored, query_labels, len(query),
                                     evaluate_symmetric.ENGINE, return_per_query)
 
-    hit_at_k, ap_at_r, engine = _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query,
-                                                   scored, ks, backend, chunk_size, self_search)
-    return _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, len(query), engine,
+    first_hit, ap_at_r, engine = _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query,
+                                                    scored, ks, backend, chunk_size, self_search)
+    return _metrics_and_records(first_hit, ap_at_r, ks, scored, query_labels, len(query), engine,
                                 return_per_query)
 
 
 def _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query, scored, ks, backend, chunk_size,
                        self_search):
-    """(hit_at_k, ap_at_r, engine) of the ``scored`` queries, searched a chunk of rows at a time."""
+    """(first_hit, ap_at_r, engine) of the ``scored`` queries, searched a chunk of rows at a time:
+    the 0-based rank of each one's best positive (at or beyond the deepest K: a miss for every K,
+    reported as the list length) and its AP@R."""
     # MAP@R needs each query's top R; R@K needs where its first positive ranks, read from a
     # top-K list or, for deep K on the CPU, counted (see _counting_pays).
     candidates = len(gallery) - int(self_search)
@@ -623,32 +624,30 @@ def _records_by_search(query, gallery, query_codes, gallery_codes, r_per_query, 
         members = _class_members(gallery_codes, int(max(query_codes.max(), gallery_codes.max())) + 1)
         positives_of = lambda rows: members[query_codes[rows]]  # noqa: E731
 
-    hit_at_k = np.zeros((len(scored), len(ks)), dtype=bool)
+    first_hit = np.zeros(len(scored), dtype=np.int64)
     ap_at_r = np.zeros(len(scored), dtype=np.float64)
-    ks_array = np.asarray(ks)
     done = 0
     chunks = _iter_neighbours(searcher, query, scored, list_length, self_search=self_search,
                               chunk_size=_chunk_rows(chunk_size, searcher, len(gallery), list_length),
                               positives_of=positives_of)
     for rows, _, neighbours, counted_ranks in chunks:
         same_class = gallery_codes[neighbours] == query_codes[rows, None]
-        first_hit = _first_hit_ranks(same_class) if counted_ranks is None else counted_ranks
-        hit_at_k[done:done + len(rows)] = first_hit[:, None] < ks_array[None, :]
-        ap_at_r[done:done + len(rows)] = _average_precision_at_r(same_class, r_per_query[rows])
+        first_hit[done:done + len(rows)] = _first_hit_ranks(same_class) if counted_ranks is None else counted_ranks
+        ap_at_r[done:done + len(rows)] = metric_registry.average_precision_at_r(same_class, r_per_query[rows])
         done += len(rows)
-    return hit_at_k, ap_at_r, searcher.kind
+    return first_hit, ap_at_r, searcher.kind
 
 
-def _metrics_and_records(hit_at_k, ap_at_r, ks, scored, query_labels, num_queries, engine, return_per_query):
-    # Means of the per-query records, computed once: a per_query.npz's means equal these exactly.
-    metrics: dict[str, float | int] = {f"recall@{k}": float(hit_at_k[:, j].mean()) for j, k in enumerate(ks)}
-    metrics["map@r"] = float(ap_at_r.mean())
+def _metrics_and_records(first_hit, ap_at_r, ks, scored, query_labels, num_queries, engine, return_per_query):
+    # Each registered metric's per-query record, and its mean computed once from it: a
+    # per_query.npz's means equal these metrics exactly.
+    records = metric_registry.records({"first_hit": first_hit, "ap_at_r": ap_at_r}, ks)
+    metrics: dict[str, float | int] = metric_registry.means(records, ks)
     metrics["num_queries"] = len(scored)
     metrics["num_lone_queries"] = num_queries - len(scored)
     if return_per_query:
         return metrics, PerQuery(query_index=scored.astype(np.int64), label=np.asarray(query_labels)[scored],
-                                 ks=np.asarray(ks, dtype=np.int64), hit_at_k=hit_at_k, ap_at_r=ap_at_r,
-                                 engine=engine)
+                                 ks=np.asarray(ks, dtype=np.int64), records=records, engine=engine)
     return metrics
 
 

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from bench.metrics import average_precision_at_r
+
 ENGINE = "blas-sym"
 
 # Rows per block: 4096 x 4096 float32 is 64 MiB, which ran the product at full speed (139
@@ -336,8 +338,6 @@ def self_retrieval_records(x: np.ndarray, codes: np.ndarray, ks: tuple[int, ...]
             _read(chunks[i], block, chunks[j].original, 1, view(scratch, block.shape))
             _read(chunks[j], block, chunks[i].original, 0, view(scratch, block.shape))
 
-    from bench.evaluate import _average_precision_at_r
-
     first_rank = np.full(n, n, dtype=np.int64)
     average_precision = np.zeros(n, dtype=np.float64)
     for chunk in chunks:
@@ -350,6 +350,6 @@ def self_retrieval_records(x: np.ndarray, codes: np.ndarray, ks: tuple[int, ...]
             listed = chunk.contributing(scored) > 0
             first_rank[chunk.original[scored[listed]]] = chunk.gaps[scored[listed], 0]
         same_class = _same_class_rows(chunk, scored, int(chunk.r.max()))
-        average_precision[chunk.original[scored]] = _average_precision_at_r(same_class, chunk.r[scored])
+        average_precision[chunk.original[scored]] = average_precision_at_r(same_class, chunk.r[scored])
     scored = r_all > 0
     return first_rank[scored], average_precision[scored]

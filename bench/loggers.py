@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.errors import UserError
+from bench.metrics import is_metric_key
 from bench.results import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
@@ -34,7 +35,7 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
             out[{"train_loss": "train/loss"}.get(name, name)] = float(record[name])
     for split in ("val", "test"):
         for metric, value in (record.get(split) or {}).items():
-            if "@" in metric and isinstance(value, (int, float)):
+            if is_metric_key(metric) and isinstance(value, (int, float)):
                 out[f"{split}/{metric}"] = float(value)
     return out
 

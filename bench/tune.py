@@ -36,6 +36,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from bench.metrics import METRICS, is_metric_key
+
 SAMPLERS = ("random", "grid")
 TUNE_KEYS = ("budget", "sampler", "seed", "metric", "val_fraction", "seeds", "space")
 TUNING_FILE = "tuning.json"
@@ -155,8 +157,8 @@ def parse_tune(raw: Any, fail) -> TunePlan | None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise fail("tune.seed", f"must be an integer, got {seed!r}")
     metric = raw.get("metric", "recall@1")
-    if not isinstance(metric, str) or not (metric == "map@r" or metric.startswith("recall@")):
-        raise fail("tune.metric", f"must be recall@K or map@r, got {metric!r}")
+    if not isinstance(metric, str) or not is_metric_key(metric):
+        raise fail("tune.metric", f"must be a metric of bench/metrics.py ({', '.join(METRICS)}), got {metric!r}")
     val_fraction = raw.get("val_fraction", 0.2)
     if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
         raise fail("tune.val_fraction", f"must be in (0, 1): trials are scored on validation classes, "

@@ -6,7 +6,7 @@ import sys
 
 from rich.table import Table
 
-from bench.catalog import metric_display
+from bench.metrics import display as metric_display, is_metric_key
 from bench.evaluate import EvaluationError, load_array, retrieval_metrics
 from peft_dml_cli.console import make_console, print_table
 
@@ -40,7 +40,7 @@ def cmd_evaluate(args) -> int:
     table.add_column("metric")
     table.add_column("value", justify="right")
     for name, value in metrics.items():
-        shown = f"{100 * value:.2f}" if "@" in name else str(value)
-        table.add_row(metric_display(name) if "@" in name else name, shown)
+        shown = f"{100 * value:.2f}" if is_metric_key(name) else str(value)
+        table.add_row(metric_display(name) if is_metric_key(name) else name, shown)
     print_table(console, table)
     return 0

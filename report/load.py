@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import UserError
+from bench.metrics import is_metric_key
 from bench.results import RESULT_FILE, ResultError, foreign_reason, read_result
 from report import names
 
@@ -217,8 +218,9 @@ def missing_row(cell_id: str, key: dict[str, Any], reason: str) -> dict[str, Any
 
 
 def metric_items(metrics: dict[str, Any] | None) -> dict[str, float]:
-    """R@K / MAP@R entries of a metrics dict (query counts and the like are left out)."""
-    return {k: v for k, v in (metrics or {}).items() if "@" in k and isinstance(v, (int, float))}
+    """The registered metrics' entries of a metrics dict (bench.metrics: R@K, MAP@R, ...); query
+    and tie counts and the like are left out."""
+    return {k: v for k, v in (metrics or {}).items() if is_metric_key(k) and isinstance(v, (int, float))}
 
 
 def cell_row(result: dict[str, Any], cell_dir: Path) -> dict[str, Any]:

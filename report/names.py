@@ -7,7 +7,7 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from bench import catalog
+from bench import catalog, metrics
 
 # Names other sessions might reasonably use for the same method.
 METHOD_ALIASES = {"full_finetune": "full_ft", "full": "full_ft", "linear": "linear_probe", "vpt": "vpt_deep"}
@@ -138,8 +138,8 @@ def dataset_rank(dataset: Any) -> tuple[int, str]:
 def metric_display(metric: str) -> str:
     """'recall@4' -> 'R@4', 'map@r' -> 'MAP@R'."""
     try:
-        return catalog.metric_display(metric)
-    except catalog.CatalogError:
+        return metrics.display(metric)
+    except metrics.MetricError:
         return metric
 
 

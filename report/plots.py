@@ -531,7 +531,7 @@ def fig_significance(sig) -> Figure | None:
     ablation units carry every swept value in their names, which are wrapped and given room."""
     import textwrap
 
-    from report.significance import BEST, METRICS, against
+    from report.significance import BEST, against
     from report.stats import BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
     panels = [(group, metric) for (group, metric) in sig.best
@@ -577,9 +577,9 @@ def fig_significance(sig) -> Figure | None:
             ax.axvline(0, color="0.2", lw=1)
             ax.set_ylim(-0.6, len(rows) - 0.4)
             ax.set_yticks(np.arange(len(rows)), [wrap(r[0]) for r in rows], fontsize="small")
-            ax.set_xlabel(f"{METRICS[metric]}: difference to the best (points)")
+            ax.set_xlabel(f"{names.metric_display(metric)}: difference to the best (points)")
             n = sig.power[(group, metric)].n
-            ax.set_title(f"{group}: {METRICS[metric]} (n = {n} seeds)")
+            ax.set_title(f"{group}: {names.metric_display(metric)} (n = {n} seeds)")
         fig.suptitle("Differences to the best row (paired t-test over seeds, test split fixed; 95% t intervals)")
         _legend(fig, axes)
     return fig

@@ -35,11 +35,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from bench import metrics as metric_registry
 from report import names, stats
 from report.stats import ALPHA, BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
 PER_QUERY_FILE = "per_query.npz"  # bench.train.PER_QUERY_FILE
-METRICS = {"recall@1": "R@1", "map@r": "MAP@R"}
 # Rows every method is read against, when a group has them: does training beat the pretrained
 # features, and can full fine-tuning be dropped?
 REFERENCE_METHODS = ("zero_shot", "full_ft")
@@ -133,7 +133,7 @@ class Significance:
 
     def family(self, group: str, metric: str, family: str) -> pd.DataFrame:
         f = self.frame
-        return f[(f["table"] == group) & (f["metric"] == METRICS.get(metric, metric)) & (f["family"] == family)]
+        return f[(f["table"] == group) & (f["metric"] == names.metric_display(metric)) & (f["family"] == family)]
 
     @property
     def empty(self) -> bool:
@@ -151,13 +151,18 @@ def unit_name(record: dict[str, Any], varying: list[str]) -> str:
 def load_per_query(cell_dir: Path, record: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray] | None, str]:
     """A cell's per-query records, checked against its result (``record``: its row of the
     report's cells frame): the query count, finite values in range, and the means of every
-    R@K and of AP@R equal to the reported metrics. Returns (records, "") or (None, why not)."""
+    registered metric's key (R@K, AP@R, ...) equal to the reported metrics. Returns (records, "") or
+    (None, why not)."""
     path = cell_dir / PER_QUERY_FILE
     if not path.is_file():
         return None, "no per_query.npz (a result of an older version)"
     try:
         with np.load(path, allow_pickle=False) as data:
-            out = {k: np.asarray(data[k]) for k in ("query_index", "ks", "hit_at_k", "ap_at_r")}
+            out = {k: np.asarray(data[k]) for k in ("query_index", "ks")}
+            # every registered metric's record the file holds (a metric registered after it was
+            # written is simply absent, and not compared for this cell)
+            out.update({m.record: np.asarray(data[m.record]) for m in metric_registry.METRICS.values()
+                        if m.record in data})
             out["label"] = np.asarray(data["label"]) if "label" in data else None
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
         return None, f"per_query.npz cannot be read ({type(e).__name__})"
@@ -166,43 +171,48 @@ def load_per_query(cell_dir: Path, record: dict[str, Any] | None = None) -> tupl
 
 
 def _check_records(data: dict[str, np.ndarray], record: dict[str, Any]) -> str:
-    index, ks, hits, ap = data["query_index"], data["ks"], data["hit_at_k"], data["ap_at_r"]
-    if index.ndim != 1 or ap.shape != index.shape or hits.ndim != 2 or hits.shape != (len(index), len(ks)):
+    index, ks = data["query_index"], data["ks"]
+    if index.ndim != 1 or ks.ndim != 1:
         return "per_query.npz: arrays of inconsistent shapes"
+    for metric in metric_registry.METRICS.values():
+        values = data.get(metric.record)
+        if values is None:
+            continue
+        if values.shape != ((len(index), len(ks)) if metric.per_k else (len(index),)):
+            return "per_query.npz: arrays of inconsistent shapes"
+        # every metric's per-query value is a fraction; a per-K metric's is a hit, 0 or 1
+        values = values.astype(np.float64)
+        if not np.isfinite(values).all():
+            return "per_query.npz holds non-finite values"
+        if values.min(initial=0) < 0 or values.max(initial=0) > 1 or (
+                metric.per_k and not np.isin(values, (0.0, 1.0)).all()):
+            return f"per_query.npz: {metric.record} holds values outside [0, 1] (or hits that are not 0/1)"
     if data["label"] is not None and data["label"].shape != index.shape:
         return "per_query.npz: labels of another length than the queries"
     if len(np.unique(index)) != len(index):
         return "per_query.npz: a query index appears twice"
-    hits = hits.astype(np.float64)
-    ap = ap.astype(np.float64)
-    if not (np.isfinite(hits).all() and np.isfinite(ap).all()):
-        return "per_query.npz holds non-finite values"
-    if not (np.isin(hits, (0.0, 1.0)).all() and ap.min(initial=0) >= 0 and ap.max(initial=0) <= 1):
-        return "per_query.npz: hits are not 0/1 or AP is outside [0, 1]"
     expected_count = record.get("num_queries")
     if not names.is_missing(expected_count) and int(expected_count) != len(index):
         return f"per_query.npz has {len(index)} queries, result.json {int(expected_count)}"
-    checks = {f"recall@{int(k)}": hits[:, j].mean() if len(index) else math.nan for j, k in enumerate(ks)}
-    checks["map@r"] = ap.mean() if len(index) else math.nan
-    for metric, mean in checks.items():
-        reported = record.get(metric)
-        if names.is_missing(reported):
+    for metric in metric_registry.METRICS.values():
+        if metric.record not in data:
             continue
-        if not abs(float(mean) - float(reported)) <= 1e-6:
-            return f"per_query.npz's mean {metric} {mean:.6f} is not result.json's {float(reported):.6f}"
+        for key in metric.keys(ks.tolist()):
+            reported = record.get(key)
+            if names.is_missing(reported):
+                continue
+            values = metric_registry.query_values(data, key)
+            mean = values.mean() if len(index) else math.nan
+            if not abs(float(mean) - float(reported)) <= 1e-6:
+                return f"per_query.npz's mean {key} {mean:.6f} is not result.json's {float(reported):.6f}"
     return ""
 
 
 def metric_values(data: dict[str, np.ndarray], metric: str, common: np.ndarray) -> np.ndarray | None:
     position = {int(q): i for i, q in enumerate(data["query_index"].tolist())}
     rows = np.array([position[int(q)] for q in common], dtype=np.int64)
-    if metric == "map@r":
-        return data["ap_at_r"][rows].astype(np.float64)
-    k = int(metric.split("@")[1])
-    ks = data["ks"].tolist()
-    if k not in ks:
-        return None
-    return data["hit_at_k"][rows, ks.index(k)].astype(np.float64)
+    values = metric_registry.query_values(data, metric)
+    return None if values is None else values[rows]
 
 
 # --- the decision function (what the calibration tests simulate) ------------------------------
@@ -323,7 +333,8 @@ def significance(results, settings: Settings | None = None) -> Significance:
             out.notes.append(f"{group}: the per-query records carry no class labels; tested with the test split "
                              "fixed instead of over test classes.")
         unknown_contrasts -= {c for c in settings.contrasts if c[0] in units and c[1] in units}
-        for metric, title in METRICS.items():
+        for metric in metric_registry.compared_keys():
+            title = names.metric_display(metric)
             values = {u: {s: metric_values(d, metric, common) for s, d in by_seed.items()}
                       for u, by_seed in units.items()}
             values = {u: v for u, v in values.items() if all(x is not None for x in v.values())}

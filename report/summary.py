@@ -183,7 +183,6 @@ def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[s
     if sig is None:
         return []
     from report import verdicts
-    from report.significance import METRICS as METRICS_TITLE
 
     margin = sig.settings.margin
     population = ("over seeds and test classes (`--population classes`: a statement about new classes drawn "
@@ -198,7 +197,7 @@ def significance_section(sig, written: dict[str, Path], out_dir: Path) -> list[s
         lines += ["Each control is a planned comparison (family `contrast`) under the same calibrated test as "
                   "every other row:", ""]
         lines += [f"- {s}" for s in verdicts.control_lines(sig, escape=md)] + [""]
-        limits = [f"{md(group)}, {METRICS_TITLE[metric]}: below {p.detectable:.1f} points "
+        limits = [f"{md(group)}, {names.metric_display(metric)}: below {p.detectable:.1f} points "
                   f"({p.detectable_holm:.1f} after Holm over {p.family_size}), with n = {p.n}"
                   for (group, metric), p in sig.power.items() if p.n >= 2 and p.detectable == p.detectable]
         if limits:

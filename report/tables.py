@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterable
 
 import pandas as pd
 
+from bench import metrics as metric_registry
 from report import names, published
 from report.aggregate import seed_stats
 from report.load import ReportError, SuiteResults
@@ -368,7 +369,7 @@ MARK = "†"
 def mark_not_worse(table: Table, plans: list[RowPlan], layout: Layout, significance) -> None:
     for index, (row, plan) in enumerate(zip(table.rows, plans)):
         for spec in layout.specs:
-            if spec.value not in ("recall@1", "map@r"):
+            if spec.value not in metric_registry.compared_keys():
                 continue
             cells = [c["cell_id"] for c in plan.cells
                      if c["status"] == "ok" and all(_text(c.get(k)) == _text(v) for k, v in spec.where.items())]
@@ -434,8 +435,7 @@ def layout_table1(results: SuiteResults, records: list[dict], kind: str, oracle:
              scale=1e-6),
         Spec(Column("peak_memory[GiB]", "Peak\nmemory", fmt="memory", better=None),
              "peak_memory_bytes", scale=1 / 2**30, paper_metric="peak_memory_gib", paper_pct="memory_pct"),
-        metric_spec("recall@1"),
-        metric_spec("map@r"),
+        *(metric_spec(key) for key in metric_registry.table_keys()),
     ]
     if oracle:
         specs.append(oracle_spec())
@@ -475,7 +475,8 @@ def _dataset_specs(results: SuiteResults, records: list[dict], oracle: bool,
 def layout_table2(results: SuiteResults, records: list[dict], kind: str, oracle: bool) -> Layout:
     extras = _extra_axes(results, records, ("embedding_size",))
     specs, datasets = _dataset_specs(
-        results, records, oracle, lambda d: _recall_metrics(records, d, results) + ["map@r"])
+        results, records, oracle, lambda d: _recall_metrics(records, d, results) + [
+            key for key in metric_registry.table_keys() if names.recall_k(key) is None])
 
     def arch(r: dict) -> str:
         emb = r.get("embedding_size")
@@ -495,7 +496,7 @@ def layout_table2(results: SuiteResults, records: list[dict], kind: str, oracle:
 
 def layout_generic(results: SuiteResults, records: list[dict], kind: str, oracle: bool) -> Layout:
     extras = _extra_axes(results, records, ())
-    specs, datasets = _dataset_specs(results, records, oracle, lambda d: ["recall@1", "map@r"])
+    specs, datasets = _dataset_specs(results, records, oracle, lambda d: metric_registry.table_keys())
     return Layout(
         kind, ["Method", "Backbone"],
         key_fn=lambda r: (*_method_identity(r), _text(r.get("backbone")), *(_text(r.get(a)) for a in extras)),
@@ -517,7 +518,7 @@ def layout_ablation(results: SuiteResults, records: list[dict], kind: str, oracl
     swept = swept_axes(results, records, kind)
     several_methods = len({_method_identity(r) for r in records}) > 1
     several_backbones = _varying(records, "backbone")
-    specs, datasets = _dataset_specs(results, records, oracle, lambda d: ["recall@1", "map@r"])
+    specs, datasets = _dataset_specs(results, records, oracle, lambda d: metric_registry.table_keys())
 
     def stub(r: dict) -> list[str]:
         out = [names.value_display(a, r.get(a)) for a in swept]

@@ -10,8 +10,8 @@ import math
 import numpy as np
 import pandas as pd
 
-from report import stats
-from report.significance import BEST, CONTRAST, METRICS, Significance, against
+from report import names, stats
+from report.significance import BEST, CONTRAST, Significance, against
 from report.stats import BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
 ORDER = (BETTER, WORSE, EQUIVALENT, NOT_RESOLVED)
@@ -59,7 +59,7 @@ def sentences(sig: Significance, escape=str) -> list[str]:
     lines = []
     for (group, metric), best in sig.best.items():
         key = (group, metric)
-        title = METRICS[metric]
+        title = names.metric_display(metric)
         power = sig.power[key]
         rows, part = _rows(sig, group, metric, BEST, best)
         means = sig.means[key]
@@ -123,7 +123,7 @@ def control_lines(sig: Significance, escape=str) -> list[str]:
                  else f"n = {r.n_seeds} seeds")
             numbers = (f"{e(control.a)} minus {e(control.b)} {diff:+.1f} points, 95% CI {low:+.1f} to {high:+.1f}, "
                        f"p {_fmt_p(r.p)}, p_holm {_fmt_p(r.p_holm)}; {r.test}, {n}")
-            where = f"{e(group)}, {METRICS[metric]}"
+            where = f"{e(group)}, {names.metric_display(metric)}"
             if control.kind == "negative":
                 ok = verdict not in (BETTER, WORSE)
                 what = (f"A/A control: no difference ({verdict})" if ok
@@ -234,7 +234,7 @@ def plan_groups(sig: Significance, difference: float = 1.0, target: float = stat
     for (group, metric), power in sig.power.items():
         sd = power.seed_sd / 100 if math.isfinite(power.seed_sd) else math.nan
         m = max(power.family_size, 1)
-        rows.append({"table": group, "metric": METRICS[metric], "comparison": "a row vs the best (pooled)",
+        rows.append({"table": group, "metric": names.metric_display(metric), "comparison": "a row vs the best (pooled)",
                      "family": BEST, "n now": power.n, "seed SD": power.seed_sd, "difference": difference,
                      "seeds": stats.seeds_needed(sd, difference / 100, target=target),
                      "seeds with Holm": stats.seeds_needed(sd, difference / 100, alpha=stats.ALPHA / m, target=target),

@@ -42,7 +42,7 @@ def test_engine_never_prints_through_rich_nor_imports_the_reporter():
 
 def test_reporter_runs_without_torch_and_reads_only_result_files():
     heavy = ("torch", "torchvision", "timm", "faiss", "submitit", "methods")
-    allowed_bench = {"bench", "bench.results", "bench.errors", "bench.catalog"}
+    allowed_bench = {"bench", "bench.results", "bench.errors", "bench.catalog", "bench.metrics"}
     for path in package_files("report"):
         modules = imports_of(path)
         assert not [m for m in modules if top(m) in heavy], path
@@ -101,18 +101,25 @@ def test_every_catalog_backbone_builds_offline():
 
 # --- where to add a metric ------------------------------------------------------------------
 
-def test_every_metric_the_engine_reports_has_a_display_name():
+def test_every_metric_the_engine_reports_is_registered_and_displayed():
     import numpy as np
 
+    from bench import metrics
     from bench.evaluate import retrieval_metrics
 
     rng = np.random.default_rng(0)
-    metrics = retrieval_metrics(rng.normal(size=(40, 4)), np.repeat(np.arange(10), 4), (1, 2, 4, 8))
-    for key in metrics:
-        if "@" in key:
-            assert catalog.metric_display(key)
-    with pytest.raises(catalog.CatalogError):
-        catalog.metric_display("ndcg@10")
+    found = retrieval_metrics(rng.normal(size=(40, 4)), np.repeat(np.arange(10), 4), (1, 2, 4, 8))
+    assert [k for k in found if metrics.is_metric_key(k)] == metrics.result_keys((1, 2, 4, 8))
+    assert set(found) - set(metrics.result_keys((1, 2, 4, 8))) == {"num_queries", "num_lone_queries"}
+    for key in metrics.result_keys((1, 2, 4, 8)):
+        assert metrics.display(key)
+    with pytest.raises(metrics.MetricError, match="ndcg@10"):
+        metrics.display("ndcg@10")
+
+
+def test_the_metric_registry_is_torch_free_and_the_engines_do_not_import_each_other():
+    assert not [m for m in imports_of(ROOT / "bench" / "metrics.py") if top(m) in ("torch", "timm", "faiss")]
+    assert "bench.evaluate" not in imports_of(ROOT / "bench" / "evaluate_symmetric.py")
 
 
 # --- where to add a table kind or a figure -------------------------------------------------

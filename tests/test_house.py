@@ -33,3 +33,57 @@ def test_a_fixed_seed_cell_gives_the_recorded_metrics_and_per_query_bytes(synthe
     if os.environ.get("GOLDEN_RECORD"):
         GOLDEN.write_text(json.dumps(found, indent=1, sort_keys=True) + "\n")
     assert found == json.loads(GOLDEN.read_text())
+
+
+# --- one home for metrics: a metric added in one place reaches every consumer ------------------
+
+def _reciprocal_rank():
+    """A dummy metric for the test: 1 / (rank of the best positive), exact within the deepest K."""
+    from bench.metrics import Metric
+
+    return Metric(key="rr", display="RR", record="reciprocal_rank", table_keys=("rr",), compared=True,
+                  per_query=lambda base, ks: 1.0 / (base["first_hit"] + 1.0))
+
+
+def test_every_registered_metric_goes_from_the_cell_to_the_report_table_csv_and_significance(
+        synthetic_root, tmp_path, monkeypatch):
+    """The registry end to end, with a metric registered in this one place for the test: every
+    metric's keys land in result.json, its record in per_query.npz, its table keys in the report
+    table and cells.csv, and its compared keys in significance.csv."""
+    import numpy as np
+    import pandas as pd
+    import yaml
+
+    import peft_dml_cli as cli
+    from bench import metrics
+    from report.cli import build_report
+
+    monkeypatch.setitem(metrics.METRICS, "rr", _reciprocal_rank())
+    suite = {"name": "registry", "grid": {"method": ["linear_probe", "lora"], "seed": [0, 1]},
+             "defaults": {"dataset": "synthetic", **tiny_config(epochs=1)}}
+    path = tmp_path / "registry.yaml"
+    path.write_text(yaml.safe_dump(suite))
+    out = tmp_path / "results"
+    assert cli.main(["run", str(path), "--executor", "local", "--data-root", str(synthetic_root), "--out", str(out),
+                     "--no-report"]) == 0
+    written = build_report(out / "registry")
+
+    cells = sorted(p.parent for p in (out / "registry").glob("*/result.json"))
+    assert len(cells) == 4
+    for cell in cells:
+        test = json.loads((cell / "result.json").read_text())["final"]["test"]
+        with np.load(cell / "per_query.npz") as records:
+            ks = records["ks"].tolist()
+            assert set(metrics.result_keys(ks)) <= set(test)
+            for metric in metrics.METRICS.values():
+                assert metric.record in records.files, metric.key
+                for key in metric.keys(ks):
+                    assert float(metrics.query_values(dict(records), key).mean()) == test[key]
+    table = pd.read_csv(next(path for name, path in written.items() if name.startswith("tables/") and name.endswith(".csv")))
+    cells_csv = pd.read_csv(written["cells.csv"])
+    significance = pd.read_csv(written["significance.csv"])
+    for key in metrics.table_keys():
+        assert any(key in column for column in table.columns), (key, list(table.columns))
+        assert key in cells_csv.columns
+    assert set(significance["metric"]) == {metrics.display(k) for k in metrics.compared_keys()}
+    assert "RR" in set(significance["metric"])
