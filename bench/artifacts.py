@@ -25,16 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.cell_files import CellFiles
 from bench.evaluate import compute_embeddings, knn
 from bench.results import atomic_write_bytes
 
-RETRIEVAL_FILE = "retrieval.npz"
-ATTENTION_FILE = "attention.npz"
-PROXIES_FILE = "proxies.npz"
-EMBEDDINGS_FILE = "test_embeddings.npy"
-LABELS_FILE = "test_labels.npy"
-GALLERY_EMBEDDINGS_FILE = "test_gallery_embeddings.npy"  # In-Shop only
-GALLERY_LABELS_FILE = "test_gallery_labels.npy"
 RETRIEVAL_QUERIES = 32
 RETRIEVAL_NEIGHBOURS = 10
 ATTENTION_IMAGES = 8
@@ -225,12 +219,13 @@ def write_artifacts(cell_dir: Path, config, learner, splits, loaders, evaluation
     test = evaluation.get("test") if evaluation else None
     if test is None:  # tuning trials never look at the test split
         return []
+    files = CellFiles(cell_dir)
     written = []
     query_split = splits.query if splits.query is not None else splits.test
     gallery_split = splits.gallery if splits.gallery is not None else splits.test
     retrieval = retrieval_arrays(config.dataset, splits.root, test, query_split, gallery_split)
-    atomic_write_bytes(cell_dir / RETRIEVAL_FILE, npz_bytes(retrieval))
-    written.append(RETRIEVAL_FILE)
+    atomic_write_bytes(files.retrieval, npz_bytes(retrieval))
+    written.append(files.retrieval.name)
 
     query_loader = loaders.get("query") or loaders.get("test")
     try:
@@ -242,21 +237,20 @@ def write_artifacts(cell_dir: Path, config, learner, splits, loaders, evaluation
         attention["image_path"] = retrieval["query_path"][:ATTENTION_IMAGES]
         attention["image_label"] = retrieval["query_label"][:ATTENTION_IMAGES]
         attention["root"] = retrieval["root"]
-        atomic_write_bytes(cell_dir / ATTENTION_FILE, npz_bytes(attention))
-        written.append(ATTENTION_FILE)
+        atomic_write_bytes(files.attention, npz_bytes(attention))
+        written.append(files.attention.name)
 
     if trained and loaders.get("train_eval") is not None:
         train_embeddings, train_labels = compute_embeddings(learner.model, loaders["train_eval"], device, amp_dtype)
-        atomic_write_bytes(cell_dir / PROXIES_FILE, npz_bytes(proxies_arrays(learner, train_embeddings,
-                                                                             train_labels)))
-        written.append(PROXIES_FILE)
+        atomic_write_bytes(files.proxies, npz_bytes(proxies_arrays(learner, train_embeddings, train_labels)))
+        written.append(files.proxies.name)
 
     if wants_embeddings(config.save_embeddings, len(test.embeddings)):
-        atomic_write_bytes(cell_dir / EMBEDDINGS_FILE, npy_bytes(test.embeddings.astype(np.float16)))
-        atomic_write_bytes(cell_dir / LABELS_FILE, npy_bytes(test.labels.astype(np.int64)))
-        written += [EMBEDDINGS_FILE, LABELS_FILE]
+        atomic_write_bytes(files.test_embeddings, npy_bytes(test.embeddings.astype(np.float16)))
+        atomic_write_bytes(files.test_labels, npy_bytes(test.labels.astype(np.int64)))
+        written += [files.test_embeddings.name, files.test_labels.name]
         if test.gallery is not None:  # In-Shop: the queries above, the gallery beside them
-            atomic_write_bytes(cell_dir / GALLERY_EMBEDDINGS_FILE, npy_bytes(test.gallery.astype(np.float16)))
-            atomic_write_bytes(cell_dir / GALLERY_LABELS_FILE, npy_bytes(test.gallery_labels.astype(np.int64)))
-            written += [GALLERY_EMBEDDINGS_FILE, GALLERY_LABELS_FILE]
+            atomic_write_bytes(files.gallery_embeddings, npy_bytes(test.gallery.astype(np.float16)))
+            atomic_write_bytes(files.gallery_labels, npy_bytes(test.gallery_labels.astype(np.int64)))
+            written += [files.gallery_embeddings.name, files.gallery_labels.name]
     return written

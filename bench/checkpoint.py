@@ -28,11 +28,10 @@ from typing import Any
 
 import torch
 
+from bench.cell_files import CellFiles
 from bench.errors import CellFailure
 from bench.results import atomic_write_bytes, disk_full, move_aside
 
-CHECKPOINT_FILE = "checkpoint.pt"
-TABLES_PREFIX = "checkpoint.tables."
 TABLE_BYTES = 64 * 2**20
 _REF = "__checkpoint_table__"
 
@@ -91,10 +90,11 @@ def save_checkpoint(cell_dir: Path, state: dict[str, Any]) -> None:
     if tables:
         from safetensors.torch import save_file
 
-        partial = cell_dir / f".{TABLES_PREFIX}{os.getpid()}.partial"
+        partial = CellFiles(cell_dir).checkpoint_partial(str(os.getpid()))
         try:
             save_file(tables, str(partial))
-            name = f"{TABLES_PREFIX}{file_hash(partial)}.safetensors"
+            digest = file_hash(partial)
+            name = CellFiles(cell_dir).checkpoint_tables(digest).name
             os.replace(partial, cell_dir / name)
         except BaseException as e:
             partial.unlink(missing_ok=True)
@@ -102,12 +102,12 @@ def save_checkpoint(cell_dir: Path, state: dict[str, Any]) -> None:
             if isinstance(e, Exception) and shutil.disk_usage(cell_dir).free < needed:  # safetensors' own error type
                 raise disk_full(partial, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))) from None
             raise
-        small["__tables__"] = {"file": name, "hash": name[len(TABLES_PREFIX):-len(".safetensors")]}
+        small["__tables__"] = {"file": name, "hash": digest}
     buffer = io.BytesIO()
     torch.save(small, buffer)
-    atomic_write_bytes(cell_dir / CHECKPOINT_FILE, buffer.getvalue())
+    atomic_write_bytes(CellFiles(cell_dir).checkpoint, buffer.getvalue())
     keep = small.get("__tables__", {}).get("file")
-    for old in cell_dir.glob(f"{TABLES_PREFIX}*.safetensors"):
+    for old in CellFiles(cell_dir).all_checkpoint_tables():
         if old.name != keep:
             old.unlink(missing_ok=True)
 
@@ -133,7 +133,7 @@ def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
     half-overwritten model.
     """
     cell_dir = Path(cell_dir)
-    path = cell_dir / CHECKPOINT_FILE
+    path = CellFiles(cell_dir).checkpoint
     if not path.exists():
         return None
     written: list[str] = []  # tables already read into a destination
@@ -236,6 +236,6 @@ def read_tensor(handle, entry: dict[str, Any], start: int, out: torch.Tensor | N
 
 def remove_checkpoint(cell_dir: Path) -> None:
     cell_dir = Path(cell_dir)
-    (cell_dir / CHECKPOINT_FILE).unlink(missing_ok=True)
-    for tables in cell_dir.glob(f"{TABLES_PREFIX}*.safetensors"):
+    CellFiles(cell_dir).checkpoint.unlink(missing_ok=True)
+    for tables in CellFiles(cell_dir).all_checkpoint_tables():
         tables.unlink(missing_ok=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.data.hooks import ensure_demo_data, exclusive_lock, generate_once
-from bench.demo_weights import (BACKBONE, DEFAULT_RECIPE, SOURCE_CLASS_OFFSET, Recipe, pretrain_threads,
+from bench.demo_weights import (BACKBONE, SOURCE_CLASS_OFFSET, Recipe, pretrain_threads,
                                 cache_dir, version, weights_file)
 from bench import demo_weights
 

@@ -33,12 +33,12 @@ from typing import Any, Iterable
 
 import submitit
 
+from bench.cell_files import CellFiles
 from bench.errors import UserError
 from bench.events import Listener, ignore, log_event
-from bench.results import RESULT_FILE, ResultError, atomic_write_json, config_hash, foreign_reason, read_result
+from bench.results import atomic_write_json, config_hash, foreign_reason, read_result
 from bench.suite import Cell, Suite
 
-JOB_FILE = "job.json"
 CELLS_FILE = "cells.json"
 SUBMITIT_DIR = ".submitit"
 # SLURM states of a job that may still run the cell. COMPLETING counts: squeue also shows it for
@@ -104,8 +104,8 @@ def collect_states(cells: list[Cell], suite_dir: Path) -> dict[str, CellState]:
         elif cell_dir.is_symlink():
             states[cell.cell_id] = CellState("foreign", f"{cell_dir} is a symlink (to {os.readlink(cell_dir)}); "
                                                         "a cell needs a folder of its own")
-        elif (cell_dir / RESULT_FILE).exists():
-            states[cell.cell_id] = _result_state(cell_dir / RESULT_FILE, cell)
+        elif CellFiles(cell_dir).result.exists():
+            states[cell.cell_id] = _result_state(CellFiles(cell_dir).result, cell)
         elif job:
             ended = f" ({slurm_state.lower()})" if slurm_state else ""
             states[cell.cell_id] = CellState("pending", f"job {job['job_id']} ended{ended} without a result; "
@@ -135,7 +135,7 @@ def _result_state(path: Path, cell: Cell | None = None) -> CellState:
 
 def read_job_file(cell_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((cell_dir / JOB_FILE).read_text())
+        return json.loads(CellFiles(cell_dir).job.read_text())
     except (OSError, ValueError):
         return None
 
@@ -189,7 +189,7 @@ def check_reuse(cells: list[Cell], states: dict[str, CellState], suite_dir: Path
         if states[cell.cell_id].state != "done":
             continue
         try:
-            result = read_result(suite_dir / cell.cell_id / RESULT_FILE)
+            result = read_result(CellFiles(suite_dir / cell.cell_id).result)
         except UserError:
             continue
         mismatch = data_mismatch(result, cell.config, content=content)
@@ -303,7 +303,7 @@ def _run_one(cell: Cell, suite_dir: Path, fresh: bool, on_event: Listener = igno
     if result is None:
         return "running elsewhere", ""
     if result["status"] == "ok":
-        return "done", _result_state(suite_dir / cell.cell_id / RESULT_FILE).detail
+        return "done", _result_state(CellFiles(suite_dir / cell.cell_id).result).detail
     return "failed", str(result["reason"])
 
 
@@ -527,7 +527,7 @@ def submit(suite: Suite, cells: list[Cell], suite_dir: Path, kind: str, *, fresh
     if kind == "slurm":
         submitted = dt.datetime.now(dt.timezone.utc).isoformat()
         for cell_dir, job in zip(cell_dirs, jobs):
-            atomic_write_json(Path(cell_dir) / JOB_FILE, {
+            atomic_write_json(CellFiles(cell_dir).job, {
                 "executor": "slurm", "job_id": job.job_id, "submitted": submitted,
                 "log": str(job.paths.stdout), "error_log": str(job.paths.stderr),
             })

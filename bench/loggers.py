@@ -19,11 +19,11 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bench.cell_files import CellFiles
 from bench.errors import UserError
 from bench.metrics import is_metric_key
 from bench.results import atomic_write_text
 
-METRICS_FILE = "metrics.jsonl"
 log = logging.getLogger("bench")
 
 
@@ -45,7 +45,7 @@ class EpochLog:
 
     def __init__(self, cell_dir: Path, sinks: list[str], *, resume_after: int, run_name: str, project: str,
                  config: dict[str, Any]):
-        self.path = Path(cell_dir) / METRICS_FILE
+        self.path = CellFiles(cell_dir).metrics_log
         self._drop_lines_after(resume_after)
         self.sinks = []
         for sink in sinks:
@@ -82,9 +82,9 @@ def _plain(value: Any) -> Any:
 
 def _make_sink(name: str, cell_dir: Path, run_name: str, project: str, config: dict[str, Any]):
     if name == "tensorboard":
-        return TensorBoardSink(cell_dir / "tensorboard")
+        return TensorBoardSink(CellFiles(cell_dir).tensorboard)
     if name == "csv":
-        return CsvSink(cell_dir / "metrics.csv")
+        return CsvSink(CellFiles(cell_dir).metrics_csv)
     if name == "wandb":
         return WandbSink(cell_dir, run_name, project, config)
     raise UserError(f"logger: unknown tracker {name!r}; choose tensorboard, wandb or csv")

@@ -64,10 +64,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from bench.cell_files import FILES
 from bench.errors import UserError
 
 SCHEMA_VERSION = 2
-RESULT_FILE = "result.json"
+RESULT_FILE = FILES["result"].name  # the one name readers print; paths: CellFiles
 MAX_RESULT_BYTES = 64 * 2**20  # a result.json is a few hundred kB at most
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

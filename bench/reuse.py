@@ -29,8 +29,8 @@ import torch
 
 from bench.config import CellConfig
 from bench.errors import UserError
+from bench.cell_files import CellFiles
 from bench.results import RESULT_FILE, atomic_write_bytes, read_result
-from bench.runner import WEIGHTS_FILE
 EXPORT_FORMAT = "peft-dml-bench/export-1"
 TRAINING_ONLY = ("criterion.", "extras.semantic_proxies.")  # state an embedding model does not use
 
@@ -40,15 +40,16 @@ class CellLoadError(UserError):
 
 
 def _cell_record(cell_dir: Path) -> dict[str, Any]:
-    result_path = cell_dir / RESULT_FILE
+    files = CellFiles(cell_dir)
+    result_path = files.result
     if not result_path.is_file():
         raise CellLoadError(f"{cell_dir}: no {RESULT_FILE}: not a finished cell folder")
     result = read_result(result_path)
     if result.get("status") != "ok":
         raise CellLoadError(f"{result_path}: the cell did not finish (status {result.get('status')!r}: "
                             f"{result.get('reason')}); nothing to load")
-    if not (cell_dir / WEIGHTS_FILE).is_file():
-        raise CellLoadError(f"{cell_dir / WEIGHTS_FILE}: missing; the cell's trained weights are needed")
+    if not files.weights.is_file():
+        raise CellLoadError(f"{files.weights}: missing; the cell's trained weights are needed")
     return result
 
 
@@ -70,13 +71,13 @@ def load_learner(cell_dir: str | Path, device: str | torch.device = "cpu"):
     result = _cell_record(cell_dir)
     config = cell_config(result)
     num_classes = int(result["data"]["splits"]["train"]["classes"])
-    path = cell_dir / WEIGHTS_FILE
+    path = CellFiles(cell_dir).weights
     with safe_open(str(path), framework="pt") as weights:
         metadata = weights.metadata() or {}
         state = {key: weights.get_tensor(key) for key in weights.keys()}
     if metadata.get("identity_hash") not in (None, result.get("identity_hash")):
         raise CellLoadError(f"{path}: written for cell configuration {metadata['identity_hash']}, but "
-                            f"{cell_dir / RESULT_FILE} is {result.get('identity_hash')}: the folder mixes two runs")
+                            f"{CellFiles(cell_dir).result} is {result.get('identity_hash')}: the folder mixes two runs")
     seed_everything(config.seed)  # as train_cell: the same random-init parts
     learner = build_learner(config, num_classes)
     try:

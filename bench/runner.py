@@ -22,14 +22,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from bench.cell_files import CellFiles
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
-from bench.results import (RESULT_FILE, SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, config_hash,
+from bench.results import (SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, config_hash,
                            foreign_reason, move_aside, read_result)
 
-LOCK_FILE = ".lock"
-RUNS_LOG = "runs.log"  # one line per start and end of this cell: requeues and retries stay visible
-WEIGHTS_FILE = "trainable.safetensors"
 PACKAGES = ("torch", "torchvision", "timm", "faiss-cpu", "faiss-gpu-cu12", "numpy", "submitit", "safetensors")
 
 
@@ -38,7 +36,7 @@ def cell_lock(cell_dir: Path):
     """Yields True when this process holds the cell, False when another process does."""
     try:
         cell_dir.mkdir(parents=True, exist_ok=True)
-        handle = open(cell_dir / LOCK_FILE, "a+")
+        handle = open(CellFiles(cell_dir).lock, "a+")
     except OSError as e:  # a read-only results folder, a file where the folder should be
         raise UserError(f"{cell_dir}: cannot write in the cell folder ({e.strerror or e}); make the results folder "
                         "writable, or write results elsewhere with --out") from None
@@ -62,7 +60,7 @@ def is_locked(cell_dir: Path) -> bool:
     """True while some process runs this cell (on this host or a shared filesystem with locks).
     Opens the lock file read-only and never creates it: ``status`` works on read-only results
     (copied from a cluster) and writes nothing."""
-    path = Path(cell_dir) / LOCK_FILE
+    path = CellFiles(cell_dir).lock
     try:
         handle = open(path, "rb")
     except OSError:  # no lock file (never ran here), or unreadable: nobody holds it
@@ -92,10 +90,10 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
     with cell_lock(cell_dir) as held:
         if not held:
             return None
-        result_path = cell_dir / RESULT_FILE
+        files = CellFiles(cell_dir)
+        result_path = files.result
         if fresh:
-            for name in (RESULT_FILE, "checkpoint.pt", WEIGHTS_FILE):
-                path = cell_dir / name
+            for path in (files.result, files.checkpoint, files.weights):
                 if path.is_dir() and not path.is_symlink():
                     move_aside(path, "in-the-way")
                 path.unlink(missing_ok=True)
@@ -140,7 +138,7 @@ def _existing_result(path: Path, cell_dir: Path, suite: str, identity_hash: str)
 def log_run(cell_dir: Path, what: str) -> None:
     stamp = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     job = os.environ.get("SLURM_JOB_ID", "-")
-    with open(cell_dir / RUNS_LOG, "a") as log:
+    with open(CellFiles(cell_dir).runs_log, "a") as log:  # requeues and retries stay visible
         log.write(f"{stamp} {socket.gethostname()} pid={os.getpid()} slurm_job={job} {what}\n")
 
 
@@ -157,21 +155,24 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identit
     emit = progress or (lambda event: None)
     outcome = None
     try:
-        from bench.train import train_cell
+        from bench.train import load_splits, train_cell
 
-        outcome = train_cell(config, cell_dir, identity_hash, progress, data_record=result)
+        splits = load_splits(config)
+        result["data"] = splits.record()  # as soon as it is read: a later failure still shows the split
+        emit({"event": "data", "summary": result["data"]})
+        outcome = train_cell(config, cell_dir, identity_hash, splits, progress)
         result.update(status="ok", epochs=outcome.epochs, final=outcome.final, oracle=outcome.oracle,
                       measurements=outcome.measurements, skipped_images=outcome.num_skipped_images,
                       model=outcome.model)
-        _save_weights(outcome.learner, cell_dir / WEIGHTS_FILE, result)
+        _save_weights(outcome.learner, CellFiles(cell_dir).weights, result)
     except CellFailure as failure:  # the cell's own reason (NaN loss): the finished epochs stay
         result["epochs"] = failure.history
         result["reason"] = str(failure)
     except UserError as e:  # bad input or a full disk, named by the message
         result["reason"] = str(e)
     except Exception as e:  # a bug: it must never stop the grid, and its traceback goes beside it
-        result["reason"] = f"{type(e).__name__}: {e} (traceback in {cell_dir / 'error.log'})"
-        (cell_dir / "error.log").write_text(traceback.format_exc())
+        result["reason"] = f"{type(e).__name__}: {e} (traceback in {CellFiles(cell_dir).error_log})"
+        CellFiles(cell_dir).error_log.write_text(traceback.format_exc())
     if result["status"] != "ok":
         result.update(status="failed", final=None, oracle=None)
     finished = dt.datetime.now(dt.timezone.utc)
@@ -179,9 +180,9 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identit
         result["measurements"]["wall_time_s"] = time.perf_counter() - wall_start
     result["provenance"] = provenance(started, finished)
     # The result first (fsync'd), then the checkpoint goes: a kill in between keeps the training.
-    atomic_write_json(cell_dir / RESULT_FILE, result)
+    atomic_write_json(CellFiles(cell_dir).result, result)
     if result["status"] == "ok":
-        from bench.train import remove_checkpoint
+        from bench.checkpointer import remove_checkpoint
 
         remove_checkpoint(cell_dir)
     emit({"event": "cell_end", "status": result["status"], "reason": result["reason"]})

@@ -108,17 +108,18 @@ class SuitePlan:
     failed: list[str] = field(default_factory=list)  # methods whose every trial failed: no final cell can run
 
 
-def _trial_score(results_dir: Path | None, cell: Cell, metric: str, read_result, result_file, error):
+def _trial_score(results_dir: Path | None, cell: Cell, metric: str):
     """A trial's validation score; None when it failed; "pending" while it has no result (or
     only one that is not this trial's: copied from another cell or suite)."""
-    from bench.results import config_hash, foreign_reason
+    from bench.cell_files import CellFiles
+    from bench.results import ResultError, config_hash, foreign_reason, read_result
 
     if results_dir is None:
         return "pending"
     cell_dir = Path(results_dir) / cell.cell_id
     try:
-        result = read_result(cell_dir / result_file)
-    except (error, FileNotFoundError):
+        result = read_result(CellFiles(cell_dir).result)
+    except (ResultError, FileNotFoundError):
         return "pending"
     if foreign_reason(result, cell_dir, cell.suite, config_hash(cell.config.identity())) is not None:
         return "pending"  # the runner moves it aside and runs the trial
@@ -166,7 +167,7 @@ class Suite:
 
     def _tuned(self, grid_cells: list[Cell], data_root, results_dir):
         """Stage 1 (trials) and stage 2 (winners) of equal-budget tuning, from the grid's cells."""
-        from bench.results import RESULT_FILE, ResultError, config_hash, read_result
+        from bench.results import config_hash
 
         plan = self.tune
         groups: dict[str, list[Cell]] = {}
@@ -199,7 +200,7 @@ class Suite:
                     cell = Cell(self.name, key, config, make_cell_id(key, config.identity()), base.resources)
                     cells.append(cell)
                     if scores is not None:
-                        score = _trial_score(results_dir, cell, plan.metric, read_result, RESULT_FILE, ResultError)
+                        score = _trial_score(results_dir, cell, plan.metric)
                         scores = None if score == "pending" else scores + [score]
                 trial_records.append({"trial": t, "id": trial_id, "params": point, "scores": scores})
             group_key = {k: v for k, v in base.key.items() if k != "seed"}

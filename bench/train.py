@@ -1,16 +1,16 @@
-"""Training and per-epoch evaluation of one cell, with exact resume from epoch checkpoints.
+"""Training and per-epoch evaluation of one cell, with exact resume from its checkpoints.
 
-The checkpoint written at the end of every epoch holds the trained weights (plus method
-buffers such as the proxy memory), the optimisers, the scheduler, every RNG and the history
-so far; the sampler's batches are a pure function of (seed, epoch). A run killed at any point
-and restarted therefore ends with the same numbers as an uninterrupted one.
+``train_cell`` reads as the loop it is: build the cell (``CellSetup``), resume (``Checkpointer``),
+train epoch by epoch, evaluate the reported epoch, write its per-query records and artifacts.
+The checkpoint holds the trained weights (plus method buffers such as the proxy memory), the
+optimisers, the scheduler, every RNG and the history so far; the sampler's batches are a pure
+function of (seed, epoch, step). A run killed at any point and restarted therefore ends with
+the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
 import math
 import random
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +23,15 @@ from torch.utils.data import DataLoader
 
 from bench import catalog
 from bench import data as dml_data
-from bench.artifacts import class_sample, npz_bytes, write_artifacts
+from bench.artifacts import class_sample, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
+from bench.cell_evaluation import SplitEvaluation, check_recall_ks, evaluate_split, metrics_of, write_per_query
+from bench.checkpointer import Checkpointer, RunState, restore_best, save_best
 from bench.errors import CellFailure, UserError
-from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics, top1_ties
 from bench.learner import build_learner
-from bench.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
-from bench.checkpoint import remove_checkpoint as remove_checkpoint_files
 from bench.loggers import EpochLog
 from bench.optim import LazySGD, SparseAdamW
-from bench.results import atomic_write_bytes, move_aside
 from bench.measure import (SavedTensorMeter, StepTimer, counted_training_memory, device_name, parameter_counts,
                            peak_memory, reset_peak_memory)
 from bench.model import MetricLearner
@@ -201,355 +199,199 @@ def _num_batches(config: CellConfig, num_images: int) -> int:
 
 
 @dataclass
-class SplitEvaluation:
-    """One split evaluated: its metrics, each query's record, and the embeddings (In-Shop: the
-    queries' in ``embeddings``, the gallery's in ``gallery``)."""
-    metrics: dict[str, Any]
-    per_query: PerQuery
-    embeddings: np.ndarray
-    labels: np.ndarray
-    gallery: np.ndarray | None = None
-    gallery_labels: np.ndarray | None = None
+class CellSetup:
+    """Everything built for one cell before its first step: the learner on its device, the
+    optimisers and schedulers, AMP, the loaders and sampler, the timer and the Ks to report."""
+    config: CellConfig
+    device: torch.device
+    learner: MetricLearner
+    image_cfg: Any
+    optimizers: list
+    schedulers: list
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    train_loader: DataLoader
+    sampler: Any
+    eval_loaders: dict[str, DataLoader | None]
+    ks: tuple[int, ...]
+    timer: StepTimer
+    saved_bytes: int = 0  # what autograd keeps for backward in one step, counted on the first one
+
+    @property
+    def trains(self) -> bool:  # zero_shot: no epochs, one evaluation of the model as it is
+        return self.config.epochs > 0
+
+    @classmethod
+    def build(cls, config: CellConfig, splits) -> "CellSetup":
+        device = select_device(config.device)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
+        if config.evaluate_test:
+            check_recall_ks(ks, splits, config.dataset)
+        seed_everything(config.seed)
+        learner = build_learner(config, splits.train.num_classes).to(device)
+        image_cfg = data_config(learner.model.backbone, config.image_size)
+        optimizers = build_optimizers(learner, config) if config.epochs > 0 else []
+        amp_dtype = autocast_dtype(config, device)
+        scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+        train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
+        return cls(config, device, learner, image_cfg, optimizers, build_schedulers(optimizers, config), amp_dtype,
+                   scaler, train_loader, sampler, eval_loaders, ks, StepTimer(device))
+
+    def evaluate(self, split: str) -> SplitEvaluation | None:
+        if split == "test" and not self.config.evaluate_test:
+            return None
+        return evaluate_split(self.learner, self.eval_loaders, split, self.ks, self.device, self.amp_dtype)
+
+    def checkpointer(self, cell_dir: Path, identity_hash: str, emit) -> Checkpointer:
+        return Checkpointer(cell_dir, identity_hash, learner=self.learner, optimizers=self.optimizers,
+                            schedulers=self.schedulers, scaler=self.scaler, timer=self.timer,
+                            every_epochs=self.config.checkpoint_every,
+                            every_minutes=self.config.checkpoint_minutes, emit=emit)
 
 
-def check_embeddings(embeddings: np.ndarray, split: str) -> None:
-    """A model whose embeddings are all (nearly) equal, zero or non-finite ranks by index order
-    alone: its R@K would be the tie rule's, not the model's (a diverged tuning trial once won
-    that way). Such a cell fails with the reason instead of reporting it."""
-    if not np.isfinite(embeddings).all():
-        raise CellFailure(f"the {split} embeddings hold non-finite values: the model diverged")
-    scale = float(np.abs(embeddings).max(initial=0.0))
-    spread = float(embeddings.std(axis=0).max(initial=0.0)) if len(embeddings) > 1 else scale
-    if scale < 1e-12 or spread <= 1e-6 * scale:
-        raise CellFailure(f"degenerate {split} embeddings: every image gets the same embedding (largest per-"
-                          f"dimension SD {spread:.3g}, largest value {scale:.3g}); distances all tie, so R@K "
-                          "would only reflect the order of the images. Either the images are all alike, or the "
-                          "model collapsed (a lower learning rate usually helps)")
-
-
-def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitEvaluation | None:
-    """R@K and MAP@R of one split; In-Shop (query/gallery) when ``name == 'test'`` and it has them."""
-    if name == "test" and loaders.get("query") is not None:
-        q, ql = compute_embeddings(learner.model, loaders["query"], device, amp_dtype)
-        g, gl = compute_embeddings(learner.model, loaders["gallery"], device, amp_dtype)
-        check_embeddings(q, "query")
-        check_embeddings(g, "gallery")
-        metrics, per_query = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl,
-                                               return_per_query=True)
-        _record_ties(metrics, top1_ties(q, ql, gallery_embeddings=g, gallery_labels=gl))
-        return SplitEvaluation(metrics, per_query, q, ql, g, gl)
-    loader = loaders.get(name)
-    if loader is None:
-        return None
-    emb, labels = compute_embeddings(learner.model, loader, device, amp_dtype)
-    check_embeddings(emb, name)
-    if name == "val":  # a small validation split cannot have SOP's R@1000: report the Ks it has
-        ks = [k for k in ks if k < len(labels)] or [1]
-    metrics, per_query = retrieval_metrics(emb, labels, ks, return_per_query=True)
-    _record_ties(metrics, top1_ties(emb, labels))
-    return SplitEvaluation(metrics, per_query, emb, labels)
-
-
-def _record_ties(metrics: dict[str, Any], ties: dict[str, int]) -> None:
-    """Says in the result how often the tie rule, not the model, decided R@1 (the reporter
-    names cells where that is common): ``ties_top1`` of ``ties_checked`` queries."""
-    metrics["ties_top1"] = ties["decided_by_tie"]
-    metrics["ties_checked"] = ties["checked"]
-
-
-def _metrics(evaluation: SplitEvaluation | None) -> dict[str, Any] | None:
-    return None if evaluation is None else evaluation.metrics
-
-
-PER_QUERY_FILE = "per_query.npz"
-VAL_PER_QUERY_FILE = "val_per_query.npz"
-BEST_FILE = "best.safetensors"  # the best-validation epoch's trained state, while training
-
-
-def write_per_query(cell_dir: Path, test: SplitEvaluation | None, val: SplitEvaluation | None) -> None:
-    """``per_query.npz`` (the reported epoch's test queries: query_index, label, ks, hit_at_k,
-    ap_at_r) and a compact ``val_per_query.npz`` (float32 AP) for the validation split."""
-    if test is not None:
-        atomic_write_bytes(cell_dir / PER_QUERY_FILE, npz_bytes(test.per_query.arrays()))
-    if val is not None:
-        arrays = val.per_query.arrays()
-        arrays["ap_at_r"] = arrays["ap_at_r"].astype(np.float32)
-        atomic_write_bytes(cell_dir / VAL_PER_QUERY_FILE, npz_bytes(arrays))
-
-
-def save_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
-    from safetensors.torch import save
-
-    state = {k: v.detach().cpu().contiguous() for k, v in learner.trainable_state_dict().items()}
-    atomic_write_bytes(cell_dir / BEST_FILE, save(state, metadata={"epoch": str(epoch)}))
-
-
-def restore_best(cell_dir: Path, learner: MetricLearner, epoch: int) -> None:
-    from safetensors.torch import load
-
-    path = cell_dir / BEST_FILE
-    if not path.is_file():
-        raise CellFailure(f"{path}: the weights of the validation-selected epoch {epoch} are missing; rerun the "
-                          "cell with --fresh")
-    state = load(path.read_bytes())
-    learner.load_trainable_state_dict({k: v.to(t.device) for (k, v), t in zip(
-        state.items(), (learner.trainable_state_dict()[k] for k in state))})
-
-
-def remove_checkpoint(cell_dir: Path) -> None:
-    """After the result is written: the files that only a resumed run needs."""
-    remove_checkpoint_files(cell_dir)
-    (Path(cell_dir) / BEST_FILE).unlink(missing_ok=True)
-
-
-class StopRequest:
-    """SLURM's warning signal (USR2, sent by submitit before a time limit or a preemption) asks
-    the loop to stop at the next step boundary: it checkpoints there, then hands the signal to
-    submitit's own handler, which requeues the job. Outside a SLURM job (no handler installed
-    for USR2) nothing changes."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = None
-        self.frame = None
-
-    def __enter__(self) -> "StopRequest":
-        previous = signal.getsignal(signal.SIGUSR2)
-        if callable(previous) and threading.current_thread() is threading.main_thread():
-            self.previous = previous
-            signal.signal(signal.SIGUSR2, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.requested, self.frame = True, frame
-
-    def hand_over(self, emit, epoch: int, step: int) -> None:
-        emit({"event": "note", "text": f"stop signal: checkpointed at epoch {epoch}, step {step}; requeueing"})
-        signal.signal(signal.SIGUSR2, self.previous)
-        self.previous(signal.SIGUSR2, self.frame)
-
-    def __exit__(self, *exc) -> None:
-        if self.previous is not None and signal.getsignal(signal.SIGUSR2) == self._handle:
-            signal.signal(signal.SIGUSR2, self.previous)
-
-
-def check_recall_ks(ks: tuple[int, ...], splits, dataset: str) -> None:
-    """Fail before training when a split cannot have the deepest R@K (a small SOP subset has no
-    R@1000): every K needs that many other images to rank."""
-    if splits.query is not None and splits.gallery is not None:
-        split_name, candidates = "gallery", len(splits.gallery)
-    elif splits.test is not None:
-        split_name, candidates = "test", len(splits.test) - 1
-    else:
-        return
-    if ks[-1] > candidates:
-        possible = [k for k in ks if k <= candidates]
-        raise UserError(f"recall@{ks[-1]} needs {ks[-1]} images to rank, but the {split_name} split of {dataset} "
-                        f"has {candidates} (the largest possible K is {candidates}); set the cell field recall_ks, "
-                        f"e.g. recall_ks: {possible or [1]}")
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": random.getstate(),
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state[0], np_state[1].numpy().astype(np.uint32), *np_state[2:]))
-    random.setstate(_tuples(state["python"]))
-
-
-def _tuples(x):
-    return tuple(_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
-
-
-def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, progress: Progress = None,
-               data_record: dict[str, Any] | None = None) -> Outcome:
-    """Train and evaluate one cell; ``data_record["data"]`` gets the split summary as soon as the
-    data is read, so that a failure later still shows which split it ran on."""
-    device = select_device(config.device)
-    if config.torch_threads:
-        torch.set_num_threads(config.torch_threads)
+def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, splits, progress: Progress = None) -> Outcome:
+    """Train and evaluate one cell on its ``splits`` (``load_splits(config)``)."""
     emit = progress or (lambda event: None)
-    splits = load_splits(config)
-    summary = splits.record()
-    if data_record is not None:
-        data_record["data"] = summary
-    emit({"event": "data", "summary": summary})
-    ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
-    if config.evaluate_test:
-        check_recall_ks(ks, splits, config.dataset)
-    seed_everything(config.seed)
-    learner = build_learner(config, splits.train.num_classes).to(device)
-    image_cfg = data_config(learner.model.backbone, config.image_size)
-    trains = config.epochs > 0  # zero_shot: no epochs, one evaluation of the model as it is
-    optimizers = build_optimizers(learner, config) if trains else []
-    schedulers = build_schedulers(optimizers, config)
-    amp_dtype = autocast_dtype(config, device)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
-    timer = StepTimer(device)
-    history: list[dict[str, Any]] = []
-    eval_seconds = 0.0
-    start_epoch = 0
-
-    # big tables are read straight into the learner's own tensors: no second copy while resuming
-    state = load_checkpoint(cell_dir, identity_hash, emit, into={"learner": learner.trainable_state_dict()})
-    start_epoch, start_step, partial = 0, 0, None
-    if state is not None:
-        learner.load_trainable_state_dict(state["learner"])
-        for o, s in zip(optimizers, state["optimizers"]):
-            o.load_state_dict(s)
-        for sch, s in zip(schedulers, state["schedulers"]):
-            sch.load_state_dict(s)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        timer.load_state_dict(state["timer"])
-        history = list(state["history"])
-        eval_seconds = float(state["eval_seconds"])
-        start_epoch = int(state["epoch"])  # epochs finished
-        start_step = int(state.get("step", 0))  # steps of the next epoch already done (a mid-epoch save)
-        partial = state.get("partial")
-        set_rng_state(state["rng"])
-        state = None  # applied: a resumed process must not hold a second copy of the weights
-
-    def save(epoch_done: int, step: int = 0, progress: dict[str, Any] | None = None) -> None:
-        save_checkpoint(cell_dir, {
-            "identity": identity_hash, "epoch": epoch_done, "step": step, "partial": progress,
-            "learner": learner.trainable_state_dict(),
-            "optimizers": [o.state_dict() for o in optimizers],
-            "schedulers": [s.state_dict() for s in schedulers],
-            "scaler": scaler.state_dict() if scaler else None,
-            "timer": timer.state_dict(), "history": history, "eval_seconds": eval_seconds, "rng": rng_state(),
-        })
-
-    epoch_log = EpochLog(cell_dir, config.logger, resume_after=start_epoch, run_name=cell_dir.name,
-                         project=config.suite, config=config.to_dict())
-    emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": start_epoch,
-          "steps": len(sampler)})
-    reset_peak_memory(device)
-    saved_bytes = 0  # what autograd keeps for backward in one step, counted on the first one
+    cell = CellSetup.build(config, splits)
     last_evaluation: dict[str, Any] | None = None  # the latest evaluated epoch, kept for the report
-    last_save = time.monotonic()
-    with StopRequest() as stop:
-        for epoch in range(start_epoch + 1, config.epochs + 1):
-            first = start_step if epoch == start_epoch + 1 else 0
-            sampler.set_epoch(epoch, start=first)
-            learner.train()
-            epoch_start = time.perf_counter()
-            loss_sum, steps, earlier_seconds = (partial["loss_sum"], partial["steps"], partial["seconds"]) \
-                if partial and first else (0.0, 0, 0.0)
-            for offset, (images, labels) in enumerate(train_loader):
-                step = first + offset
-                images = images.to(device, non_blocking=True)
-                labels = labels.to(device, non_blocking=True)
-                with timer.step(step, len(labels)), SavedTensorMeter(learner.parameters(),
-                                                                     active=not saved_bytes) as meter:
-                    try:
-                        loss = train_step(learner, images, labels, optimizers, scaler=scaler,
-                                          grad_clip=config.grad_clip, amp_dtype=amp_dtype)
-                        saved_bytes = saved_bytes or meter.bytes
-                    except NonFiniteLoss as e:
-                        raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}",
-                                          history) from None
-                loss_value = loss.item()
-                loss_sum += loss_value
-                steps += 1
-                emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": len(sampler), "loss": loss_value})
-                due = config.checkpoint_minutes and time.monotonic() - last_save >= 60 * config.checkpoint_minutes
-                if (stop.requested or due) and step + 1 < len(sampler):
-                    # inside the epoch: batches and augmentations are functions of (seed, epoch,
-                    # step), so the rest of this epoch replays exactly after a resume
-                    seconds = earlier_seconds + time.perf_counter() - epoch_start
-                    save(epoch - 1, step + 1, {"loss_sum": loss_sum, "steps": steps, "seconds": seconds})
-                    last_save = time.monotonic()
-                    if stop.requested:
-                        stop.hand_over(emit, epoch, step + 1)
-            train_seconds = earlier_seconds + time.perf_counter() - epoch_start
-            timer.add_epoch(steps * config.batch_size, train_seconds)
-            lr = optimizers[0].param_groups[0]["lr"]
-            for sch in schedulers:
-                sch.step()
-
-            record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "lr": lr,
-                                      "time_s": train_seconds, "val": None, "test": None}
-            if epoch % config.eval_every == 0 or epoch == config.epochs:
-                eval_start = time.perf_counter()
-                val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
-                test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) \
-                    if config.evaluate_test else None
-                record["val"], record["test"] = _metrics(val), _metrics(test)
-                last_evaluation = {"epoch": epoch, "test": test, "val": val}
-                eval_seconds += time.perf_counter() - eval_start
-                if config.selection_rule == "val" and val is not None and is_best_validation(history, record):
-                    save_best(cell_dir, learner, epoch)
-            history.append(record)
-            if epoch % config.checkpoint_every == 0 or epoch == config.epochs or stop.requested:
-                save(epoch)
-                last_save = time.monotonic()
-            memory, _ = peak_memory(device)
-            epoch_log.epoch({**record, "step_ms_median": timer.summary()["step_latency_ms_median"],
+    with cell.checkpointer(cell_dir, identity_hash, emit) as checkpointer:
+        run = checkpointer.resume()
+        epoch_log = EpochLog(cell_dir, config.logger, resume_after=run.epoch, run_name=cell_dir.name,
+                             project=config.suite, config=config.to_dict())
+        emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": run.epoch,
+              "steps": len(cell.sampler)})
+        reset_peak_memory(cell.device)
+        for epoch in range(run.epoch + 1, config.epochs + 1):
+            loss_sum, steps, seconds = train_epoch(cell, run, epoch, checkpointer, emit)
+            last_evaluation = end_epoch(cell, run, epoch, (loss_sum, steps, seconds), cell_dir) or last_evaluation
+            checkpointer.after_epoch(run, epoch, config.epochs)
+            record = run.history[-1]
+            memory, _ = peak_memory(cell.device)
+            epoch_log.epoch({**record, "step_ms_median": cell.timer.summary()["step_latency_ms_median"],
                              "memory_bytes": memory})
             emit({"event": "epoch_end", "epoch": epoch, "train_loss": record["train_loss"],
                   "test": record["test"], "val": record["val"]})
-            if stop.requested:
-                stop.hand_over(emit, epoch, 0)
-    epoch_log.close()
-
-    if not trains:
-        eval_start = time.perf_counter()
-        val = evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype)
-        test = evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype) if config.evaluate_test else None
-        last_evaluation = {"epoch": 0, "test": test, "val": val}
-        history = [{"epoch": 0, "train_loss": None, "lr": None, "time_s": 0.0, "val": _metrics(val),
-                    "test": _metrics(test)}]
-        eval_seconds = time.perf_counter() - eval_start
-        emit({"event": "epoch_end", "epoch": 0, "train_loss": float("nan"), "test": history[0]["test"],
-              "val": history[0]["val"]})
-
-    final, oracle = select_epochs(history, config.selection_rule)
-    if last_evaluation is None or last_evaluation["epoch"] != final["epoch"]:
-        # the reported epoch is not the one in memory (validation chose an earlier one, or the run
-        # resumed after its last epoch): put its weights back and evaluate it again, as it was
-        if final["epoch"] != history[-1]["epoch"]:
-            restore_best(cell_dir, learner, final["epoch"])
-        eval_start = time.perf_counter()
-        last_evaluation = {"epoch": final["epoch"],
-                           "val": evaluate_split(learner, eval_loaders, "val", ks, device, amp_dtype),
-                           "test": evaluate_split(learner, eval_loaders, "test", ks, device, amp_dtype)
-                           if config.evaluate_test else None}
-        eval_seconds += time.perf_counter() - eval_start
-        final["test"], final["val"] = _metrics(last_evaluation["test"]), _metrics(last_evaluation["val"])
+            checkpointer.hand_over_if_stopped(epoch)
+        epoch_log.close()
+    if not cell.trains:
+        last_evaluation = zero_shot_evaluation(cell, run, emit)
+    final, oracle, last_evaluation = reported_epoch(cell, run, last_evaluation, cell_dir)
     write_per_query(cell_dir, last_evaluation["test"], last_evaluation["val"])
-    write_artifacts(cell_dir, config, learner, splits, eval_loaders, last_evaluation, device, amp_dtype, trains)
-    engine = (last_evaluation["test"] or last_evaluation["val"]).per_query.engine
+    write_artifacts(cell_dir, config, cell.learner, splits, cell.eval_loaders, last_evaluation, cell.device,
+                    cell.amp_dtype, cell.trains)
+    return outcome(cell, run, final, oracle, last_evaluation, splits)
 
-    counted = counted_training_memory(learner, optimizers, saved_bytes)
-    memory, memory_kind = peak_memory(device)
+
+def train_epoch(cell: CellSetup, run: RunState, epoch: int, checkpointer: Checkpointer, emit) -> tuple[float, int, float]:
+    """The steps of one epoch from where the run stands (a resumed epoch goes on from its saved
+    step); returns (loss sum, steps, seconds) of the whole epoch."""
+    first, partial = run.step, run.partial
+    run.step, run.partial = 0, None
+    cell.sampler.set_epoch(epoch, start=first)
+    cell.learner.train()
+    epoch_start = time.perf_counter()
+    loss_sum, steps, earlier_seconds = (partial["loss_sum"], partial["steps"], partial["seconds"]) \
+        if partial and first else (0.0, 0, 0.0)
+    for offset, (images, labels) in enumerate(cell.train_loader):
+        step = first + offset
+        images = images.to(cell.device, non_blocking=True)
+        labels = labels.to(cell.device, non_blocking=True)
+        with cell.timer.step(step, len(labels)), SavedTensorMeter(cell.learner.parameters(),
+                                                                  active=not cell.saved_bytes) as meter:
+            try:
+                loss = train_step(cell.learner, images, labels, cell.optimizers, scaler=cell.scaler,
+                                  grad_clip=cell.config.grad_clip, amp_dtype=cell.amp_dtype)
+                cell.saved_bytes = cell.saved_bytes or meter.bytes
+            except NonFiniteLoss as e:
+                raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}", run.history) \
+                    from None
+        loss_value = loss.item()
+        loss_sum += loss_value
+        steps += 1
+        emit({"event": "step", "epoch": epoch, "step": step + 1, "steps": len(cell.sampler), "loss": loss_value})
+        checkpointer.after_step(run, epoch, step + 1, len(cell.sampler), {
+            "loss_sum": loss_sum, "steps": steps, "seconds": earlier_seconds + time.perf_counter() - epoch_start})
+    return loss_sum, steps, earlier_seconds + time.perf_counter() - epoch_start
+
+
+def end_epoch(cell: CellSetup, run: RunState, epoch: int, trained: tuple[float, int, float],
+              cell_dir: Path) -> dict[str, Any] | None:
+    """The epoch's bookkeeping, in a fixed order (evaluation draws from the RNG, so the order is
+    part of an exact resume): timer, schedulers, the evaluation when due, the best validation
+    epoch's weights, the history. Returns the evaluation when there was one."""
+    config = cell.config
+    loss_sum, steps, seconds = trained
+    cell.timer.add_epoch(steps * config.batch_size, seconds)
+    lr = cell.optimizers[0].param_groups[0]["lr"]
+    for scheduler in cell.schedulers:
+        scheduler.step()
+    record: dict[str, Any] = {"epoch": epoch, "train_loss": loss_sum / max(steps, 1), "lr": lr, "time_s": seconds,
+                              "val": None, "test": None}
+    evaluation = None
+    if epoch % config.eval_every == 0 or epoch == config.epochs:
+        eval_start = time.perf_counter()
+        val = cell.evaluate("val")
+        test = cell.evaluate("test")
+        record["val"], record["test"] = metrics_of(val), metrics_of(test)
+        evaluation = {"epoch": epoch, "test": test, "val": val}
+        run.eval_seconds += time.perf_counter() - eval_start
+        if config.selection_rule == "val" and val is not None and is_best_validation(run.history, record):
+            save_best(cell_dir, cell.learner, epoch)
+    run.history.append(record)
+    return evaluation
+
+
+def zero_shot_evaluation(cell: CellSetup, run: RunState, emit) -> dict[str, Any]:
+    """A cell without epochs: one evaluation of the model as it is, as epoch 0."""
+    eval_start = time.perf_counter()
+    val, test = cell.evaluate("val"), cell.evaluate("test")
+    run.history = [{"epoch": 0, "train_loss": None, "lr": None, "time_s": 0.0, "val": metrics_of(val),
+                    "test": metrics_of(test)}]
+    run.eval_seconds = time.perf_counter() - eval_start
+    emit({"event": "epoch_end", "epoch": 0, "train_loss": float("nan"), "test": run.history[0]["test"],
+          "val": run.history[0]["val"]})
+    return {"epoch": 0, "test": test, "val": val}
+
+
+def reported_epoch(cell: CellSetup, run: RunState, last_evaluation: dict[str, Any] | None, cell_dir: Path):
+    """(final, oracle, the reported epoch's evaluation). When the reported epoch is not the one in
+    memory (validation chose an earlier one, or the run resumed after its last epoch), its weights
+    are put back and it is evaluated again, as it was."""
+    final, oracle = select_epochs(run.history, cell.config.selection_rule)
+    if last_evaluation is None or last_evaluation["epoch"] != final["epoch"]:
+        if final["epoch"] != run.history[-1]["epoch"]:
+            restore_best(cell_dir, cell.learner, final["epoch"])
+        eval_start = time.perf_counter()
+        last_evaluation = {"epoch": final["epoch"], "val": cell.evaluate("val"), "test": cell.evaluate("test")}
+        run.eval_seconds += time.perf_counter() - eval_start
+        final["test"], final["val"] = metrics_of(last_evaluation["test"]), metrics_of(last_evaluation["val"])
+    return final, oracle, last_evaluation
+
+
+def outcome(cell: CellSetup, run: RunState, final, oracle, last_evaluation, splits) -> Outcome:
+    """What the cell measured and built, for the runner to put in result.json."""
+    learner, config = cell.learner, cell.config
+    counted = counted_training_memory(learner, cell.optimizers, cell.saved_bytes)
+    memory, memory_kind = peak_memory(cell.device)
     if memory_kind == "cpu_peak_rss":
         # every local cell shares one process: its peak RSS is the process's, not this cell's
         process_rss, memory, memory_kind = memory, counted, "counted_training"
     else:
         process_rss = None
+    engine = (last_evaluation["test"] or last_evaluation["val"]).per_query.engine
     measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
                     "counted_memory_bytes": counted, "process_peak_rss_bytes": process_rss,
-                    **timer.summary(), "eval_time_s": eval_seconds, "device": device_name(device),
-                    "resumed_from_epoch": start_epoch, "knn_engine": engine,
+                    **cell.timer.summary(), "eval_time_s": run.eval_seconds, "device": device_name(cell.device),
+                    "resumed_from_epoch": run.resumed_from_epoch, "knn_engine": engine,
                     "faiss_package": faiss_package()}
     model = {"backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
-             "weights": config.weights, "image_size": image_cfg.image_size, "mean": list(image_cfg.mean),
-             "std": list(image_cfg.std),
-             "embedding_size": config.embedding_size if trains else learner.model.width}
-    return Outcome(history, final, oracle, measurements, splits.num_skipped, learner, model, last_evaluation, splits)
+             "weights": config.weights, "image_size": cell.image_cfg.image_size, "mean": list(cell.image_cfg.mean),
+             "std": list(cell.image_cfg.std),
+             "embedding_size": config.embedding_size if cell.trains else learner.model.width}
+    return Outcome(run.history, final, oracle, measurements, splits.num_skipped, learner, model, last_evaluation,
+                   splits)
 
 
 def is_best_validation(history: list[dict[str, Any]], record: dict[str, Any]) -> bool:

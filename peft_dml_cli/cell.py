@@ -7,7 +7,8 @@ from typing import Any
 
 from rich.markup import escape
 from bench.config import CellConfig, ConfigError, parse_assignments
-from bench.results import RESULT_FILE, check_name, make_cell_id
+from bench.cell_files import CellFiles
+from bench.results import check_name, make_cell_id
 from peft_dml_cli.console import make_console
 from peft_dml_cli.progress import ProgressView
 
@@ -47,7 +48,7 @@ def cmd_cell(args) -> int:
 def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
     if result["status"] != "ok":
         console.print(f"[red]failed[/]: {escape(str(result['reason']))}", highlight=False)
-        console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
+        console.print(f"result: {CellFiles(cell_dir).result}", highlight=False)
         return
     test = result["final"]["test"] or result["final"]["val"] or {}
     metrics = "  ".join(f"{k} {100 * v:.2f}" for k, v in test.items() if k.startswith(("recall@", "map@")))
@@ -57,7 +58,7 @@ def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:
     console.print(f"trainable {m['params_trainable']:,} params ({m['params_trainable_no_head']:,} without head "
                   f"and proxies); step {step if step is not None else float('nan'):.1f} ms; "
                   f"peak memory {m['peak_memory_bytes'] / 2 ** 30:.2f} GiB ({m['memory_kind']})")
-    console.print(f"result: {cell_dir / RESULT_FILE}", highlight=False)
+    console.print(f"result: {CellFiles(cell_dir).result}", highlight=False)
 
 
 __all__ = ["cmd_cell", "print_result", "ConfigError"]

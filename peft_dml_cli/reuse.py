@@ -6,7 +6,8 @@ from pathlib import Path
 
 from bench.artifacts import npy_bytes
 from bench.errors import UserError
-from bench.results import RESULT_FILE, atomic_write_bytes
+from bench.cell_files import CellFiles
+from bench.results import atomic_write_bytes
 from peft_dml_cli.console import make_console
 
 
@@ -15,7 +16,7 @@ def check_out(out: Path, option: str = "--out") -> Path:
     writing there could overwrite the cell's result or weights, which no rerun brings back."""
     resolved = out.expanduser().resolve()
     for folder in [resolved.parent, *resolved.parent.parents]:
-        if (folder / RESULT_FILE).is_file():
+        if CellFiles(folder).result.is_file():
             raise UserError(f"{option} {out}: inside the cell folder {folder}, whose files (result.json, "
                             "trainable.safetensors, ...) it could overwrite; write it elsewhere")
     return out

@@ -19,7 +19,8 @@ import pandas as pd
 
 from bench.errors import UserError
 from bench.metrics import is_metric_key
-from bench.results import RESULT_FILE, ResultError, foreign_reason, read_result
+from bench.cell_files import CellFiles
+from bench.results import ResultError, foreign_reason, read_result
 from report import names
 
 EXPECTED_CELLS_FILE = "cells.json"
@@ -173,7 +174,7 @@ def read_cell(cell_dir: Path, expected: dict[str, dict], expected_hashes: dict[s
     """A cell's row and epoch rows. Rows of a corrupt result file (status ``corrupt``) or of a
     result that is not this folder's cell (``foreign``: copied from another cell or suite, or a
     symlinked folder) are kept with their reason and never counted."""
-    path = cell_dir / RESULT_FILE
+    path = CellFiles(cell_dir).result
     key = expected.get(cell_dir.name, {})
     expected_hashes = expected_hashes or {}
     if cell_dir.is_symlink():

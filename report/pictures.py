@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
+from bench.cell_files import CellFiles, UnreadableFile
 from report import names
 from report.load import SuiteResults
 from report.plots import STYLE, _in_table_order, row_labels
@@ -63,14 +64,14 @@ def slug(text: str) -> str:
     return table_slug(text).replace("-", "_")
 
 
-def read_npz(path: Path) -> dict[str, np.ndarray] | None:
-    if not path.is_file():
-        return None
+def read_artifact(cell_dir: Path, key: str, array: bool = False):
+    """A cell's artifact (``bench.cell_files``: "retrieval", "proxies", ...); None when it is
+    missing or damaged: a damaged artifact draws nothing, and the cell's metrics stand."""
+    files = CellFiles(cell_dir)
     try:
-        with np.load(path, allow_pickle=False) as data:
-            return {name: data[name] for name in data.files}
-    except (OSError, ValueError, EOFError):
-        return None  # a damaged artifact draws nothing; the cell's metrics stand
+        return files.read_array(key) if array else files.read_arrays(key)
+    except UnreadableFile:
+        return None
 
 
 class Thumbnails:
@@ -172,7 +173,7 @@ def _hit_legend(fig: Figure) -> None:
 
 def fig_retrieval(rep: Representative, dataset: Any) -> Figure | None:
     """The first fixed queries (rows) and their top 5 (columns), framed green or red."""
-    data = read_npz(rep.cell_dir / "retrieval.npz")
+    data = read_artifact(rep.cell_dir, "retrieval")
     if data is None:
         return None
     thumbs = Thumbnails(str(data["root"]))
@@ -206,7 +207,7 @@ def disagreement(records: dict[str, dict[str, np.ndarray]]) -> np.ndarray:
 
 def fig_disagreement(reps: list[Representative], dataset: Any) -> Figure | None:
     """The queries where methods disagree most: each method's first neighbour, side by side."""
-    records = {rep.label: r for rep in reps if (r := read_npz(rep.cell_dir / "retrieval.npz")) is not None}
+    records = {rep.label: r for rep in reps if (r := read_artifact(rep.cell_dir, "retrieval")) is not None}
     if len(records) < 2:
         return None
     first = next(iter(records.values()))
@@ -261,7 +262,7 @@ def _upsample(grid: np.ndarray, size: int) -> np.ndarray:
 def fig_attention(reps: list[Representative], dataset: Any, kind: str = "rollout") -> Figure | None:
     """The same test images (columns), one row per method: the CLS token's attention to the
     patches (``rollout`` over all blocks, or the ``last_block``), over the image."""
-    records = [(rep, r) for rep in reps if (r := read_npz(rep.cell_dir / "attention.npz")) is not None]
+    records = [(rep, r) for rep in reps if (r := read_artifact(rep.cell_dir, "attention")) is not None]
     if not records:
         return None
     first = records[0][1]
@@ -310,7 +311,7 @@ def fig_proxy_alignment(reps: list[Representative], dataset: Any) -> Figure | No
     final model (semantic proxies: the mixed proxy, and its memory part alone)."""
     rows: list[tuple[str, np.ndarray]] = []
     for rep in reps:
-        data = read_npz(rep.cell_dir / "proxies.npz")
+        data = read_artifact(rep.cell_dir, "proxies")
         if data is None:
             continue
         rows.append((rep.label, proxy_alignment(data)))
@@ -346,12 +347,12 @@ def fig_proxy_pca(reps: list[Representative], dataset: Any) -> Figure | None:
     classes' proxies overlaid: where the learned proxies sit in the embedding space."""
     panels = []
     for rep in reps:
-        data = read_npz(rep.cell_dir / "proxies.npz")
-        path = rep.cell_dir / "test_embeddings.npy"
-        if data is None or not path.is_file():
+        data = read_artifact(rep.cell_dir, "proxies")
+        embeddings = read_artifact(rep.cell_dir, "test_embeddings", array=True)
+        labels = read_artifact(rep.cell_dir, "test_labels", array=True)
+        if data is None or embeddings is None or labels is None or len(labels) != len(embeddings):
             continue
-        embeddings = np.load(path, allow_pickle=False).astype(np.float64)
-        labels = np.load(rep.cell_dir / "test_labels.npy", allow_pickle=False)
+        embeddings = embeddings.astype(np.float64)
         proxies = data["proxies"].astype(np.float64)
         proxies /= np.maximum(np.linalg.norm(proxies, axis=1, keepdims=True), 1e-12)
         panels.append((rep.label, *pca_2d(embeddings, proxies), labels))

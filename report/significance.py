@@ -27,7 +27,6 @@ margin / not resolved, or "not testable: n = 1".
 from __future__ import annotations
 
 import math
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,10 +35,10 @@ import numpy as np
 import pandas as pd
 
 from bench import metrics as metric_registry
+from bench.cell_files import CellFiles, UnreadableFile
 from report import names, stats
 from report.stats import ALPHA, BETTER, EQUIVALENT, NOT_RESOLVED, WORSE
 
-PER_QUERY_FILE = "per_query.npz"  # bench.train.PER_QUERY_FILE
 # Rows every method is read against, when a group has them: does training beat the pretrained
 # features, and can full fine-tuning be dropped?
 REFERENCE_METHODS = ("zero_shot", "full_ft")
@@ -153,19 +152,19 @@ def load_per_query(cell_dir: Path, record: dict[str, Any] | None = None) -> tupl
     report's cells frame): the query count, finite values in range, and the means of every
     registered metric's key (R@K, AP@R, ...) equal to the reported metrics. Returns (records, "") or
     (None, why not)."""
-    path = cell_dir / PER_QUERY_FILE
-    if not path.is_file():
-        return None, "no per_query.npz (a result of an older version)"
     try:
-        with np.load(path, allow_pickle=False) as data:
-            out = {k: np.asarray(data[k]) for k in ("query_index", "ks")}
-            # every registered metric's record the file holds (a metric registered after it was
-            # written is simply absent, and not compared for this cell)
-            out.update({m.record: np.asarray(data[m.record]) for m in metric_registry.METRICS.values()
-                        if m.record in data})
-            out["label"] = np.asarray(data["label"]) if "label" in data else None
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
-        return None, f"per_query.npz cannot be read ({type(e).__name__})"
+        data = CellFiles(cell_dir).read_arrays("per_query")
+    except UnreadableFile as e:
+        return None, str(e)
+    if data is None:
+        return None, "no per_query.npz (a result of an older version)"
+    if "query_index" not in data or "ks" not in data:
+        return None, "per_query.npz lacks query_index or ks"
+    # every registered metric's record the file holds (a metric registered after it was written
+    # is simply absent, and not compared for this cell)
+    out = {k: data[k] for k in ("query_index", "ks")}
+    out.update({m.record: data[m.record] for m in metric_registry.METRICS.values() if m.record in data})
+    out["label"] = data.get("label")
     problem = _check_records(out, record or {})
     return (None, problem) if problem else (out, "")
 

@@ -87,3 +87,49 @@ def test_every_registered_metric_goes_from_the_cell_to_the_report_table_csv_and_
         assert key in cells_csv.columns
     assert set(significance["metric"]) == {metrics.display(k) for k in metrics.compared_keys()}
     assert "RR" in set(significance["metric"])
+
+
+# --- one home for the cell folder's files -------------------------------------------------------
+
+def test_a_cell_writes_only_the_files_that_cell_files_names(synthetic_root, tmp_path, monkeypatch):
+    """Every file a cell leaves, and every file it writes while training (checkpoints kept here
+    by a no-op removal, tables forced out by a 1-byte threshold), is one of bench.cell_files.FILES."""
+    import bench.checkpoint
+    import bench.checkpointer
+    from bench import cell_files
+
+    monkeypatch.setattr(bench.checkpoint, "TABLE_BYTES", 1)
+    monkeypatch.setattr(bench.checkpointer, "remove_checkpoint", lambda cell_dir: None)
+    config = CellConfig(dataset="synthetic", data_root=str(synthetic_root), **tiny_config(
+        method="vptsp_g", epochs=2, val_fraction=0.25, selection="val", logger=["csv"], save_embeddings=True,
+        method_args={"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2}))
+    cell = tmp_path / "cell"
+    assert run_cell(config, cell, key={})["status"] == "ok"
+    names = sorted(p.name for p in cell.iterdir())
+    assert [n for n in names if not cell_files.known(n)] == []
+    files = cell_files.CellFiles(cell)
+    for path in (files.result, files.weights, files.per_query, files.val_per_query, files.retrieval, files.proxies,
+                 files.test_embeddings, files.metrics_log, files.metrics_csv, files.checkpoint, files.runs_log):
+        assert path.exists(), path.name
+    assert len(files.all_checkpoint_tables()) == 1
+
+
+def test_no_module_spells_a_cell_file_name_but_cell_files():
+    """A string that is exactly a cell file's name, anywhere but bench/cell_files.py, is a second
+    home for it (the reporter once restated 8 of them)."""
+    import ast
+
+    from bench.cell_files import FILES
+
+    root = Path(__file__).resolve().parent.parent
+    # ".lock" and the tracker folders ("tensorboard", "wandb") are words other things use too
+    names = {f.name for f in FILES.values() if "." in f.name and not f.name.startswith(".")}
+    offenders = []
+    for package in ("bench", "methods", "report", "peft_dml_cli"):
+        for path in sorted((root / package).rglob("*.py")):
+            if path.name == "cell_files.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Constant) and node.value in names:
+                    offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
+    assert offenders == []

@@ -375,10 +375,10 @@ def test_20_a_kill_between_result_and_checkpoint_removal_keeps_the_training(data
     order = []
     monkeypatch.setattr(runner, "atomic_write_json", lambda path, data: order.append("result") or
                         results.atomic_write_json(path, data))
-    import bench.train
+    import bench.checkpointer
 
-    real_remove = bench.train.remove_checkpoint
-    monkeypatch.setattr(bench.train, "remove_checkpoint", lambda d: order.append("checkpoint") or real_remove(d))
+    real_remove = bench.checkpointer.remove_checkpoint
+    monkeypatch.setattr(bench.checkpointer, "remove_checkpoint", lambda d: order.append("checkpoint") or real_remove(d))
     assert run_cell(config, tmp_path / "cell", key={})["status"] == "ok"
     assert order == ["result", "checkpoint"]  # a kill in between leaves a result, not nothing
 

@@ -489,7 +489,7 @@ def test_cli_report_without_torch(results_root, tmp_path):
     loaded = json.loads(modules.read_text())
     assert not [m for m in loaded if m.split(".")[0] in ("torch", "timm", "faiss", "torchvision")]
     bench_modules = {m for m in loaded if m == "bench" or m.startswith("bench.")}
-    assert bench_modules <= {"bench", "bench.results", "bench.errors", "bench.catalog", "bench.metrics"}
+    assert bench_modules <= {"bench", "bench.results", "bench.errors", "bench.catalog", "bench.metrics", "bench.cell_files"}
 
 
 def test_cli_unknown_suite_is_one_clear_error(results_root, tmp_path):

@@ -14,14 +14,14 @@ from bench.errors import CellFailure, UserError
                                         np.tile(np.arange(8.0), (20, 1)) + 1e-9,
                                         np.full((20, 8), np.nan)])
 def test_degenerate_embeddings_fail_the_cell_with_the_reason(embeddings):
-    from bench.train import check_embeddings
+    from bench.cell_evaluation import check_embeddings
 
     with pytest.raises(CellFailure, match="degenerate|non-finite"):
         check_embeddings(embeddings.astype(np.float32), "val")
 
 
 def test_ordinary_embeddings_pass():
-    from bench.train import check_embeddings
+    from bench.cell_evaluation import check_embeddings
 
     check_embeddings(np.random.default_rng(0).normal(size=(20, 8)).astype(np.float32), "test")
 
