@@ -8,8 +8,9 @@ from rich.markup import escape
 from rich.table import Table
 
 from bench import dispatch
-from bench.dispatch import CellState, cell_name, text, totals_line
+from bench.dispatch import CellState, text, totals_line
 from bench.config import parse_assignments
+from bench.orchestrate import RunOptions, run_suite
 from bench.suite import Cell, Suite, load_suite
 from peft_dml_cli.console import make_console, print_table
 from peft_dml_cli.progress import ProgressView
@@ -19,109 +20,71 @@ STATE_COLOURS = {"done": "green", "failed": "red", "running": "cyan", "queued": 
 
 
 def cmd_run(args) -> int:
-    """Run what can run; with tuning, the final cells of a method become runnable once its trials
-    have ended: locally (and with --wait on SLURM) the loop goes straight on to them."""
+    """Runs the suite through the engine (``bench.orchestrate.run_suite``) and renders what it
+    says; with tuning, locally (and with --wait on SLURM) the final cells follow their trials."""
     console = make_console()
     suite = load_suite(args.suite, overrides=parse_assignments(getattr(args, "set", []) or [], "--set"))
     suite_dir = Path(args.out).resolve() / suite.name
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
-    executor = args.executor or ("slurm" if shutil.which("sbatch") else "local")
-    done_before: set[str] = set()
-    said: set[str] = set()  # tuning failures already printed
-    code, prepared, ran_any = 0, False, False
-    while True:
-        plan = suite.plan(data_root=data_root, results_dir=suite_dir)
-        cells = suite.select(plan.cells, args.only) if args.only else plan.cells
-        states = dispatch.collect_states(cells, suite_dir)
-        if args.dry_run:
-            dispatch.check_suite_folder(suite_dir, suite)  # the real run would refuse a name another file owns
-            print_table(console, grid_table(suite, cells, states, hyperparameters=True))
-            console.print(totals_line(states) + waiting_text(plan))
-            if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
-                dispatch.check_data(cells)
-            return 0
-        dispatch.write_cells_file(suite_dir, suite, plan.cells)
-        if suite.tune is not None:
-            dispatch.write_tuning_file(suite_dir, suite, plan)
-        reuse = [] if args.fresh or done_before else dispatch.check_reuse(cells, states, suite_dir,
-                                                                         content=not args.no_data_check)
-        todo, skipped = dispatch.select_cells(cells, states, rerun_failed=args.rerun_failed, fresh=args.fresh)
-        todo = [c for c in todo if c.cell_id not in done_before]  # a stage runs its cells once per call
-        if args.max_cells is not None:  # in total over the stages of this call, not per stage
-            todo = todo[: max(args.max_cells - len(done_before), 0)]
-        if not done_before:
-            for reason, count in skipped.items():
-                console.print(f"{count} cells {reason}")
-            for line in reuse:
-                console.print(line, highlight=False, markup=False)
-        for message in plan.failed:
-            if message not in said:
-                said.add(message)
-                console.print(f"[red]tuning failed[/] {escape(message)}", highlight=False)
-        if plan.failed:
-            code = max(code, 1)
-        if not todo:
-            if not ran_any:
-                console.print(f"{suite.name}: nothing to run ({totals_line(states)}{waiting_text(plan)})")
-            break
-        ran_any = True
-        done_before.update(c.cell_id for c in todo)
-        with ProgressView(console) as on_event:
-            if not prepared:
-                dispatch.prepare_data(suite, todo, on_event)
-                prepared = True
-            if not args.no_data_check:
-                dispatch.check_data(todo)
-            if executor == "local":
-                failed = dispatch.run_local(todo, suite_dir, fresh=args.fresh, on_event=on_event,
-                                            jobs=getattr(args, "jobs", 1) or 1)
-                code = max(code, 1 if failed else 0)
-                continue
-        result = _submit(console, suite, todo, suite_dir, executor, args)
-        code = max(code, result)
-        if executor == "slurm" and not args.wait:
-            if plan.waiting:
-                console.print(f"{len(plan.waiting)} final cells wait for their tuning trials: rerun this command "
-                              "once the trials have ended (or pass --wait)", highlight=False)
-            return code
-    if executor == "local" and not args.no_report:
+    if args.dry_run:
+        return dry_run(console, suite, suite_dir, data_root, args)
+    options = RunOptions(executor=args.executor or ("slurm" if shutil.which("sbatch") else "local"),
+                         only=args.only, fresh=args.fresh, rerun_failed=args.rerun_failed, max_cells=args.max_cells,
+                         jobs=getattr(args, "jobs", 1) or 1, check_data=not args.no_data_check, wait=args.wait)
+    run = run_suite(suite, suite_dir, data_root=data_root, options=options,
+                    on_event=lambda event: say(console, event, args), stage_view=lambda: ProgressView(console))
+    if options.executor == "slurm" and not options.wait and run.waiting:
+        console.print(f"{run.waiting} final cells wait for their tuning trials: rerun this command once the trials "
+                      "have ended (or pass --wait)", highlight=False)
+    if options.executor == "local" and not args.no_report:
         from peft_dml_cli.report import print_suite_summary, report_after_run
 
-        if ran_any:
+        if run.ran:
             report_after_run(suite_dir, suite.report.get("table"), console)
         else:
             print_suite_summary(suite_dir, console)
-    return code
+    return run.code
+
+
+def dry_run(console, suite: Suite, suite_dir: Path, data_root: str | None, args) -> int:
+    """The resolved grid with its hyperparameters and states; nothing is written or run."""
+    plan = suite.plan(data_root=data_root, results_dir=suite_dir)
+    cells = suite.select(plan.cells, args.only) if args.only else plan.cells
+    states = dispatch.collect_states(cells, suite_dir)
+    dispatch.check_suite_folder(suite_dir, suite)  # the real run would refuse a name another file owns
+    print_table(console, grid_table(suite, cells, states, hyperparameters=True))
+    console.print(totals_line(states) + waiting_text(plan))
+    if not args.no_data_check and not suite.prepare:  # a prepare hook makes the data when it runs
+        dispatch.check_data(cells)
+    return 0
+
+
+def say(console, event: dict, args) -> None:
+    """One line for each thing the engine's suite run says (bench.orchestrate)."""
+    kind = event["event"]
+    if kind == "skipped":
+        console.print(f"{event['count']} cells {event['reason']}")
+    elif kind == "reused":
+        console.print(event["text"], highlight=False, markup=False)
+    elif kind == "tuning_failed":
+        console.print(f"[red]tuning failed[/] {escape(event['message'])}", highlight=False)
+    elif kind == "nothing_to_run":
+        waiting = f"; {event['waiting']} final cells wait for their tuning trials" if event["waiting"] else ""
+        console.print(f"{escape(event['suite'])}: nothing to run ({event['totals']}{waiting})")
+    elif kind == "submitted":
+        # in a checkout the script beside it; an installed package has the console script
+        program = "python run_suite.py" if Path("run_suite.py").is_file() else "peft-dml"
+        follow = f"{program} status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
+        console.print(f"{event['suite']}: submitted {event['cells']} cells as SLURM job array {event['arrays']} "
+                      f"(logs in {event['logs']}); follow with: {follow}", highlight=False, markup=False)
+    elif kind == "cell_not_done":
+        console.print(f"[red]{event['state']}[/] {escape(event['name'])}: {escape(event['detail'])}", highlight=False)
+    elif kind == "totals":
+        console.print(event["text"])
 
 
 def waiting_text(plan) -> str:
     return f"; {len(plan.waiting)} final cells wait for their tuning trials" if plan.waiting else ""
-
-
-def _submit(console, suite: Suite, todo: list[Cell], suite_dir: Path, executor: str, args) -> int:
-    jobs = dispatch.submit(suite, todo, suite_dir, executor, fresh=args.fresh)
-    if executor == "debug":
-        for job in jobs:  # the debug executor runs a job when its result is asked for
-            job.result()
-        states = dispatch.collect_states(todo, suite_dir)
-        console.print(totals_line(states))
-        return 0 if all(s.state == "done" for s in states.values()) else 1
-    # in a checkout the script beside it; an installed package has the console script
-    program = "python run_suite.py" if Path("run_suite.py").is_file() else "peft-dml"
-    follow = f"{program} status {args.suite}" + (f" --out {args.out}" if args.out != "results" else "")
-    arrays = ", ".join(dict.fromkeys(j.job_id.split("_")[0] for j in jobs))
-    console.print(f"{suite.name}: submitted {len(jobs)} cells as SLURM job array {arrays} "
-                  f"(logs in {suite_dir / dispatch.SUBMITIT_DIR}); follow with: {follow}", highlight=False)
-    if not args.wait:
-        return 0
-    with ProgressView(console) as on_event:
-        states = dispatch.wait_for_jobs(todo, suite_dir, on_event)
-    for cell in todo:
-        state = states[cell.cell_id]
-        if state.state != "done":
-            console.print(f"[red]{state.state}[/] {cell_name(cell)}: {state.detail}", highlight=False)
-    console.print(totals_line(states))
-    return 0 if all(s.state == "done" for s in states.values()) else 1
 
 
 def cmd_status(args) -> int:
