@@ -176,14 +176,12 @@ def proxies_arrays(learner, train_embeddings: np.ndarray, train_labels: np.ndarr
     class-mean train embeddings of the final model (L2-normalised, as the proxies are compared)."""
     bias = learner.criterion.proxies.detach().float().cpu()
     arrays: dict[str, np.ndarray] = {}
-    semantic = learner.extras["semantic_proxies"] if "semantic_proxies" in learner.extras else None
-    if semantic is not None:
-        memory = semantic.memory.detach().float().cpu()
-        ratio = float(semantic.proxy_bias_ratio)
-        arrays.update(memory=memory.numpy(), bias=bias.numpy(), proxy_bias_ratio=np.float32(ratio))
-        proxies = ratio * bias + (1 - ratio) * memory
-    else:
-        proxies = bias
+    proxies = bias
+    for component in learner.components:  # a method that makes the proxies says what they are
+        extra = component.proxy_arrays(learner, bias)
+        if extra:
+            proxies = extra.pop("proxies")
+            arrays.update(extra)
     num_classes = proxies.shape[0]
     sums = np.zeros((num_classes, train_embeddings.shape[1]), dtype=np.float64)
     np.add.at(sums, train_labels, train_embeddings.astype(np.float64))

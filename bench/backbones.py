@@ -17,7 +17,6 @@ hook runs).
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,24 +27,10 @@ from timm.models import get_pretrained_cfg
 from timm.models._registry import get_arch_pretrained_cfgs
 from torch import nn
 
-from bench.catalog import BACKBONES, closest, resolve_backbone_alias
+from bench.catalog import BACKBONES, SMALL_VITS, closest, resolve_backbone_alias
 from bench.errors import UserError
 
 # Small ViTs the project builds itself: a timm architecture with other sizes.
-SMALL_VITS: dict[str, dict[str, Any]] = {
-    # a few seconds per cell on CPU: contract tests and the smoke suite
-    "vit_test": dict(arch="vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
-                     num_heads=3, mlp_ratio=2.0),
-    # the demo's backbone, pretrained by the project on generated source classes
-    "demo_vit": dict(arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4,
-                     num_heads=3, mlp_ratio=2.0),
-    # tiny stand-ins of the pretraining-source ablation's architectures, for tests: register
-    # tokens and layer scale (DINOv2), a pre-norm before the blocks and its own mean/std (CLIP)
-    "vit_test_dinov2": dict(arch="vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=48, depth=3,
-                            num_heads=3, mlp_ratio=2.0, init_values=1e-5, reg_tokens=4),
-    "vit_test_clip": dict(arch="vit_base_patch16_clip_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
-                          num_heads=3, mlp_ratio=2.0),
-}
 
 
 class BackboneError(UserError, ValueError):
@@ -59,23 +44,6 @@ class DataConfig:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     interpolation: str = "bilinear"  # the model's pretrained config's (bicubic for DINO, CLIP, AugReg)
-
-
-def check_image_size(name: str, image_size: int | None) -> None:
-    """A ViT cuts the image into patches: an ``image_size`` that is not a multiple of the
-    backbone's patch size fails here, before any data is read (not as a traceback per cell)."""
-    if not image_size:
-        return
-    resolved = resolve_backbone_alias(name)
-    if resolved in SMALL_VITS:
-        patch = SMALL_VITS[resolved]["patch_size"]
-    else:
-        match = re.search(r"patch(\d+)", resolved)
-        patch = int(match.group(1)) if match else None
-    if patch and image_size % patch:
-        low = image_size // patch * patch
-        raise BackboneError(f"image_size: {image_size} px is not a multiple of {name}'s {patch} px patches; "
-                            f"use {low or patch} or {low + patch}")
 
 
 def resolve_name(name: str) -> str:

@@ -94,6 +94,22 @@ BACKBONES: dict[str, BackboneInfo] = {info.alias: info for info in (
                  "DINOv2 (LVD-142M, self-sup.)"),
     BackboneInfo("vit_b16_clip", "vit_base_patch16_clip_224.openai", 512, "ViT-B/16 CLIP", "CLIP (OpenAI WIT)"),
 )}
+# Small ViTs the project builds itself: their architectures (bench.backbones builds them).
+SMALL_VITS: dict[str, dict[str, Any]] = {
+    # a few seconds per cell on CPU: contract tests and the smoke suite
+    "vit_test": dict(arch="vit_small_patch16_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
+                     num_heads=3, mlp_ratio=2.0),
+    # the demo's backbone, pretrained by the project on generated source classes
+    "demo_vit": dict(arch="vit_small_patch16_224", img_size=32, patch_size=4, embed_dim=96, depth=4,
+                     num_heads=3, mlp_ratio=2.0),
+    # tiny stand-ins of the pretraining-source ablation's architectures, for tests: register
+    # tokens and layer scale (DINOv2), a pre-norm before the blocks and its own mean/std (CLIP)
+    "vit_test_dinov2": dict(arch="vit_small_patch14_reg4_dinov2", img_size=28, patch_size=7, embed_dim=48, depth=3,
+                            num_heads=3, mlp_ratio=2.0, init_values=1e-5, reg_tokens=4),
+    "vit_test_clip": dict(arch="vit_base_patch16_clip_224", img_size=32, patch_size=8, embed_dim=48, depth=3,
+                          num_heads=3, mlp_ratio=2.0),
+}
+
 # Small ViTs the project builds itself (architectures in bench.backbones.SMALL_VITS).
 SMALL_BACKBONES: dict[str, str] = {"vit_test": "Test ViT", "demo_vit": "Demo ViT",
                                    "vit_test_dinov2": "Test ViT (registers)", "vit_test_clip": "Test ViT (pre-norm)"}
@@ -143,63 +159,31 @@ def backbone_rank(name: str) -> tuple[int, int, str]:
     return (2, 0, str(name))
 
 
-# --- methods ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class MethodInfo:
-    name: str  # registry name (methods.METHODS)
-    display: str
-    trains: bool = True  # False: evaluated as it is, no epochs (zero_shot)
-    uses_proxies: bool = True  # the loss's proxies exist (every trained method)
-    semantic_proxies: bool = False  # proxies made by the method (VPTSP)
-
-
-# Paper order (Table 1): no training, cheapest baselines, the proposed method last.
-METHODS: dict[str, MethodInfo] = {info.name: info for info in (
-    MethodInfo("zero_shot", "Zero-shot (no training)", trains=False, uses_proxies=False),
-    MethodInfo("full_ft", "Full fine-tuning"),
-    MethodInfo("linear_probe", "Linear probing"),
-    MethodInfo("bitfit", "BitFit"),
-    MethodInfo("adapter", "Adapter"),
-    MethodInfo("lora", "LoRA"),
-    MethodInfo("vpt_shallow", "VPT-shallow"),
-    MethodInfo("vpt_deep", "VPT-deep"),
-    MethodInfo("vptsp_e", "VPTSP-M (EMA)", semantic_proxies=True),
-    MethodInfo("vptsp_g", "VPTSP-G", semantic_proxies=True),
-)}
+def check_image_size(name: str, image_size: int | None) -> None:
+    """A ViT cuts the image into patches: an ``image_size`` that is not a multiple of the
+    backbone's patch size fails here, before any data is read (not as a traceback per cell)."""
+    if not image_size:
+        return
+    resolved = resolve_backbone_alias(name)
+    if resolved in SMALL_VITS:
+        patch = SMALL_VITS[resolved]["patch_size"]
+    else:
+        match = re.search(r"patch(\d+)", resolved)
+        patch = int(match.group(1)) if match else None
+    if patch and image_size % patch:
+        low = image_size // patch * patch
+        raise CatalogError(f"image_size: {image_size} px is not a multiple of {name}'s {patch} px patches; "
+                            f"use {low or patch} or {low + patch}")
 
 
-def method_parts(name: str) -> list[str]:
-    """'vptsp_g+bitfit' -> ['vptsp_g', 'bitfit'] (no check that they exist)."""
-    return [p.strip() for p in str(name).split("+") if p.strip()]
-
-
-def method_trains(name: str) -> bool:
-    """False for a method that is evaluated as it is (zero_shot)."""
-    return all(METHODS[p].trains for p in method_parts(name) if p in METHODS)
-
-
-def method_display(name: str, label: str | None = None) -> str:
-    """The suite's label when it gave one, else a name built from the registry names:
-    'VPT-deep (B)' for vpt_deep+bitfit, as the paper prints BitFit combinations."""
-    if label:
-        return str(label)
-    parts = method_parts(name)
-    if not parts:
-        return "?"
-    with_bitfit = "bitfit" in parts and len(parts) > 1
-    rest = [p for p in parts if p != "bitfit"] if with_bitfit else parts
-    text = " + ".join(METHODS[p].display if p in METHODS else p for p in rest)
-    return f"{text} (B)" if with_bitfit else text
-
-
-def method_rank(name: str) -> tuple[int, int]:
-    """Sort key: catalog order of the main component; a '+bitfit' variant right after its base."""
-    parts = method_parts(name)
-    main = [p for p in parts if p != "bitfit"] or parts
-    order = list(METHODS)
-    rank = order.index(main[0]) if main and main[0] in METHODS else len(order)
-    return rank, len(parts)
+def known_backbone(name: str) -> str:
+    """The timm name of a catalog backbone or the name of a small ViT, without timm: what a suite
+    check can say where torch is not installed (``bench.backbones.resolve_name`` asks timm)."""
+    resolved = resolve_backbone_alias(name)
+    if resolved in SMALL_VITS or any(info.timm_name == resolved for info in BACKBONES.values()):
+        return resolved
+    raise CatalogError(f"backbone: {name!r} is not in the catalog, and timm, which would check it, cannot be imported "
+                       "here; install the package's dependencies (make setup) to check any timm model")
 
 
 # --- semantic-proxy accumulators -------------------------------------------------------------

@@ -15,7 +15,8 @@ from typing import Any
 
 from bench.catalog import DATASET_NAMES as DATASETS
 from bench.catalog import is_dataset
-from bench.catalog import closest, method_trains
+from bench.catalog import closest
+from methods.registry import method_trains
 from bench.errors import UserError
 
 OPTIMIZERS = ("sgd", "adamw")

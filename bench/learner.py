@@ -17,41 +17,35 @@ from bench.measure import parameter_counts
 from bench.model import EmbeddingModel, MetricLearner
 
 
-def validate_method(name: str, args: dict[str, Any] | None = None) -> None:
-    """Raise ``MethodError`` (a UserError naming the argument) for an unknown method, argument or
-    value; builds nothing heavy."""
-    from methods import build_method
-
-    build_method(name, args)
-
-
-def validate_cell(config: CellConfig) -> None:
-    """Everything about a cell that can be checked without data or weights: the method, its
-    arguments and their values, and that timm knows the backbone (and its tag)."""
-    from bench.backbones import check_image_size, resolve_name
-
-    validate_method(config.method, config.method_args)
-    resolve_name(config.backbone)
-    check_image_size(config.backbone, config.image_size)
-
-
 def method_arguments(name: str) -> dict[str, Any]:
-    """Every argument a (combined) method accepts, with its default."""
-    from methods import method_arguments as arguments
+    """Every argument a (combined) method accepts, with its default (methods.registry)."""
+    from methods.registry import method_arguments as arguments
 
     return arguments(name)
 
 
 def method_arg_specs(name: str):
-    from methods import method_arg_specs as arg_specs
+    from methods.registry import method_arg_specs as arg_specs
 
     return arg_specs(name)
 
 
 def method_names() -> list[str]:
-    from methods import method_names as names
+    from methods.registry import method_names as names
 
     return names()
+
+
+def validate_cell(config: CellConfig) -> None:
+    """Everything about a cell that can be checked without data or weights: the method, its
+    arguments and their values, and that timm knows the backbone (and its tag)."""
+    from bench.backbones import resolve_name
+    from bench.catalog import check_image_size
+    from methods.registry import validate_method
+
+    validate_method(config.method, config.method_args)
+    resolve_name(config.backbone)
+    check_image_size(config.backbone, config.image_size)
 
 
 def build_learner(config: CellConfig, num_classes: int, backbone: nn.Module | None = None) -> MetricLearner:
@@ -112,12 +106,10 @@ def merged_for_export(learner: MetricLearner, method: str, method_args: dict[str
     """Fold what can be folded into the backbone in place (LoRA: ``W + (alpha / r) B A``; BitFit's
     biases already are the model's), and return the method whose structure the folded model
     still has, with the arguments it accepts: what ``bench.reuse.load_exported`` rebuilds."""
-    from methods import method_arguments as arguments
-    from methods.lora import merge_lora_
+    from methods.registry import METHODS, method_arguments as arguments, split_name
 
-    parts = [p for p in method.split("+") if p.strip()]
-    if merge_lora_(learner.model):
-        parts = [p for p in parts if p != "lora"]
+    merged = {c.name for c in learner.components if c.merge(learner.model)}
+    parts = [p for p in split_name(method) if not (METHODS[p].components and set(METHODS[p].components) <= merged)]
     name = "+".join(parts) or "zero_shot"
     accepted = arguments(name)
     return name, {k: v for k, v in method_args.items() if k in accepted}

@@ -110,6 +110,7 @@ class MetricLearner(nn.Module):
         self.criterion = criterion
         self.extras = nn.ModuleDict()
         self.proxy_source: ProxySource | None = None
+        self.components: list = []  # the method's components (methods.base.Component), for their hooks
         self.init = init  # the initialisation scheme methods use for what they add (methods.init)
 
     @property

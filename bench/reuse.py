@@ -32,7 +32,12 @@ from bench.errors import UserError
 from bench.cell_files import CellFiles
 from bench.results import RESULT_FILE, atomic_write_bytes, read_result
 EXPORT_FORMAT = "peft-dml-bench/export-1"
-TRAINING_ONLY = ("criterion.", "extras.semantic_proxies.")  # state an embedding model does not use
+
+
+def training_only(learner) -> tuple[str, ...]:
+    """State an embedding model does not use: the loss's proxies and what the method's components
+    say only training needs (the semantic-proxy pass: class prompts, memory)."""
+    return ("criterion.", *(prefix for c in learner.components for prefix in c.training_only))
 
 
 class CellLoadError(UserError):
@@ -178,7 +183,7 @@ def export_cell(cell_dir: str | Path, out: str | Path) -> Path:
     # the model and the method modules it runs through (prompts live in ``extras``); not what only
     # training needs: the loss proxies and the semantic-proxy pass (class prompts, memory)
     state = {k: v.detach().contiguous().clone() for k, v in learner.state_dict().items()
-             if not k.startswith(TRAINING_ONLY)}
+             if not k.startswith(training_only(learner))}
     info = {"format": EXPORT_FORMAT, "cell_id": result["cell_id"], "suite": result["suite"],
             "backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
             "image_size": image_cfg.image_size, "mean": list(image_cfg.mean), "std": list(image_cfg.std),
@@ -260,7 +265,7 @@ def load_exported(path: str | Path, device: str | torch.device = "cpu") -> torch
     except (UserError, KeyError, TypeError, ValueError) as e:
         raise CellLoadError(f"{path}: its metadata does not describe a model this version builds ({e})") from None
     missing, unexpected = learner.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith(TRAINING_ONLY)]
+    missing = [k for k in missing if not k.startswith(training_only(learner))]
     if missing or unexpected:
         raise CellLoadError(f"{path}: weights do not fit {info['backbone']} + {info['method']}: "
                             f"missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -773,7 +773,7 @@ def _rule(raw: Any, where: str, key_values: dict[str, list[Any]], fail) -> dict[
 
 def _check_methods(suite: Suite) -> None:
     """Method names exist; each method argument is accepted by at least one of the methods."""
-    from bench import learner  # imports torch: only when a suite is about to run
+    import methods.registry as registry  # torch-free: names, arguments and their values
 
     names = {e.name for g in suite.grids for e in g.get("method", [])}
     if not all("method" in g for g in suite.grids):
@@ -781,11 +781,11 @@ def _check_methods(suite: Suite) -> None:
     accepted: set[str] = set()
     for name in sorted(names):
         try:
-            learner.validate_method(name)
+            registry.validate_method(name)
         except UserError as e:
             where = "grid.method" if any("method" in g for g in suite.grids) else "defaults.method"
             raise suite.fail(where, str(e)) from None
-        accepted.update(learner.method_arguments(name))
+        accepted.update(registry.method_arguments(name))
 
     def check(args: dict[str, Any], where: str) -> None:
         for arg in args:
@@ -807,8 +807,12 @@ def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
     """Every backbone is a timm model (and tag) or one of the project's small ViTs, and every
     cell's method takes every argument the cell gives it, with a valid value: a typo fails the
     whole suite here (exit 2), before anything runs or any folder is made."""
-    from bench import learner
-    from bench.backbones import check_image_size, resolve_name
+    from methods.registry import validate_method
+
+    try:
+        from bench.backbones import resolve_name
+    except ImportError:  # no torch here (a laptop reading a suite): the catalog's names only
+        resolve_name = catalog.known_backbone
 
     for name in sorted({c.config.backbone for c in cells}):
         try:
@@ -817,7 +821,7 @@ def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
             raise suite.fail(_where_set(suite, "backbone", name), str(e).removeprefix("backbone: ")) from None
     for name, size in sorted({(c.config.backbone, c.config.image_size or 0) for c in cells}):
         try:
-            check_image_size(name, size)
+            catalog.check_image_size(name, size)
         except UserError as e:
             raise suite.fail(_where_set(suite, "image_size", size), str(e).removeprefix("image_size: ")) from None
     checked: set[str] = set()
@@ -827,7 +831,7 @@ def _check_backbones(suite: Suite, cells: list[Cell]) -> None:
             continue
         checked.add(signature)
         try:
-            learner.validate_method(cell.config.method, cell.config.method_args)
+            validate_method(cell.config.method, cell.config.method_args)
         except UserError as e:
             raise suite.fail(f"cell {_describe(cell.key)}", str(e)) from None
 

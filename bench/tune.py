@@ -83,7 +83,7 @@ class TunePlan:
     def space_for(self, method: str, label: str | None, accepted: set[str] | None) -> list[Param]:
         """The dimensions a method is tuned over: its own entry (by label, else name) on top of
         ``default``; a method argument only where the method takes it (``accepted``; None: all)."""
-        from bench.catalog import method_trains
+        from methods.registry import method_trains
 
         if not method_trains(method):
             return []  # zero_shot: nothing to tune

@@ -19,12 +19,11 @@ something; and the reference rebuilds the adapted blocks' attention with 12 head
 and LayerNorm eps 1e-5, dropping the pretrained qkv bias, while here the frozen block is the
 pretrained one, untouched: its own attention, norms and layer scales.
 """
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from methods.args import MethodError, arg
+from methods.args import MethodError
 from methods.base import Component, require_blocks
 
 # What a timm ViT block must have for the adapter to wrap it (timm's Block: ViT, DeiT, DINO(v2), CLIP).
@@ -64,16 +63,8 @@ class AdaptFormerBlock(nn.Module):
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x)))) + self.scale * self.adapter(x)
 
 
-@dataclass
-class AdapterArgs:
-    adapter_width: int = arg(64, "bottleneck width d", min=1)
-    adapter_blocks: int = arg(12, "adapted blocks L, counted back from the last", min=1)
-    adapter_scale: float = arg(1.0, "scale s of the adapter's (normalised) output", min=0.0)
-
-
 class Adapter(Component):
     name = "adapter"
-    Args = AdapterArgs
 
     def apply(self, learner):
         blocks = learner.model.backbone.blocks

@@ -11,37 +11,27 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from bench.model import MetricLearner
-from methods.args import ArgSpec, MethodError, coerce, specs
+from methods.args import MethodError
+from methods.registry import COMPONENTS
 
 
 class Component:
-    """One PEFT ingredient. Subclasses set ``Args`` (a dataclass of ``arg`` fields: defaults,
-    types, ranges and help text) and implement ``apply``."""
+    """One PEFT ingredient, registered by ``name`` in ``methods.registry.COMPONENTS`` (which names
+    its ``Args`` in ``methods/configs.py``). Subclasses implement ``apply``, and the hooks that
+    concern them: ``merge`` (fold into the backbone for export), ``training_only`` (state an
+    embedding model does not need) and ``proxy_arrays`` (what the proxies artifact shows)."""
 
     name: ClassVar[str] = "component"
-    Args: ClassVar[type | None] = None
-    args: ClassVar[dict[str, Any]] = {}  # name -> default, derived from Args
-    # Components that set the model's prompts (or its proxy source) exclude each other.
-    sets_prompts: ClassVar[bool] = False
-    sets_proxies: ClassVar[bool] = False
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        cls.args = {spec.name: spec.default for spec in specs(cls.Args)}
-
-    @classmethod
-    def arg_specs(cls) -> list[ArgSpec]:
-        return specs(cls.Args)
+    # state_dict prefixes of the learner that only training uses (left out of exports)
+    training_only: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **kwargs: Any):
-        declared = {spec.name: spec for spec in self.arg_specs()}
-        values = dict(self.args)
-        for key, value in kwargs.items():
+        spec = COMPONENTS[self.name]
+        declared = {s.name for s in spec.arg_specs()}
+        for key in kwargs:
             if key not in declared:
                 raise MethodError(f"method_args: {self.name} has no argument {key!r}")
-            values[key] = coerce(self.name, declared[key], value)
-        self.values = values
-        self.validate()
+        self.values = spec.check(kwargs)
 
     def __getattr__(self, key: str) -> Any:
         values = self.__dict__.get("values", {})
@@ -49,11 +39,19 @@ class Component:
             return values[key]
         raise AttributeError(key)
 
-    def validate(self) -> None:
-        """Raise MethodError for combinations of values that ranges cannot express."""
-
     def apply(self, learner: MetricLearner) -> None:
         raise NotImplementedError
+
+    def merge(self, model) -> bool:
+        """Fold what this component added into the backbone's own weights, in place, so that the
+        plain architecture computes the same embeddings; True when it did (LoRA), False when it
+        cannot (prompts, adapters) or has nothing to fold."""
+        return False
+
+    def proxy_arrays(self, learner: MetricLearner, bias) -> dict[str, Any] | None:
+        """Arrays for the proxies artifact when this component makes the loss's proxies (the
+        ``proxies`` entry: what the loss compares with); None otherwise."""
+        return None
 
 
 class DepthError(MethodError):
@@ -76,10 +74,6 @@ class Method:
     def __init__(self, name: str, components: list[Component]):
         self.name = name
         self.components = components
-        for flag in ("sets_prompts", "sets_proxies"):
-            owners = [c.name for c in components if getattr(c, flag)]
-            if len(owners) > 1:
-                raise MethodError(f"method: {name} combines {owners}, which cannot be used together")
 
     def apply(self, learner: MetricLearner) -> MetricLearner:
         for p in learner.model.backbone.parameters():
@@ -89,6 +83,7 @@ class Method:
                 p.requires_grad_(True)
         for component in self.components:
             component.apply(learner)
+        learner.components = list(self.components)  # the engine calls their hooks through the learner
         return learner
 
     @property

@@ -4,13 +4,12 @@ Beyond the paper, the most used PEFT method today. ``B`` starts at zero, so the 
 exactly at the pretrained one (and ``A`` only receives gradient once ``B`` has moved).
 """
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from methods.args import MethodError, arg
 from methods.base import Component
+from methods.configs import lora_targets
 
 
 class LoRALinear(nn.Module):
@@ -42,25 +41,15 @@ def merge_lora_(model: nn.Module) -> int:
     return len(targets)
 
 
-@dataclass
-class LoRAArgs:
-    lora_rank: int = arg(8, "rank r of the update B A", min=1)
-    lora_alpha: float = arg(16.0, "scale alpha: the update is (alpha / r) B A x", min=0.0)
-    lora_targets: str = arg("qkv,proj", "attention projections that get an update (qkv and/or proj)")
-
-
 class LoRA(Component):
     name = "lora"
-    Args = LoRAArgs
-
-    def validate(self):
-        unknown = set(self.targets) - {"qkv", "proj"}
-        if unknown:
-            raise MethodError(f"method_args: lora_targets {sorted(unknown)} unknown; use qkv and/or proj")
 
     @property
     def targets(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+        return lora_targets(self.lora_targets)
+
+    def merge(self, model) -> bool:
+        return merge_lora_(model) > 0
 
     def apply(self, learner):
         for block in learner.model.backbone.blocks:

@@ -9,13 +9,10 @@
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from bench.model import set_reference
-from methods.args import arg
 from methods.base import Component, require_blocks
 from methods.init import init_prompts_
 
@@ -50,33 +47,12 @@ class PromptTokens(nn.Module):
         return first.new_zeros(batch_size, 0, first.shape[1])  # deep, past the depth: drop them
 
 
-LOCATIONS = ("prepend", "add")
-
-
-@dataclass
-class ShallowPromptArgs:
-    num_prompts: int = arg(10, "prompt tokens inserted once, before block 1", min=1)
-    prompt_location: str = arg("prepend", "prepend tokens, or add one prompt to each patch token (VPT's 'add')",
-                               choices=LOCATIONS)
-
-
-@dataclass
-class DeepPromptArgs:
-    num_prompts: int = arg(10, "prompt tokens N before each prompted block", min=0)
-    prompt_depth: int = arg(12, "prompted blocks L, from the first", min=1)
-    prompt_decrease: int = arg(0, "decrease step tau: block i gets N - tau * i tokens", min=0)
-    prompt_location: str = arg("prepend", "prepend tokens, or add one prompt to each patch token (VPT's 'add'; "
-                                          "then there are as many prompts as patches)", choices=LOCATIONS)
-
-
 def patch_count(backbone: nn.Module) -> int:
     return int(backbone.patch_embed.num_patches)
 
 
 class ShallowPrompts(Component):
     name = "vpt_shallow"
-    Args = ShallowPromptArgs
-    sets_prompts = True
 
     def apply(self, learner):
         backbone = learner.model.backbone
@@ -88,8 +64,6 @@ class ShallowPrompts(Component):
 
 class DeepPrompts(Component):
     name = "vpt_deep"
-    Args = DeepPromptArgs
-    sets_prompts = True
 
     def apply(self, learner):
         backbone = learner.model.backbone

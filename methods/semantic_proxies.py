@@ -30,19 +30,16 @@ reference's memory bank does; a table on the device is a dense parameter, as in 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench.model import set_reference
-from methods.args import arg
 from methods.base import Component, require_blocks
 from methods.init import init_bias_proxies_, init_head_, init_prompts_, initial_memory
 from methods.prompts import prompt_counts
 
-ACCUMULATORS = ("gru_relu", "gru_tanh", "ema", "mean", "attention")
 OFFLOAD_THRESHOLD_BYTES = 256 * 2 ** 20
 
 
@@ -225,24 +222,9 @@ class SemanticProxyModule(nn.Module):
         return self.proxy_bias_ratio * bias + (1 - self.proxy_bias_ratio) * memory
 
 
-@dataclass
-class SemanticProxyArgs:
-    num_class_prompts: int = arg(3, "class prompt tokens m per class before each prompted block", min=1)
-    class_prompt_depth: int = arg(12, "blocks with class prompts, from the first", min=1)
-    class_prompt_decrease: int = arg(0, "decrease step of the class prompts per block", min=0)
-    proxy_bias_ratio: float = arg(0.5, "alpha: proxy = alpha * bias + (1 - alpha) * memory", min=0.0, max=1.0)
-    accumulator: str = arg("gru_relu", "how the memory accumulates semantic vectors", choices=ACCUMULATORS)
-    ema_keep: float = arg(0.8, "EMA: share of the old memory kept per update (lambda)", min=0.0, max=1.0)
-    gru_dropout: float = arg(0.0, "GRU: dropout on the updated memory row", min=0.0, max=1.0)
-    class_prompt_offload: str = arg("auto", "keep the class-prompt table in CPU memory (auto: above 256 MiB)",
-                                    choices=("auto", "cpu", "device"))
-    proxy_checkpointing: bool = arg(False, "recompute the proxy pass in backward instead of storing it")
-
-
 class SemanticProxies(Component):
     name = "semantic_proxies"
-    Args = SemanticProxyArgs
-    sets_proxies = True
+    training_only = ("extras.semantic_proxies.",)  # class prompts, memory: the proxies' pass only
 
     def apply(self, learner):
         backbone = learner.model.backbone
@@ -258,3 +240,11 @@ class SemanticProxies(Component):
         learner.extras["semantic_proxies"] = module
         set_reference(learner, "proxy_source", module)
         init_bias_proxies_(learner.criterion.proxies)  # the bias proxies, as the reference does
+
+    def proxy_arrays(self, learner, bias):
+        """The loss compares with alpha * bias + (1 - alpha) * memory: both parts and the mix."""
+        module = learner.extras["semantic_proxies"]
+        memory = module.memory.detach().float().cpu()
+        ratio = float(module.proxy_bias_ratio)
+        return {"memory": memory.numpy(), "bias": bias.numpy(), "proxy_bias_ratio": np.float32(ratio),
+                "proxies": ratio * bias + (1 - ratio) * memory}

@@ -8,12 +8,10 @@ from typing import Any, Iterable
 import pandas as pd
 
 from bench import catalog, metrics
+from methods import registry
 
 # Names other sessions might reasonably use for the same method.
 METHOD_ALIASES = {"full_finetune": "full_ft", "full": "full_ft", "linear": "linear_probe", "vpt": "vpt_deep"}
-
-# The accumulator a method uses when its arguments do not name one (methods/__init__.py presets).
-DEFAULT_ACCUMULATORS = {"vptsp_e": "ema", "vptsp_g": "gru_relu"}
 
 # The recall triple each dataset reports in the paper's Table 2 / Table 3.
 RECALL_KS = {name: info.paper_ks for name, info in catalog.DATASETS.items()}
@@ -79,9 +77,11 @@ def canonical_method(method: Any) -> frozenset[str]:
 
 
 def default_accumulator(method: Any) -> str | None:
+    """The accumulator a method uses when its arguments do not name one (the registry's presets)."""
     for part in method_components(method):
-        if part in DEFAULT_ACCUMULATORS:
-            return DEFAULT_ACCUMULATORS[part]
+        value = registry.default_argument(part, "accumulator")
+        if value is not None:
+            return value
     return None
 
 
@@ -90,12 +90,12 @@ def method_display(method: Any, label: Any = None) -> str:
     if not is_missing(label):
         return str(label)
     parts = method_components(method)
-    return catalog.method_display("+".join(parts)) if parts else "?"
+    return registry.method_display("+".join(parts)) if parts else "?"
 
 
 def method_rank(method: Any) -> tuple[int, int]:
     """Sort key: catalog order of the main component; a '+bitfit' variant right after its base."""
-    return catalog.method_rank("+".join(method_components(method)))
+    return registry.method_rank("+".join(method_components(method)))
 
 
 def backbone_family(backbone: Any) -> str | None:

@@ -41,18 +41,26 @@ def test_engine_never_prints_through_rich_nor_imports_the_reporter():
 
 
 def test_reporter_runs_without_torch_and_reads_only_result_files():
-    heavy = ("torch", "torchvision", "timm", "faiss", "submitit", "methods")
+    heavy = ("torch", "torchvision", "timm", "faiss", "submitit")
     allowed_bench = {"bench", "bench.results", "bench.errors", "bench.catalog", "bench.metrics", "bench.cell_files"}
     for path in package_files("report"):
         modules = imports_of(path)
         assert not [m for m in modules if top(m) in heavy], path
         assert {m for m in modules if top(m) == "bench"} <= allowed_bench, path
+        assert {m for m in modules if top(m) == "methods"} <= {"methods", "methods.registry"}, path
 
 
-def test_methods_are_reached_from_the_engine_only_through_build_learner():
+def test_methods_are_built_by_the_engine_only_through_build_learner():
+    """The engine reads the torch-free registry anywhere; it builds methods in learner.py only."""
     importers = [str(p.relative_to(ROOT)) for p in package_files("bench")
-                 if any(top(m) == "methods" for m in imports_of(p))]
+                 if any(top(m) == "methods" and m not in ("methods.registry",) for m in imports_of(p))]
     assert importers == ["bench/learner.py"]
+
+
+def test_the_method_registry_and_the_package_top_are_torch_free():
+    for path in (ROOT / "methods" / "__init__.py", ROOT / "methods" / "registry.py", ROOT / "methods" / "configs.py",
+                 ROOT / "methods" / "args.py"):
+        assert not [m for m in imports_of(path) if top(m) in ("torch", "timm", "numpy")], path
 
 
 def test_catalog_is_torch_free():
@@ -74,14 +82,18 @@ def test_every_dataset_is_in_the_readme():
 
 # --- where to add a method -------------------------------------------------------------------
 
-def test_every_registered_method_has_a_catalog_row_and_back():
-    from methods import METHODS
+def test_every_registered_method_names_registered_components_that_import_and_build():
+    from methods import COMPONENTS, METHODS, build_method, component_class
 
-    assert set(METHODS) == set(catalog.METHODS)
+    for name, spec in METHODS.items():
+        assert set(spec.components) <= set(COMPONENTS), name
+        assert [c.name for c in build_method(name).components] == list(spec.components), name
+    for name in COMPONENTS:
+        assert component_class(name).name == name
 
 
 def test_every_accumulator_has_a_display_name():
-    from methods.semantic_proxies import ACCUMULATORS
+    from methods.configs import ACCUMULATORS
 
     assert set(ACCUMULATORS) == set(catalog.ACCUMULATORS)
 

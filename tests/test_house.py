@@ -133,3 +133,56 @@ def test_no_module_spells_a_cell_file_name_but_cell_files():
                 if isinstance(node, ast.Constant) and node.value in names:
                     offenders.append(f"{path.relative_to(root)}:{node.lineno} {node.value!r}")
     assert offenders == []
+
+
+# --- one home for methods: reading a suite never imports torch --------------------------------
+
+BLOCK_TORCH = '''
+import atexit, json, os, sys
+BLOCKED = ("torch", "torchvision", "timm", "faiss")
+
+class BlockTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+        return None
+
+sys.meta_path.insert(0, BlockTorch())
+atexit.register(lambda: json.dump(sorted(sys.modules), open(os.environ["MODULES_OUT"], "w")))
+'''
+
+
+def test_dry_run_and_status_work_where_torch_cannot_be_imported(tmp_path):
+    """The method registry, the suite check and the grid are torch-free: ``run --dry-run`` and
+    ``status`` of a suite with every method (and a bad argument refused) run with torch blocked."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from methods import METHODS
+
+    root = Path(__file__).resolve().parent.parent
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TORCH)
+    suite = {"name": "notorch", "grid": {"method": sorted(METHODS), "seed": [0]},
+             "defaults": {"dataset": "synthetic", **tiny_config()}}
+    (tmp_path / "notorch.yaml").write_text(yaml.safe_dump(suite))
+    bad = {**suite, "name": "bad", "grid": {"method": [{"name": "lora", "args": {"lora_targets": "qkv,mlp"}}], "seed": [0]}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+
+    def run(*argv):
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(root)]),
+               "MODULES_OUT": str(tmp_path / "modules.json")}
+        done = subprocess.run([sys.executable, str(root / "run_suite.py"), *argv], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=120)
+        return done, json.loads((tmp_path / "modules.json").read_text())
+
+    for argv in (["run", "notorch.yaml", "--dry-run", "--no-data-check", "--out", "out"],
+                 ["status", "notorch.yaml", "--out", "out"]):
+        done, modules = run(*argv)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert f"{len(METHODS)} cells" in done.stdout
+        assert not [m for m in modules if m.split(".")[0] in ("torch", "timm", "faiss")]
+    done, _ = run("run", "bad.yaml", "--dry-run", "--no-data-check")
+    assert done.returncode == 2 and "lora_targets ['mlp'] unknown" in done.stderr + done.stdout

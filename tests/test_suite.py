@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import methods
-from bench import catalog
+from methods import registry
 from bench.suite import SuiteError, load_suite
 
 REPO = Path(__file__).resolve().parent.parent
@@ -227,7 +227,7 @@ def test_ablation_latency_smoke_and_demo_suites():
     left_out = set(methods.method_names()) - {c.config.method for c in cells}
     paragraph = (REPO / "README.md").read_text().split("Left out for time")[1][:120]
     for method in left_out:  # the README says what the demo leaves out
-        assert catalog.method_display(method).split(" (")[0] in paragraph, method
+        assert registry.method_display(method).split(" (")[0] in paragraph, method
     assert {c.config.dataset for c in cells} == {"synthetic", "synthetic_far"}
     assert {c.key["seed"] for c in cells} == set(range(10)) and len(cells) == 65
     replicate = [c for c in cells if c.key.get("label") == "LoRA (replicate)"]
