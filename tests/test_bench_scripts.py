@@ -80,6 +80,7 @@ def test_method_variants_carry_method_arguments_and_model_options():
         parse_variant("vpt_deep,compile")
 
 
+@pytest.mark.slow  # kill-and-resume / a whole script: over 10 s on 2 cores; `make test` runs it
 def test_gpu_session_script_measures_the_loader_and_hands_its_rate_to_bench_gpu(tmp_path):
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "CUDA_VISIBLE_DEVICES": "", "OUT": str(tmp_path),
            "PYTHON": sys.executable, "BENCH_DATA_EXTRA": "--batches 2 --images-per-class 4", "BENCH_GPU_EXTRA": "--allow-cpu --backbones vit_test --batch-sizes 4 "

@@ -67,6 +67,7 @@ def test_cell_cli_writes_a_valid_result(data_root, tmp_path):
     assert only_result(tmp_path)["provenance"]["started"] == result["provenance"]["started"]
 
 
+@pytest.mark.slow  # kill-and-resume / a whole script: over 10 s on 2 cores; `make test` runs it
 def test_killed_cell_resumes_to_the_same_result(data_root, tmp_path):
     """kill -9 after the first epoch checkpoint; the rerun resumes and matches an uninterrupted run."""
     epochs = 4

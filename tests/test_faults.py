@@ -53,6 +53,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
     raise AssertionError(f"timed out waiting for {what}")
 
 
+@pytest.mark.slow  # kill-and-resume / a whole script: over 10 s on 2 cores; `make test` runs it
 def test_driver_killed_mid_grid_resumes_and_skips_finished(tmp_path, synthetic_root):
     suite = write_suite(tmp_path, "killed", defaults=LONG)
     out, suite_dir = tmp_path / "results", tmp_path / "results" / "killed"
@@ -80,6 +81,7 @@ def test_driver_killed_mid_grid_resumes_and_skips_finished(tmp_path, synthetic_r
         assert [e["epoch"] for e in result["epochs"]] == list(range(1, LONG["epochs"] + 1))
 
 
+@pytest.mark.slow  # kill-and-resume / a whole script: over 10 s on 2 cores; `make test` runs it
 def test_concurrent_drivers_never_clobber_a_cell(tmp_path, synthetic_root):
     """Two drivers on overlapping grids of one suite folder: the cell lock lets one of them run
     each cell; the other skips it as running elsewhere or finds it finished."""
