@@ -4,7 +4,7 @@ Public API (imported lazily, so ``import report`` stays cheap):
 
 - ``build_report(suite_dir, out_dir=None, table=None, oracle=False) -> dict[str, Path]``
 - ``load_suite(suite_dir) -> SuiteResults`` (``.cells``, ``.epochs``: tidy DataFrames)
-- ``build_table(results, kind, oracle=False) -> Table`` and ``KINDS``
+- ``build_table(results, kind, oracle=False) -> Table``; ``KINDS`` and ``REPORT_KINDS`` (what each kind shows)
 - ``make_figures(results, kind) -> dict[str, Figure]``
 - ``summary_rows(results)``: the best rows per dataset, for a terminal summary
 
@@ -21,7 +21,8 @@ _EXPORTS = {
     "SuiteResults": "report.load",
     "ReportError": "report.load",
     "build_table": "report.tables",
-    "KINDS": "report.tables",
+    "KINDS": "report.kinds",
+    "REPORT_KINDS": "report.kinds",
     "make_figures": "report.plots",
     "summary_rows": "report.summary",
 }

@@ -13,7 +13,9 @@ from typing import Any
 
 from bench.results import atomic_write_text, check_name, dir_mode
 from report.load import NOT_CELLS, ReportError, SuiteResults, load_suite
-from report.tables import KINDS, build_table, check_kind, default_kind
+from report import kinds
+from report.kinds import KINDS, check_kind, default_kind
+from report.tables import build_table
 
 DEFAULT_OUT = "report"  # under the suite's results folder
 SUITES_DIR = Path(__file__).resolve().parents[1] / "suites"
@@ -150,7 +152,7 @@ def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool, s
 
     written: dict[str, Path] = {}
     # short timing runs (latency) say nothing about accuracy: no tests there
-    sig = significance(results, settings) if kind != "latency" else None
+    sig = significance(results, settings) if kinds.kind(kind).accuracy else None
     built = build_table(results, kind, oracle=oracle, significance=sig)
     for ext, path in render.write_table(built, out_dir / "tables").items():
         written[f"table.{ext}"] = path
@@ -167,7 +169,7 @@ def _write_into(results: SuiteResults, out_dir: Path, kind: str, oracle: bool, s
     made = plots.make_figures(results, kind)
     if sig is not None and not sig.empty:
         made["significance"] = plots.fig_significance(sig)
-    drawn = pictures.make_pictures(results) if kind != "latency" else {}
+    drawn = pictures.make_pictures(results) if kinds.kind(kind).accuracy else {}
     for stem, fig in {**made, **drawn}.items():
         if fig is None:
             continue

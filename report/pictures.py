@@ -59,7 +59,7 @@ def representatives(results: SuiteResults, dataset: Any) -> list[Representative]
 
 def slug(text: str) -> str:
     """A file-name part of a row label, with underscores as the figure stems use them."""
-    from report.tables import slug as table_slug
+    from report.table_model import slug as table_slug
 
     return table_slug(text).replace("-", "_")
 

@@ -589,9 +589,11 @@ def fig_significance(sig) -> Figure | None:
 
 def make_figures(results: SuiteResults, kind: str) -> dict[str, Figure]:
     """Every figure the data supports, by file stem."""
-    from report.tables import ABLATION_AXES, swept_axes  # tables imports nothing from plots
+    from report import kinds
+    from report.tables import swept_axes  # tables imports nothing from plots
 
-    if kind == "latency":  # short timing runs: their accuracy means nothing
+    shape = kinds.kind(kind)
+    if not shape.accuracy:  # short timing runs: their accuracy means nothing
         fig = fig_latency(results)
         return {"latency": fig} if fig is not None else {}
     figures: dict[str, Figure | None] = {
@@ -601,19 +603,18 @@ def make_figures(results: SuiteResults, kind: str) -> dict[str, Figure]:
     for dataset in sorted(results.ok["dataset"].dropna().unique(), key=names.dataset_rank):
         figures[f"curves_{dataset}"] = fig_epoch_curves(results, dataset)
     figures["latency"] = fig_latency(results)
-    if kind != "latency":
-        records = results.cells.to_dict("records")
-        swept = swept_axes(results, records, kind)
-        for axis in swept:
-            figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(
-                results, axis, others=swept)
-        if kind == "ablation_pretraining":
-            figures["ablation_backbone"] = fig_backbones(results)
-        named = ABLATION_AXES.get(kind, ())
-        if not swept and named and named[0] != "backbone":
-            # the ablation's rows are method entries (labels): compare those
-            figures[f"ablation_{named[0]}"] = fig_ablation(results, "method_name", names.axis_display(named[0]),
-                                                           paper_axis=named[0])
+    records = results.cells.to_dict("records")
+    swept = swept_axes(results, records, kind)
+    for axis in swept:
+        figures[f"ablation_{names.axis_canonical(axis).replace('.', '_')}"] = fig_ablation(
+            results, axis, others=swept)
+    if shape.backbone_figure:
+        figures["ablation_backbone"] = fig_backbones(results)
+    named = shape.axes
+    if not swept and named and named[0] != "backbone":
+        # the ablation's rows are method entries (labels): compare those
+        figures[f"ablation_{named[0]}"] = fig_ablation(results, "method_name", names.axis_display(named[0]),
+                                                       paper_axis=named[0])
     return {name: fig for name, fig in figures.items() if fig is not None}
 
 

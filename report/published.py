@@ -25,7 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-from report import names
+from report import kinds, names
 
 CITATION = "Ren et al., ICLR 2024"
 
@@ -232,7 +232,7 @@ def records_for(kind: str, datasets: Iterable[Any], backbones: Iterable[Any],
     swept = set(swept_axes)
     chosen = []
     for record in PUBLISHED:
-        wanted_kind = kind in record.kinds or (kind.startswith("ablation") and "ablation" in record.kinds)
+        wanted_kind = kind in record.kinds or kinds.family(kind) in record.kinds
         if not wanted_kind or record.backbone not in families:
             continue
         if record.dataset is not None and record.dataset not in datasets:

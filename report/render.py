@@ -8,7 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from bench.results import atomic_write_text
-from report.tables import Column, Table, format_parts
+from report.captions import MARK
+from report.table_model import Column, Table, format_parts
 
 _TEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -83,7 +84,7 @@ def _cell(table: Table, column: Column, row_index: int, bold: set[int], latex: b
         return text + (r"$^\dagger$" if marked else "") + tex(suffix)
     text = md(value + (f" ± {std}" if std else ""))
     text = f"**{text}**" if row_index in bold and text else text
-    return text + ("†" if marked else "") + md(suffix)
+    return text + (MARK if marked else "") + md(suffix)
 
 
 def _groups(columns: list[Column]) -> list[tuple[str, int]]:

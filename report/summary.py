@@ -12,7 +12,8 @@ from report import names
 from report.aggregate import aggregate_seeds
 from report.load import SuiteResults
 from report.render import md
-from report.tables import Table, protocol_text, seeds_text
+from report.captions import protocol_text, seeds_text
+from report.table_model import Table
 
 TOP_PER_DATASET = 3
 FIGURE_TITLES = {

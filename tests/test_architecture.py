@@ -149,23 +149,47 @@ def fixture_suites(tmp_path_factory):
 
 def test_every_table_kind_has_a_layout_and_builds(fixture_suites):
     from report import tables
+    from report.kinds import REPORT_KINDS
 
-    for kind in tables.KINDS:
-        layout_name = kind.split("_")[0] if kind.startswith("ablation") else kind
-        assert layout_name in tables.LAYOUTS, kind
+    for kind in REPORT_KINDS.values():
+        assert kind.layout in tables.LAYOUTS, kind.name
+        assert all(axis in names_axes() for axis in kind.axes), kind.name
         for results in fixture_suites:
-            assert tables.build_table(results, kind).rows, (kind, results.suite)
+            assert tables.build_table(results, kind.name).rows, (kind.name, results.suite)
+
+
+def names_axes():
+    from report import names
+
+    return set(names.AXES) | {"backbone"}
+
+
+def test_report_kinds_are_looked_up_never_compared_as_strings():
+    """A kind's name appears as a string in report/kinds.py only (the suite-name heuristics of
+    default_kind included): everywhere else a kind's properties are read from REPORT_KINDS."""
+    from report.kinds import KINDS
+
+    offenders = []
+    for path in package_files("report"):
+        if path.name == "kinds.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Compare):
+                for side in [node.left, *node.comparators]:
+                    if isinstance(side, ast.Constant) and side.value in KINDS:
+                        offenders.append(f"{path.name}:{node.lineno} {side.value!r}")
+    assert offenders == []
 
 
 def test_every_figure_has_a_title(fixture_suites):
     import matplotlib
 
     matplotlib.use("Agg")
-    from report import plots, summary, tables
+    from report import kinds, plots, summary
 
     stems = set()
     for results in fixture_suites:
-        stems.update(plots.make_figures(results, tables.default_kind(results.suite, results.cells)))
+        stems.update(plots.make_figures(results, kinds.default_kind(results.suite, results.cells)))
     assert len(stems) > 4
     assert [s for s in stems if summary.figure_title(s) == s] == []
 

@@ -3,8 +3,6 @@ hostile labels, failure reasons, data roots and provenance renders them as text 
 HTML and LaTeX, and its page runs no script of theirs and loads nothing from outside."""
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from report import browser
@@ -84,7 +82,7 @@ def test_the_browser_check_gives_up_with_a_message_instead_of_hanging(tmp_path, 
 
 
 def test_long_labels_give_short_distinct_file_names():
-    from report.tables import slug
+    from report.table_model import slug
 
     long_a, long_b = "VPT " + "x" * 300 + " a", "VPT " + "x" * 300 + " b"
     assert len(slug(long_a)) <= 60 and slug(long_a) != slug(long_b)

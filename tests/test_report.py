@@ -26,7 +26,9 @@ from report.plots import make_figures, pareto_front
 from report.render import tex, to_latex, to_markdown, write_table
 from peft_dml_cli.report import print_summary
 from report import load
-from report.tables import KINDS, ORACLE_TITLE, build_table, default_kind
+from report.kinds import KINDS, default_kind
+from report.table_model import ORACLE_TITLE
+from report.tables import build_table
 from tests import report_fixtures as fx
 
 REPO = Path(__file__).resolve().parents[1]
