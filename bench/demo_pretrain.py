@@ -26,14 +26,15 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bench.data.hooks import ensure_demo_data, exclusive_lock, generate_once
 from bench.demo_weights import (BACKBONE, SOURCE_CLASS_OFFSET, Recipe, pretrain_threads,
                                 cache_dir, version, weights_file)
 from bench import demo_weights
 
-def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None) -> Path:
+def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None,
+                      say: Callable[[str], None] | None = None) -> Path:
     """The cached pretrained backbone, trained first if this machine has none yet.
 
     A file lock makes concurrent callers (parallel cells of the demo) wait for one training
@@ -47,22 +48,23 @@ def demo_weights_path(recipe: Recipe | None = None, cache: Path | None = None) -
     path = weights_file(recipe, cache)
     with exclusive_lock(path.with_suffix(".lock")):
         if not path.is_file():  # another process may have finished while we waited
-            pretrain(path, recipe)
+            pretrain(path, recipe, say=say)
     return path
 
 
-def prepare_demo(data_root) -> Path:
+def prepare_demo(data_root, say: Callable[[str], None] | None = None) -> Path:
     """The demo suite's ``prepare`` hook: its data and the pretrained backbone, trained here
-    (once per machine) rather than inside a cell, whose time it would distort."""
+    (once per machine) rather than inside a cell, whose time it would distort. What it does
+    is said through ``say`` (the caller's events), never printed."""
     root = ensure_demo_data(data_root)
-    demo_weights_path()
+    demo_weights_path(say=say)
     return root
 
 
 # --- pretraining -----------------------------------------------------------------------------
 
 def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None = None,
-             threads: int | None = None, quiet: bool = False) -> dict[str, Any]:
+             threads: int | None = None, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Train ``demo_vit`` on the source classes; write ``out`` (safetensors) and ``out.json``.
 
     The source images are generated into ``source_dir`` (default: beside ``out``) and kept,
@@ -73,7 +75,7 @@ def pretrain(out: Path, recipe: Recipe | None = None, *, source_dir: Path | None
     recipe = recipe or demo_weights.DEFAULT_RECIPE
     out = Path(out)
     source_dir = Path(source_dir) if source_dir is not None else out.parent
-    say = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    say = say or (lambda msg: None)
     say(f"{BACKBONE}: pretraining the demo backbone once for this machine ({recipe.steps} steps on "
         f"{recipe.source_classes} generated source classes, about 2-3 minutes on 2 CPU cores) -> {out}")
     start = time.perf_counter()
@@ -343,6 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default=None,
                         help="also write the demo's dataset into DATA_ROOT/synthetic unless it is there")
     args = parser.parse_args(argv)
+    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731  (a command: it prints)
     if args.data_root is not None:
         print(f"demo data: {ensure_demo_data(args.data_root)}")
     if args.out is not None:
@@ -350,13 +353,13 @@ def main(argv: list[str] | None = None) -> int:
         if path.is_file() and not args.force:
             print(f"{path} exists; use --force to train again")
             return 0
-        pretrain(path, source_dir=cache_dir())
+        pretrain(path, source_dir=cache_dir(), say=say)
     elif args.force:
         path = weights_file()
         with exclusive_lock(path.with_suffix(".lock")):
-            pretrain(path)
+            pretrain(path, say=say)
     else:
-        path = demo_weights_path()
+        path = demo_weights_path(say=say)
     print(path)
     return 0
 

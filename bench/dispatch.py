@@ -79,7 +79,7 @@ def prepare_data(suite: Suite, cells: list[Cell], on_event: Listener = ignore) -
         raise UserError(f"{suite.path}: prepare: cannot import {suite.prepare!r}: {e}") from None
     for data_root in sorted({c.config.data_root for c in cells}):
         on_event({"event": "preparing", "data_root": data_root, "hook": suite.prepare})
-        function(data_root)
+        function(data_root, lambda text: on_event({"event": "note", "text": text}))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import yaml
 from bench.config import CellConfig
 from bench.learner import build_learner
 from bench.train import build_optimizers, train_step
+from tests.tiny import tiny_config
 
 SMALL = {"prompt_depth": 3, "class_prompt_depth": 3, "num_prompts": 4, "num_class_prompts": 2}
 
@@ -191,10 +192,8 @@ EXPECTED_FIRST = ["0000_0006.jpg", "0000_0007.jpg", "0000_0013.jpg"]  # written 
 
 # --- a tiny run of each new suite: its figures ------------------------------------------------
 
-TINY = {"dataset": "synthetic", "backbone": "vit_test", "weights": None, "image_size": None, "embedding_size": 16,
-        "epochs": 1, "max_steps_per_epoch": 5, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw",
-        "lr": 1.0e-3, "num_workers": 0, "device": "cpu", "eval_batch_size": 256, "interpolation": None,
-        "lr_cosine_period": None}
+TINY = tiny_config(dataset="synthetic", image_size=None, max_steps_per_epoch=5, eval_batch_size=256,
+                   interpolation=None, lr_cosine_period=None)
 SCALE = {"prompt_depth": 3, "class_prompt_depth": 3, "adapter_blocks": 2, "num_prompts": 4, "num_class_prompts": 1}
 
 

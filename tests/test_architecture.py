@@ -40,6 +40,21 @@ def test_engine_never_prints_through_rich_nor_imports_the_reporter():
     assert not {k: v for k, v in offenders.items() if v}
 
 
+def test_only_the_cli_and_script_entry_points_print():
+    """The engine, the methods and the reporter return data and emit events; a ``print`` there is
+    allowed only in the ``main()`` of a ``python -m`` script (a command of its own)."""
+    offenders = []
+    for package in ("bench", "methods", "report"):
+        for path in package_files(package):
+            tree = ast.parse(path.read_text())
+            prints = {id(n): n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "print"}
+            for main in [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "main"]:
+                for node in ast.walk(main):
+                    prints.pop(id(node), None)
+            offenders += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in prints.values()]
+    assert offenders == []
+
+
 def test_reporter_runs_without_torch_and_reads_only_result_files():
     heavy = ("torch", "torchvision", "timm", "faiss", "submitit")
     allowed_bench = {"bench", "bench.results", "bench.errors", "bench.catalog", "bench.metrics", "bench.cell_files"}
@@ -215,3 +230,59 @@ def test_cell_ids_do_not_change_for_the_same_config(key, fields, expected):
     from bench.results import make_cell_id
 
     assert make_cell_id(key, CellConfig.from_dict(fields).identity()) == expected
+
+
+# --- ARCHITECTURE.md is true --------------------------------------------------------------------
+
+def _architecture_table(heading: str) -> list[list[str]]:
+    text = (ROOT / "ARCHITECTURE.md").read_text().split(heading, 1)[1]
+    rows = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    return rows[1:]  # without the header row
+
+
+def _defined_names(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(t.id for t in targets if isinstance(t, ast.Name))
+    return names
+
+
+def test_the_where_to_add_table_names_what_exists():
+    """Row by row: each `file` or `file:NAME` the "where to add" table names exists (NAME defined
+    in that file), each test it names is a test function, and the concepts it must cover are there."""
+    import re
+
+    rows = _architecture_table("## Where to add ...")
+    assert {"a dataset", "a method", "a metric", "a file in the cell folder", "a report kind", "a figure",
+            "a CLI subcommand", "a prepare hook"} <= {row[0] for row in rows}
+    tests = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        tests |= {n for n in _defined_names(path) if n.startswith("test_")}
+    for concept, steps, checks in rows:
+        for ref in re.findall(r"`([\w/<>.]+\.py)(?::(\w+))?`", steps + " " + checks):
+            file, name = ref
+            if "<" in file:
+                continue
+            assert (ROOT / file).is_file(), (concept, file)
+            if name:
+                assert name in _defined_names(ROOT / file), (concept, f"{file}:{name}")
+        named_tests = re.findall(r"`(test_\w+)`", checks) + re.findall(r"::(test_\w+)", checks)
+        assert named_tests, concept
+        assert [t for t in named_tests if t not in tests] == [], concept
+
+
+def test_every_subcommand_is_in_the_architecture_table_and_back():
+    from peft_dml_cli import COMMANDS
+
+    listed = {row[0].strip("`") for row in _architecture_table("## Subcommands")}
+    assert listed == set(COMMANDS)

@@ -12,12 +12,10 @@ import torch
 from bench import checkpoint
 from bench.config import CellConfig
 from bench.runner import run_cell
+from tests.tiny import tiny_config
 
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 3,
-        "max_steps_per_epoch": 4, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3,
-        "num_workers": 0, "device": "cpu", "method": "vptsp_g",
-        "method_args": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2,
-                        "class_prompt_offload": "cpu"}}
+TINY = tiny_config(epochs=3, max_steps_per_epoch=4, method="vptsp_g", method_args={
+    "num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2, "class_prompt_offload": "cpu"})
 
 
 class Stop(Exception):

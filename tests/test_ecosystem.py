@@ -18,11 +18,10 @@ import pytest
 from bench.config import CellConfig
 from bench.results import atomic_write_json
 from bench.runner import run_cell
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 2,
-        "max_steps_per_epoch": 3, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3,
-        "num_workers": 0, "device": "cpu", "method": "linear_probe"}
+TINY = tiny_config(epochs=2, method="linear_probe")
 
 
 def mode(path: Path) -> int:

@@ -19,14 +19,13 @@ from bench.artifacts import cls_attention, fixed_queries, npz_bytes
 from bench.config import CellConfig
 from bench.runner import run_cell
 from report import browser, pictures
+from tests.tiny import tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = ("retrieval.npz", "attention.npz", "proxies.npz", "per_query.npz", "test_embeddings.npy",
              "test_labels.npy")
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 2,
-        "max_steps_per_epoch": 3, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3,
-        "num_workers": 0, "device": "cpu", "method": "vptsp_g",
-        "method_args": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2}}
+TINY = tiny_config(epochs=2, method="vptsp_g", method_args={
+    "num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2})
 
 
 def load(path: Path) -> dict[str, np.ndarray]:

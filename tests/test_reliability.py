@@ -23,11 +23,10 @@ from bench.errors import UserError
 from bench.suite import SuiteError, load_suite
 from tests import layouts
 from tests import report_fixtures as fx
+from tests.tiny import tiny_config
 
 ROOT = Path(__file__).resolve().parent.parent
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 1,
-        "max_steps_per_epoch": 2, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3,
-        "num_workers": 0, "device": "cpu", "eval_batch_size": 64}
+TINY = tiny_config(max_steps_per_epoch=2, eval_batch_size=64)
 
 
 def main(capsys, *argv) -> tuple[int, str, str]:

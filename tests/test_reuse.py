@@ -16,10 +16,9 @@ from bench import load_cell, load_exported
 from bench.config import CellConfig
 from bench.reuse import CellLoadError
 from bench.runner import run_cell
+from tests.tiny import tiny_config
 
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "epochs": 1,
-        "max_steps_per_epoch": 3, "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-2,
-        "num_workers": 0, "device": "cpu", "eval_batch_size": 32}
+TINY = tiny_config(lr=1e-2, eval_batch_size=32)
 METHODS = {
     "lora+bitfit": {"lora_rank": 2, "lora_alpha": 4.0},
     "vptsp_g+bitfit": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2},

@@ -13,6 +13,7 @@ from scipy import stats as scipy_stats
 from report.aggregate import seed_stats
 from report import stats
 from report.stats import holm, paired_t
+from tests.tiny import tiny_config
 
 
 def test_t_interval_over_seeds_is_the_closed_form():
@@ -98,9 +99,7 @@ def test_class_variance_is_the_cluster_robust_variance_by_brute_force():
 
 # --- per-query records ----------------------------------------------------------------------
 
-TINY = {"backbone": "vit_test", "weights": None, "image_size": 32, "embedding_size": 16, "max_steps_per_epoch": 3,
-        "batch_size": 8, "samples_per_class": 2, "optimizer": "adamw", "lr": 1e-3, "num_workers": 0,
-        "device": "cpu"}
+TINY = {k: v for k, v in tiny_config().items() if k != "epochs"}  # each test sets its epochs
 
 
 @pytest.mark.parametrize("selection", ["last", "val"])

@@ -27,7 +27,7 @@ def exclusive_lock(lock_path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def ensure_synthetic_data(data_root) -> Path:
+def ensure_synthetic_data(data_root, say=None) -> Path:
     """``<data_root>/synthetic`` as it is when present (any generated dataset), else the demo's."""
     root = Path(data_root) / "synthetic"
     return root if root.exists() else ensure_demo_data(data_root)
