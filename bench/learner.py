@@ -108,8 +108,8 @@ def merged_for_export(learner: MetricLearner, method: str, method_args: dict[str
     still has, with the arguments it accepts: what ``bench.reuse.load_exported`` rebuilds."""
     from methods.registry import METHODS, method_arguments as arguments, split_name
 
-    merged = {c.name for c in learner.components if c.merge(learner.model)}
+    merged = {c.name for c in learner.components if c.merge(learner)}
     parts = [p for p in split_name(method) if not (METHODS[p].components and set(METHODS[p].components) <= merged)]
-    name = "+".join(parts) or "zero_shot"
+    name = "+".join(parts) or "linear_probe"  # all merged: the plain backbone and its head
     accepted = arguments(name)
     return name, {k: v for k, v in method_args.items() if k in accepted}

@@ -42,10 +42,10 @@ class Component:
     def apply(self, learner: MetricLearner) -> None:
         raise NotImplementedError
 
-    def merge(self, model) -> bool:
+    def merge(self, learner: MetricLearner) -> bool:
         """Fold what this component added into the backbone's own weights, in place, so that the
-        plain architecture computes the same embeddings; True when it did (LoRA), False when it
-        cannot (prompts, adapters) or has nothing to fold."""
+        plain architecture computes the same embeddings (and drop what it kept beside them); True
+        when it did (LoRA, SSF, FacT), False when it cannot (prompts, adapters) or has nothing to fold."""
         return False
 
     def proxy_arrays(self, learner: MetricLearner, bias) -> dict[str, Any] | None:

@@ -41,6 +41,12 @@ def lora_targets(text: str) -> list[str]:
 
 
 @dataclass
+class FacTArgs:
+    fact_rank: int = arg(16, "rank r of the shared factors U, V (width x r) and of each r x r core", min=1)
+    fact_scale: float = arg(1.0, "scale s of the update s U Sigma V^T (the paper tunes it per dataset)", min=0.0)
+
+
+@dataclass
 class ShallowPromptArgs:
     num_prompts: int = arg(10, "prompt tokens inserted once, before block 1", min=1)
     prompt_location: str = arg("prepend", "prepend tokens, or add one prompt to each patch token (VPT's 'add')",

@@ -48,8 +48,8 @@ class LoRA(Component):
     def targets(self) -> list[str]:
         return lora_targets(self.lora_targets)
 
-    def merge(self, model) -> bool:
-        return merge_lora_(model) > 0
+    def merge(self, learner) -> bool:
+        return merge_lora_(learner.model) > 0
 
     def apply(self, learner):
         for block in learner.model.backbone.blocks:

@@ -383,3 +383,85 @@ def test_describe_counts_without_downloading():
     assert rows["vpt_deep"]["params_trainable"] == 233_088
     assert rows["adapter"]["params_trainable"] == 1_573_120
     assert rows["adapter"]["params_trainable_no_head"] == 1_386_112
+
+
+# ---- the wider table: closed forms of the new methods (ViT-S/16, 100 classes, emb 384) ----
+
+def test_new_methods_count_their_closed_forms(vit_small_counts):
+    width, blocks = 384, 12
+    layer_norms = 2 * blocks + 1  # norm1, norm2 per block, the final norm
+    assert vit_small_counts("ln_tuning")["params_trainable_no_head"] == 2 * width * layer_norms  # 19,200
+    per_block = (3 * width + width + 4 * width + width) + 2 * width  # after qkv, proj, fc1, fc2; norm1, norm2
+    assert vit_small_counts("ssf")["params_trainable_no_head"] == 2 * (blocks * per_block + width)  # 102,144
+    rank = 16
+    slices = blocks * (3 + 4 + 4)  # qkv, fc1, fc2 as width x width slices
+    assert vit_small_counts("fact_tt", fact_rank=rank)["params_trainable_no_head"] == \
+        2 * width * rank + slices * rank * rank  # 46,080
+
+
+def test_ssf_starts_as_the_identity_up_to_its_init_noise():
+    from methods.ssf import ScaleShift
+
+    learner = make_learner("ssf")
+    wrapped = [m for m in learner.model.backbone.modules() if isinstance(m, ScaleShift)]
+    gamma = torch.cat([m.gamma.detach() for m in wrapped])
+    beta = torch.cat([m.beta.detach() for m in wrapped])
+    assert abs(gamma.mean().item() - 1) < 0.01 and 0.012 < gamma.std().item() < 0.03
+    assert abs(beta.mean().item()) < 0.01 and 0.012 < beta.std().item() < 0.03
+    x = torch.randn(5, wrapped[0].base.in_features if hasattr(wrapped[0].base, "in_features") else 48)
+    with torch.no_grad():
+        wrapped[0].gamma.fill_(1.0)
+        wrapped[0].beta.zero_()
+        assert torch.equal(wrapped[0](x), wrapped[0].base(x))  # gamma 1, beta 0: exactly the base layer
+
+
+def test_ln_tuning_trains_exactly_the_layer_norms():
+    learner = make_learner("ln_tuning")
+    backbone = learner.model.backbone
+    trained = {n for n, p in backbone.named_parameters() if p.requires_grad}
+    norms = {f"{m}.{p}" for m, module in backbone.named_modules() if isinstance(module, nn.LayerNorm)
+             for p in ("weight", "bias")}
+    assert trained == norms
+
+
+def test_fact_shares_u_and_v_across_blocks_and_starts_at_the_pretrained_model():
+    from methods.fact import FactLinear
+
+    learner = make_learner("fact_tt", fact_rank=4)
+    layers = [m for m in learner.model.backbone.modules() if isinstance(m, FactLinear)]
+    assert len(layers) == 3 * len(learner.model.backbone.blocks)
+    assert len({id(m.factors) for m in layers}) == 1  # one U, one V for every block
+    names = [n for n, p in learner.named_parameters() if p.requires_grad and ".factors." not in n]
+    assert [n for n in names if n.startswith("extras.fact.")] == ["extras.fact.u", "extras.fact.v", "extras.fact.cores"]
+    assert all(torch.count_nonzero(m.delta_weight()) == 0 for m in layers)  # zero cores: no update yet
+    train_steps(learner, 2)
+    assert all(torch.count_nonzero(m.delta_weight()) > 0 for m in layers)
+
+
+@pytest.mark.parametrize("name", TRAINED)
+def test_export_round_trip_gives_the_same_embeddings(name):
+    """What export does: merge what merges, keep what only training needs out, rebuild the
+    exported method's structure and load the state: the same embeddings (1e-5)."""
+    from bench.learner import merged_for_export
+    from bench.reuse import training_only
+
+    learner = make_learner(name)
+    train_steps(learner, 2)
+    images, _ = fixed_batch()
+    learner.eval()
+    with torch.no_grad():
+        before = learner(images)
+    args = small_args(name)
+    exported, exported_args = merged_for_export(learner, name, args)
+    state = {k: v for k, v in learner.state_dict().items() if not k.startswith(training_only(learner))}
+    torch.manual_seed(1)
+    config = CellConfig(backbone="vit_test", weights=None, embedding_size=EMBEDDING, method=exported,
+                        method_args=exported_args)
+    rebuilt = build_learner(config, NUM_CLASSES)
+    missing, unexpected = rebuilt.load_state_dict(state, strict=False)
+    assert not unexpected and not [k for k in missing if not k.startswith(training_only(rebuilt))]
+    with torch.no_grad():
+        after = rebuilt.eval()(images)
+    torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
+    if name in ("lora", "ssf", "fact_tt"):
+        assert exported == "linear_probe"  # merged into the backbone: the plain architecture

@@ -23,6 +23,11 @@ METHODS = {
     "lora+bitfit": {"lora_rank": 2, "lora_alpha": 4.0},
     "vptsp_g+bitfit": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2},
     "adapter": {"adapter_blocks": 2, "adapter_width": 4},
+    # the wider table's methods: two fold into the weights on export (the plain architecture)
+    "ssf": {},
+    "fact_tt": {"fact_rank": 4},
+    "ln_tuning": {},
+    "lora": {"lora_rank": 2},  # all merged: exported as the plain backbone with its head
 }
 
 
@@ -90,8 +95,11 @@ def test_export_loads_standalone_to_the_same_embeddings(cells, tmp_path, capsys)
         assert not [k for k in keys if "lora_" in k]  # merged into the linear layers
         info = model.export_info
         assert info["trained_method"] == method and info["backbone"] == "vit_test"
-        if method.startswith("lora"):
+        if method == "lora+bitfit":
             assert info["method"] == "bitfit"
+        if method in ("lora", "ssf", "fact_tt"):  # folded into the weights: the plain architecture
+            assert info["method"] == "linear_probe"
+            assert not [k for k in keys if ".base." in k or "fact" in k or k.endswith((".gamma", ".beta"))]
         if method.startswith("vptsp"):
             assert any("prompts" in k for k in keys)
 

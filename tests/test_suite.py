@@ -225,7 +225,7 @@ def test_ablation_latency_smoke_and_demo_suites():
     cells = demo.cells()
     assert {c.config.method for c in cells} < set(methods.method_names())
     left_out = set(methods.method_names()) - {c.config.method for c in cells}
-    paragraph = (REPO / "README.md").read_text().split("Left out for time")[1][:120]
+    paragraph = (REPO / "README.md").read_text().split("Left out for time")[1][:300]
     for method in left_out:  # the README says what the demo leaves out
         assert registry.method_display(method).split(" (")[0] in paragraph, method
     assert {c.config.dataset for c in cells} == {"synthetic", "synthetic_far"}
@@ -279,3 +279,19 @@ def test_runtime_fields_do_not_change_the_cell_id():
                        compile=True)
     assert moved.identity() == base.identity()
     assert CellConfig(lr=1e-4).identity() != base.identity()
+
+
+def test_the_wide_table_runs_every_registered_method_under_one_tuning_budget():
+    suite = load_suite("table1_wide")
+    plan = suite.plan()
+    finals = plan.waiting + [c.key for c in plan.cells if c.key.get("stage") == "final"]  # zero-shot: no trials
+    parts = {part for key in finals for part in registry.method_parts(key["method"])}
+    assert parts == set(methods.method_names())  # every method of the registry is a row
+    assert {key["dataset"] for key in finals} == {"cub200", "cars196", "sop"}
+    assert {key["seed"] for key in finals} == set(range(5))
+    trials = [c for c in plan.cells if c.key.get("stage") == "trial"]
+    per_method = {}
+    for cell in trials:
+        per_method.setdefault(cell.key["label"], set()).add((cell.config.dataset, cell.key["trial"]))
+    assert len({len(v) for v in per_method.values()}) == 1  # the same budget for every tuned method
+    assert "Zero-shot (no training)" not in per_method  # nothing to tune
