@@ -6,6 +6,7 @@ importing torch; the component modules (``methods/lora.py``, ...) take their ``A
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,3 +75,38 @@ class SemanticProxyArgs:
     class_prompt_offload: str = arg("auto", "keep the class-prompt table in CPU memory (auto: above 256 MiB)",
                                     choices=("auto", "cpu", "device"))
     proxy_checkpointing: bool = arg(False, "recompute the proxy pass in backward instead of storing it")
+
+
+PEFT_METHODS = ("lora", "dora", "vera", "loha", "lokr", "ia3", "oft", "boft")
+PEFT_TARGETS = ("qkv", "proj", "fc1", "fc2")
+
+
+@dataclass
+class PeftArgs:
+    peft_method: str = arg("lora", "the Hugging Face peft method applied to the backbone's linear layers",
+                           choices=PEFT_METHODS)
+    peft_rank: int = arg(8, "r (LoRA, DoRA, VeRA, LoHa, LoKr)", min=1)
+    peft_alpha: float = arg(16.0, "alpha (LoRA, DoRA: the update is scaled by alpha / r; LoHa, LoKr)", min=0.0)
+    peft_targets: str = arg("qkv,proj", "linear layers of every block that get the method (qkv, proj, fc1, fc2; "
+                                        "timm's qkv is one fused layer)")
+    peft_dropout: float = arg(0.0, "dropout on the method's input (LoRA, DoRA, VeRA) or module dropout "
+                                   "(LoHa, LoKr, OFT)", min=0.0, max=1.0)
+    peft_block_size: int = arg(32, "OFT/BOFT: the size of the orthogonal blocks", min=1)
+    peft_options: str = arg("", "more fields of the peft config, as JSON (e.g. {\"d_initial\": 0.1})")
+
+    @staticmethod
+    def check(values: dict[str, Any]) -> None:
+        unknown = set(peft_targets(values["peft_targets"])) - set(PEFT_TARGETS)
+        if unknown or not peft_targets(values["peft_targets"]):
+            raise MethodError(f"method_args: peft_targets {sorted(unknown) or 'empty'}: use some of "
+                              f"{', '.join(PEFT_TARGETS)}")
+        try:
+            extra = json.loads(values["peft_options"] or "{}")
+        except ValueError as e:
+            raise MethodError(f"method_args: peft_options is not JSON ({e})") from None
+        if not isinstance(extra, dict):
+            raise MethodError("method_args: peft_options must be a JSON object of config fields")
+
+
+def peft_targets(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]

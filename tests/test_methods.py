@@ -24,7 +24,7 @@ from methods.semantic_proxies import SemanticProxyModule
 NUM_CLASSES = 4
 EMBEDDING = 16
 # The tiny test ViT has 3 blocks: depth-type arguments are scaled down to it.
-SMALL_ARGS = {"prompt_depth": 3, "class_prompt_depth": 3, "adapter_blocks": 2, "num_prompts": 4,
+SMALL_ARGS = {"prompt_depth": 3, "class_prompt_depth": 3, "adapter_blocks": 2, "num_prompts": 4, "peft_block_size": 8,
               "num_class_prompts": 2}
 CASES = list(METHODS) + ["vptsp_g+bitfit", "adapter+bitfit", "vpt_deep+bitfit"]
 # Methods that train (zero_shot is checked in tests/test_fidelity.py: nothing trains, no head).
@@ -465,3 +465,96 @@ def test_export_round_trip_gives_the_same_embeddings(name):
     torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)
     if name in ("lora", "ssf", "fact_tt"):
         assert exported == "linear_probe"  # merged into the backbone: the plain architecture
+
+
+# ---- Hugging Face peft methods --------------------------------------------------------------
+
+def _peft_layers(learner):
+    from methods.peft_methods import tuner_layers
+
+    return [layer for _, _, layer in tuner_layers(learner.model.backbone)]
+
+
+def test_dora_at_init_equals_the_base_model():
+    learner = make_learner("peft:dora")
+    layers = _peft_layers(learner)
+    assert layers
+    x = torch.randn(4, 7, 48)
+    with torch.no_grad():
+        for layer in layers:
+            torch.testing.assert_close(layer(x), layer.get_base_layer()(x), atol=1e-6, rtol=1e-6)
+
+
+def test_vera_frozen_matrices_are_shared_and_reproducible_from_their_seed():
+    first, second = make_learner("peft:vera", seed=0), make_learner("peft:vera", seed=5)
+    layers = _peft_layers(first)
+    assert len({id(layer.vera_A) for layer in layers}) == 1  # one shared A (and B) for every layer
+    shared = dict(layers[0].vera_A["default"].named_buffers()) if hasattr(layers[0].vera_A["default"], "named_buffers") \
+        else {"A": layers[0].vera_A["default"]}
+    assert all(not t.requires_grad for t in shared.values())
+    # another seed of the run, the same projection_prng_key: the same frozen matrices
+    torch.testing.assert_close(layers[0].vera_A["default"], _peft_layers(second)[0].vera_A["default"])
+    torch.testing.assert_close(layers[0].vera_B["default"], _peft_layers(second)[0].vera_B["default"])
+    assert {n for n, p in first.named_parameters() if p.requires_grad and "vera" in n} <= \
+        {n for n, _ in first.named_parameters() if "vera_lambda" in n}  # only the scaling vectors train
+
+
+def test_our_lora_equals_peft_lora_on_identical_weights():
+    """The hand-written LoRA (kept: recorded results and exports name its tensors) and peft's
+    LoRA, on the same backbone, head, proxies and update: the same outputs and gradients (1e-6)."""
+    ours = make_learner("lora", lora_rank=2, lora_alpha=4.0)
+    theirs = make_learner("peft:lora", peft_rank=2, peft_alpha=4.0, peft_targets="qkv,proj")
+    mapped = {}
+    for key, value in ours.state_dict().items():
+        key = key.replace(".base.", ".base_layer.").replace(".lora_a", ".lora_A.default.weight") \
+            .replace(".lora_b", ".lora_B.default.weight")
+        mapped[key] = value
+    torch.manual_seed(3)
+    for name, p in ours.named_parameters():
+        if name.endswith("lora_b"):  # a trained update, not the zero init
+            with torch.no_grad():
+                p.normal_(0, 0.1)
+            mapped[name.replace(".lora_b", ".lora_B.default.weight")] = p.detach().clone()
+    missing, unexpected = theirs.load_state_dict(mapped, strict=False)
+    assert not missing and not unexpected
+    images, labels = fixed_batch()
+    losses = []
+    for learner in (ours, theirs):
+        learner.train()
+        loss = learner.training_loss(images, labels)
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-6, rtol=1e-6)
+    grads_ours = {n.replace(".base.", ".base_layer.").replace(".lora_a", ".lora_A.default.weight")
+                  .replace(".lora_b", ".lora_B.default.weight"): p.grad for n, p in ours.named_parameters()
+                  if p.grad is not None}
+    grads_theirs = {n: p.grad for n, p in theirs.named_parameters() if p.grad is not None}
+    assert set(grads_ours) == set(grads_theirs)
+    for name, grad in grads_ours.items():
+        torch.testing.assert_close(grad, grads_theirs[name], atol=1e-6, rtol=1e-5)
+
+
+def test_peft_method_counts_agree_with_peft_and_describe_lists_them():
+    """ViT-S/16: the trainable backbone parameters of each peft method (what describe reports
+    beside head and proxies) equal peft's own count of a PeftModel of that backbone."""
+    import copy
+
+    import peft
+
+    from bench.backbones import create_backbone
+    from bench.measure import parameter_counts
+    from methods import METHODS
+    from methods.peft_methods import peft_config
+    from methods.registry import resolve_arguments
+
+    base = create_backbone("vit_small_patch16_224.augreg_in21k", weights=None)
+    for name in [m for m in METHODS if m.startswith("peft:")]:
+        torch.manual_seed(0)
+        config = CellConfig(backbone="vit_small_patch16_224.augreg_in21k", weights=None, embedding_size=384,
+                            method=name)
+        ours = parameter_counts(build_learner(config, 100, backbone=copy.deepcopy(base)))["params_trainable_no_head"]
+        (_, values), = resolve_arguments(name)
+        model = copy.deepcopy(base)
+        wrapped = peft.get_peft_model(model, peft_config(values))
+        theirs, _ = wrapped.get_nb_trainable_parameters()
+        assert ours == theirs > 0, name

@@ -28,6 +28,8 @@ METHODS = {
     "fact_tt": {"fact_rank": 4},
     "ln_tuning": {},
     "lora": {"lora_rank": 2},  # all merged: exported as the plain backbone with its head
+    **{f"peft:{m}": {"peft_block_size": 8} if m in ("oft", "boft") else {}
+       for m in ("lora", "dora", "vera", "loha", "lokr", "ia3", "oft", "boft")},  # peft's own merge
 }
 
 
@@ -97,9 +99,10 @@ def test_export_loads_standalone_to_the_same_embeddings(cells, tmp_path, capsys)
         assert info["trained_method"] == method and info["backbone"] == "vit_test"
         if method == "lora+bitfit":
             assert info["method"] == "bitfit"
-        if method in ("lora", "ssf", "fact_tt"):  # folded into the weights: the plain architecture
+        if method in ("lora", "ssf", "fact_tt") or method.startswith("peft:"):  # folded: the plain architecture
             assert info["method"] == "linear_probe"
-            assert not [k for k in keys if ".base." in k or "fact" in k or k.endswith((".gamma", ".beta"))]
+            assert not [k for k in keys if ".base." in k or "base_layer" in k or "fact" in k
+                        or k.endswith((".gamma", ".beta"))]
         if method.startswith("vptsp"):
             assert any("prompts" in k for k in keys)
 
