@@ -22,7 +22,9 @@ class Prompts(Protocol):
 
     ``for_block`` returns ``[B, n, width]`` to *replace* the prompts currently in the sequence
     (VPT-deep: the previous block's prompt outputs are dropped), or ``None`` to leave the
-    sequence as it is (VPT-shallow after block 0; blocks past the prompt depth).
+    sequence as it is (VPT-shallow after block 0; blocks past the prompt depth). Prompts with
+    ``mixes = True`` also get the prompt tokens currently in the sequence (``current``), to mix
+    them into what replaces them (GateVPT's gates).
     """
 
     def for_block(self, index: int, batch_size: int) -> torch.Tensor | None: ...
@@ -72,7 +74,10 @@ class EmbeddingModel(nn.Module):
         added = getattr(prompts, "location", "prepend") == "add"
         for i, block in enumerate(vit.blocks):
             if prompts is not None:
-                new = prompts.for_block(i, x.shape[0])
+                if getattr(prompts, "mixes", False):
+                    new = prompts.for_block(i, x.shape[0], current=x[:, prefix:prefix + num_prompts])
+                else:
+                    new = prompts.for_block(i, x.shape[0])
                 if new is not None and added:  # summed onto the patch tokens, one prompt per patch
                     x = torch.cat([x[:, :prefix], x[:, prefix:] + new.to(x.dtype)], dim=1)
                 elif new is not None:

@@ -64,6 +64,13 @@ class DeepPromptArgs:
 
 
 @dataclass
+class GatedPromptArgs:
+    num_prompts: int = arg(10, "prompt tokens N before each prompted block", min=1)
+    prompt_depth: int = arg(12, "prompted blocks L, from the first", min=1)
+    gate_init: float = arg(0.0, "initial gate logit a: every gate starts at sigmoid(a) (0: one half)")
+
+
+@dataclass
 class SemanticProxyArgs:
     num_class_prompts: int = arg(3, "class prompt tokens m per class before each prompted block", min=1)
     class_prompt_depth: int = arg(12, "blocks with class prompts, from the first", min=1)

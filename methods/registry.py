@@ -69,6 +69,7 @@ COMPONENTS: dict[str, ComponentSpec] = {spec.name: spec for spec in (
     ComponentSpec("peft", "peft_methods:PeftMethod", configs.PeftArgs),
     ComponentSpec("vpt_shallow", "prompts:ShallowPrompts", configs.ShallowPromptArgs, exclusive="prompts"),
     ComponentSpec("vpt_deep", "prompts:DeepPrompts", configs.DeepPromptArgs, exclusive="prompts"),
+    ComponentSpec("gate_vpt", "gated_prompts:GatedPrompts", configs.GatedPromptArgs, exclusive="prompts"),
     ComponentSpec("semantic_proxies", "semantic_proxies:SemanticProxies", configs.SemanticProxyArgs,
                   exclusive="proxies"),
 )}
@@ -95,6 +96,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("peft:boft", "BOFT", ("peft",), {"peft_method": "boft", "peft_block_size": 4}),
     MethodSpec("vpt_shallow", "VPT-shallow", ("vpt_shallow",)),
     MethodSpec("vpt_deep", "VPT-deep", ("vpt_deep",)),
+    MethodSpec("gate_vpt", "GateVPT", ("gate_vpt",)),
     MethodSpec("vptsp_e", "VPTSP-M (EMA)", ("vpt_deep", "semantic_proxies"), {"accumulator": "ema"},
                semantic_proxies=True),
     MethodSpec("vptsp_g", "VPTSP-G", ("vpt_deep", "semantic_proxies"), {"accumulator": "gru_relu"},

@@ -558,3 +558,18 @@ def test_peft_method_counts_agree_with_peft_and_describe_lists_them():
         wrapped = peft.get_peft_model(model, peft_config(values))
         theirs, _ = wrapped.get_nb_trainable_parameters()
         assert ours == theirs > 0, name
+
+
+def test_gate_vpt_counts_its_gates_and_with_open_gates_is_vpt_deep(vit_small_counts):
+    assert vit_small_counts("gate_vpt", num_prompts=10, prompt_depth=12)["params_trainable_no_head"] == \
+        10 * 12 * 384 + 12  # VPT-deep's prompts and one gate per block: 46,092
+    gated = make_learner("gate_vpt")
+    deep = make_learner("vpt_deep")
+    state = {k: v for k, v in gated.state_dict().items() if "gate_logits" not in k}
+    assert not deep.load_state_dict(state, strict=False).missing_keys
+    images, _ = fixed_batch()
+    with torch.no_grad():
+        gated.extras["prompts"].gate_logits.fill_(60.0)  # sigmoid = 1: each block's own prompts only
+        torch.testing.assert_close(gated.eval()(images), deep.eval()(images), atol=1e-6, rtol=1e-6)
+        gated.extras["prompts"].gate_logits.fill_(0.0)  # half of the previous block's prompt outputs
+        assert not torch.allclose(gated(images), deep(images), atol=1e-4)

@@ -27,6 +27,7 @@ METHODS = {
     "ssf": {},
     "fact_tt": {"fact_rank": 4},
     "ln_tuning": {},
+    "gate_vpt": {"num_prompts": 2, "prompt_depth": 2},
     "lora": {"lora_rank": 2},  # all merged: exported as the plain backbone with its head
     **{f"peft:{m}": {"peft_block_size": 8} if m in ("oft", "boft") else {}
        for m in ("lora", "dora", "vera", "loha", "lokr", "ia3", "oft", "boft")},  # peft's own merge
