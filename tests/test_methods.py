@@ -374,7 +374,8 @@ def test_describe_counts_without_downloading():
 
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run([sys.executable, str(root / "run_suite.py"), "describe", "--method", "linear_probe",
-                           "vpt_deep", "adapter", "--method-arg", "adapter_blocks=7", "--method-arg",
+                           "vpt_deep", "adapter", "ssf", "fact_tt", "gate_vpt", "peft:dora",
+                           "--method-arg", "adapter_blocks=7", "--method-arg",
                            "adapter_width=256", "--json"], capture_output=True, text=True, timeout=120,
                           env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr
@@ -383,6 +384,10 @@ def test_describe_counts_without_downloading():
     assert rows["vpt_deep"]["params_trainable"] == 233_088
     assert rows["adapter"]["params_trainable"] == 1_573_120
     assert rows["adapter"]["params_trainable_no_head"] == 1_386_112
+    # the wider table's, by their closed forms (test_new_methods_count_their_closed_forms, and peft's own
+    # count for peft:dora in test_peft_method_counts_agree_with_peft_and_describe_lists_them)
+    assert [rows[m]["params_trainable_no_head"] for m in ("ssf", "fact_tt", "gate_vpt", "peft:dora")] == \
+        [102_144, 46_080, 46_092, 239_616]
 
 
 # ---- the wider table: closed forms of the new methods (ViT-S/16, 100 classes, emb 384) ----
