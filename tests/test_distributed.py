@@ -1,0 +1,119 @@
+"""Two ranks with half the batch each train exactly like one process with the whole batch
+(issue 30's first part: bench/distributed.py on the CPU, gloo, 2 processes)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+METHODS = {"full_ft": {}, "lora": {"lora_rank": 2, "lora_alpha": 4.0},
+           "vpt_deep": {"num_prompts": 2, "prompt_depth": 2}}
+STEPS = 3
+
+
+def _learner(method: str, args: dict):
+    from bench.config import CellConfig
+    from bench.learner import build_learner
+
+    torch.manual_seed(0)
+    return build_learner(CellConfig(backbone="vit_test", weights=None, embedding_size=16, method=method,
+                                    method_args=args), 4)
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(8, 3, 32, 32, generator=g), torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+
+
+def _optimizers(learner):
+    from bench.config import CellConfig
+    from bench.train import build_optimizers
+
+    # SGD: Adam divides each gradient by its own size, so a gradient that is zero in exact arithmetic
+    # (the key bias of attention: softmax ignores a constant per query) turns its rounding noise,
+    # ~1e-10 and different for any other summation order, into full-size steps of either sign
+    return build_optimizers(learner, CellConfig(optimizer="sgd", lr=1e-2, proxy_lr=1e-2, momentum=0.9,
+                                                weight_decay=1e-4))
+
+
+def _train(learner, loss_of) -> dict:
+    optimizers = _optimizers(learner)
+    learner.train()
+    record = {"losses": [], "grads": None}
+    for step in range(STEPS):
+        for o in optimizers:
+            o.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        if step == 0:
+            record["grads"] = {n: p.grad.detach().clone() for n, p in learner.named_parameters() if p.grad is not None}
+        for o in optimizers:
+            o.step()
+        record["losses"].append(loss.detach())
+    record["params"] = {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}
+    return record
+
+
+def _rank(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from bench.distributed import global_batch_loss
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    images, labels = _batch()
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    records = {}
+    for method, args in METHODS.items():
+        learner = _learner(method, args)
+        ddp = DistributedDataParallel(learner)
+        records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]))
+    if rank == 0:
+        torch.save(records, out)
+    dist.destroy_process_group()
+
+
+def test_rank_batches_partition_the_one_process_batch_exactly():
+    from bench.data import ClassBalancedBatchSampler
+    from bench.distributed import RankBatches
+
+    labels = np.repeat(np.arange(10), 6)
+    one = ClassBalancedBatchSampler(labels, 8, 2, seed=3, num_batches=5)
+    ranks = [RankBatches(ClassBalancedBatchSampler(labels, 8, 2, seed=3, num_batches=5), r, 2) for r in range(2)]
+    for epoch in (1, 2):
+        one.set_epoch(epoch)
+        for r in ranks:
+            r.set_epoch(epoch)
+        for whole, *parts in zip(one, *ranks):
+            assert sum(parts, []) == whole and all(len(p) == 4 for p in parts)
+
+
+def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "ranks.pt"
+    mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ranks = torch.load(out)
+    images, labels = _batch()
+    for method, args in METHODS.items():
+        learner = _learner(method, args)
+        one = _train(learner, lambda: learner.training_loss(images, labels))
+        two = ranks[method]
+        torch.testing.assert_close(torch.stack(two["losses"]), torch.stack(one["losses"]), atol=1e-5, rtol=1e-5)
+        assert set(two["grads"]) == set(one["grads"]), method
+        for kind in ("grads", "params"):
+            for name, value in one[kind].items():
+                torch.testing.assert_close(two[kind][name], value, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, where=f"{method} {kind} {name}": f"{where}: {m}")
+
+
+def test_semantic_proxies_are_refused_on_several_ranks_until_their_rows_are_exchanged():
+    from bench.distributed import global_batch_loss
+    from bench.errors import UserError
+
+    learner = _learner("vptsp_g", {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1,
+                                   "class_prompt_depth": 2})
+    images, labels = _batch()
+    with pytest.raises(UserError, match="semantic proxies"):
+        global_batch_loss(learner, learner, images, labels)
