@@ -11,6 +11,10 @@ training problem as one process. Not yet wired into ``train_cell`` or the launch
   scaling, whose misuse is pytorch-metric-learning's open question on parameterised losses.
 * ``global_batch_loss``: Proxy-Anchor on the global batch, so its positive and negative sets
   are those of the global batch.
+* ``shard_neighbours`` / ``merge_neighbours`` / ``sharded_records``: evaluation where each rank
+  holds a shard of the gallery: exact top-L per shard (similarity, then the lower global index),
+  an exact merge of the ranks' lists, and the metrics' per-query records from the merged lists,
+  equal to the one-process evaluation's (``tests/test_distributed.py``, in one process).
 
 ``tests/test_distributed.py`` runs 2 gloo processes on the CPU against one process with the full
 batch: loss, every trained parameter's gradient and the parameters after 3 optimiser steps agree
@@ -70,3 +74,63 @@ def global_batch_loss(model, learner, images: torch.Tensor, labels: torch.Tensor
                         "GRU memory must be exchanged across ranks first")
     embeddings = gather_embeddings(model(images))
     return learner.criterion(embeddings, gather_labels(labels))
+
+
+# --- evaluation over gallery shards -------------------------------------------------------------
+
+def shard_neighbours(query, shard, offset: int, length: int, query_index=None):
+    """Exact top-``length`` neighbours of each query among one gallery shard (global indices
+    ``offset + i``), best first, exact ties by the lower index; ``query_index`` (self-retrieval:
+    each query's own global index) excludes the query itself. Returns (similarities, indices)."""
+    import numpy as np
+
+    similarities = np.asarray(query, dtype=np.float32) @ np.asarray(shard, dtype=np.float32).T
+    if query_index is not None:
+        own = np.asarray(query_index) - offset
+        inside = (own >= 0) & (own < len(shard))
+        similarities[np.flatnonzero(inside), own[inside]] = -np.inf
+    length = min(length, similarities.shape[1])
+    indices = np.broadcast_to(np.arange(similarities.shape[1]), similarities.shape)
+    order = np.lexsort((indices, -similarities), axis=1)[:, :length]
+    return np.take_along_axis(similarities, order, axis=1), order.astype(np.int64) + offset
+
+
+def merge_neighbours(parts, length: int):
+    """The exact top-``length`` of the ranks' lists (what every rank holds after gathering them):
+    by similarity, then the lower global index."""
+    import numpy as np
+
+    similarities = np.concatenate([s for s, _ in parts], axis=1)
+    indices = np.concatenate([i for _, i in parts], axis=1)
+    order = np.lexsort((indices, -similarities), axis=1)[:, :length]
+    return np.take_along_axis(similarities, order, axis=1), np.take_along_axis(indices, order, axis=1)
+
+
+def sharded_records(embeddings, labels, ks, world_size: int):
+    """Self-retrieval metrics and per-query records with the gallery split into ``world_size``
+    shards, as the ranks would compute them: each shard's exact top-L, merged exactly. Returns
+    what ``bench.evaluate.retrieval_metrics(..., return_per_query=True)`` returns."""
+    import numpy as np
+
+    from bench import metrics as metric_registry
+    from bench.evaluate import PerQuery
+
+    x = np.asarray(embeddings, dtype=np.float32)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    labels = np.asarray(labels)
+    _, codes = np.unique(labels, return_inverse=True)
+    r = np.bincount(codes)[codes] - 1
+    scored = np.flatnonzero(r > 0)
+    length = min(max(max(ks), int(r[scored].max())), len(x) - 1)
+    bounds = np.linspace(0, len(x), world_size + 1).round().astype(int)
+    parts = [shard_neighbours(x[scored], x[a:b], int(a), length, query_index=scored)
+             for a, b in zip(bounds[:-1], bounds[1:])]
+    _, neighbours = merge_neighbours(parts, length)
+    same = codes[neighbours] == codes[scored, None]
+    first_hit = np.where(same.any(axis=1), same.argmax(axis=1), same.shape[1])
+    ap_at_r = metric_registry.average_precision_at_r(same, r[scored])
+    records = metric_registry.records({"first_hit": first_hit, "ap_at_r": ap_at_r}, ks)
+    metrics = metric_registry.means(records, ks)
+    metrics["num_queries"], metrics["num_lone_queries"] = len(scored), len(x) - len(scored)
+    return metrics, PerQuery(query_index=scored.astype(np.int64), label=labels[scored],
+                             ks=np.asarray(ks, dtype=np.int64), records=records, engine=f"sharded x{world_size}")

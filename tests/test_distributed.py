@@ -117,3 +117,22 @@ def test_semantic_proxies_are_refused_on_several_ranks_until_their_rows_are_exch
     images, labels = _batch()
     with pytest.raises(UserError, match="semantic proxies"):
         global_batch_loss(learner, learner, images, labels)
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_sharded_evaluation_equals_the_one_process_evaluation(world_size):
+    """Gallery shards, exact per-shard top-L, an exact merge: the same metrics and the same
+    per-query records (bytes of per_query.npz) as one process, exact ties included."""
+    from bench.artifacts import npz_bytes
+    from bench.distributed import sharded_records
+    from bench.evaluate import retrieval_metrics
+
+    rng = np.random.default_rng(7)
+    vectors = rng.normal(size=(30, 16)).astype(np.float32)
+    embeddings = vectors[rng.integers(0, 30, size=90)]  # exact duplicates: ties across shards
+    labels = rng.integers(0, 12, size=90)
+    ks = (1, 2, 4, 8)
+    one, one_records = retrieval_metrics(embeddings, labels, ks, return_per_query=True)
+    sharded, sharded_records_ = sharded_records(embeddings, labels, ks, world_size)
+    assert sharded == one
+    assert npz_bytes(sharded_records_.arrays()) == npz_bytes(one_records.arrays())
