@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from bench.cell_files import CellFiles
-from bench.evaluate import compute_embeddings, knn
+from bench.embeddings import compute_embeddings
+from bench.knn import knn
 from bench.results import atomic_write_bytes
 
 RETRIEVAL_QUERIES = 32

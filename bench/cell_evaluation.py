@@ -11,7 +11,8 @@ import numpy as np
 from bench.artifacts import npz_bytes
 from bench.cell_files import CellFiles
 from bench.errors import CellFailure, UserError
-from bench.evaluate import PerQuery, compute_embeddings, retrieval_metrics, top1_ties
+from bench.embeddings import compute_embeddings
+from bench.evaluate import PerQuery, retrieval_metrics, top1_ties
 from bench.results import atomic_write_bytes
 
 

@@ -142,7 +142,7 @@ def embed(cell_dir: str | Path, *, images: str | Path | None = None, split: str 
 
     from bench import data as dml_data
     from bench.backbones import data_config
-    from bench.evaluate import compute_embeddings
+    from bench.embeddings import compute_embeddings
     from bench.train import eval_transforms, load_splits
 
     if (images is None) == (split is None):

@@ -231,7 +231,7 @@ def test_backend_resolution(monkeypatch, faiss_gpu, cuda, k, expected):
     """Which search runs where; the GPU paths themselves need a GPU machine to run."""
     import types
 
-    import bench.evaluate as evaluate
+    import bench.knn as evaluate  # backend resolution lives in bench.knn
 
     fake_faiss = types.SimpleNamespace(get_num_gpus=lambda: int(faiss_gpu))
     if faiss_gpu:
@@ -293,8 +293,8 @@ def test_metrics_query_vs_gallery_match_brute_force(backend):
 @pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_deep_recall_by_counting_matches_brute_force(backend):
     """R@100 with classes of <= 8 images: CPU block engines count where the best positive
-    ranks instead of keeping a top-100 list (bench.evaluate._counting_pays)."""
-    import bench.evaluate as evaluate
+    ranks instead of keeping a top-100 list (bench.knn._counting_pays)."""
+    import bench.knn as evaluate
 
     x, labels = clustered_data(20, 400, classes=100, lone=5)
     ks = (1, 10, 100)
