@@ -3,7 +3,7 @@
 With equal-budget tuning a suite runs in stages: the trials first, then each method's final cells
 once its trials have ended. ``run_suite`` is that loop, in the engine, so that any caller (the
 CLI, a notebook, a test) runs a suite the same way; it reports what happens as events and never
-prints. Each stage's cells run locally (``dispatch.run_local``) or go to SLURM through submitit
+prints. Each stage's cells run locally (``local_run.run_local``) or go to SLURM through submitit
 (``dispatch.submit``); on SLURM without ``wait`` the call returns after the first submission.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from bench import dispatch
+from bench import dispatch, local_run
 from bench.events import Listener, ignore
 from bench.suite import Suite
 
@@ -71,7 +71,7 @@ def run_suite(suite: Suite, suite_dir: Path, *, data_root: str | None = None, op
             if options.check_data:
                 dispatch.check_data(todo)
             if options.executor == "local":
-                failed = dispatch.run_local(todo, suite_dir, fresh=options.fresh, on_event=listener,
+                failed = local_run.run_local(todo, suite_dir, fresh=options.fresh, on_event=listener,
                                             jobs=options.jobs)
                 run.code = max(run.code, 1 if failed else 0)
                 continue
