@@ -7,7 +7,9 @@ import pytest
 import torch
 
 METHODS = {"full_ft": {}, "lora": {"lora_rank": 2, "lora_alpha": 4.0},
-           "vpt_deep": {"num_prompts": 2, "prompt_depth": 2}}
+           "vpt_deep": {"num_prompts": 2, "prompt_depth": 2},
+           # frozen backbone + recomputed blocks: DDP without find_unused_parameters must not trip
+           "lora+checkpointing": {"lora_rank": 2, "lora_alpha": 4.0}}
 STEPS = 3
 
 
@@ -16,8 +18,11 @@ def _learner(method: str, args: dict):
     from bench.learner import build_learner
 
     torch.manual_seed(0)
-    return build_learner(CellConfig(backbone="vit_test", weights=None, embedding_size=16, method=method,
-                                    method_args=args), 4)
+    name = method.removesuffix("+checkpointing")
+    learner = build_learner(CellConfig(backbone="vit_test", weights=None, embedding_size=16, method=name,
+                                       method_args=args), 4)
+    learner.model.grad_checkpointing = method.endswith("+checkpointing")
+    return learner
 
 
 def _batch():
