@@ -11,6 +11,8 @@ training problem as one process. Not yet wired into ``train_cell`` or the launch
   scaling, whose misuse is pytorch-metric-learning's open question on parameterised losses.
 * ``global_batch_loss``: Proxy-Anchor on the global batch, so its positive and negative sets
   are those of the global batch.
+* ``init_ranks`` / ``collective``: every collective has a timeout; one that does not complete
+  (a rank died or hangs) fails with ``CollectiveTimeout`` naming the collective and the rank.
 * ``shard_neighbours`` / ``merge_neighbours`` / ``sharded_records``: evaluation where each rank
   holds a shard of the gallery: exact top-L per shard (similarity, then the lower global index),
   an exact merge of the ranks' lists, and the metrics' per-query records from the merged lists,
@@ -23,11 +25,42 @@ its GRU memory) need their rows exchanged across ranks and are refused here unti
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import datetime as dt
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 
-from bench.errors import UserError
+from bench.errors import CellFailure, UserError
+
+T = TypeVar("T")
+COLLECTIVE_TIMEOUT_S = 600  # a collective that waits longer fails the cell, naming itself
+
+
+class CollectiveTimeout(CellFailure):
+    """A collective that did not complete on every rank in time (a rank died or hangs)."""
+
+
+def init_ranks(rank: int, world_size: int, init_method: str, *, backend: str = "gloo",
+               timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the cell's process group; every collective then gives up after ``timeout_s``."""
+    import torch.distributed as dist
+
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=dt.timedelta(seconds=timeout_s))
+
+
+def collective(name: str, run: Callable[[], T]) -> T:
+    """``run()``, a collective; its timeout or a lost peer becomes ``CollectiveTimeout`` naming
+    the collective and this rank, never a wait without end."""
+    import torch.distributed as dist
+
+    try:
+        return run()
+    except (RuntimeError, dist.DistBackendError) as e:
+        where = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+        raise CollectiveTimeout(f"{name} did not complete on every rank ({where}): a rank died or hangs "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
 class RankBatches:
@@ -55,14 +88,14 @@ def gather_embeddings(local: torch.Tensor) -> torch.Tensor:
     all-reduces (sums) the gradient of each rank's part."""
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(local.contiguous()), dim=0)
+    return torch.cat(collective("all_gather (embeddings)", lambda: all_gather(local.contiguous())), dim=0)
 
 
 def gather_labels(local: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
 
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local.contiguous())
+    collective("all_gather (labels)", lambda: dist.all_gather(parts, local.contiguous()))
     return torch.cat(parts, dim=0)
 
 

@@ -141,3 +141,33 @@ def test_sharded_evaluation_equals_the_one_process_evaluation(world_size):
     sharded, sharded_records_ = sharded_records(embeddings, labels, ks, world_size)
     assert sharded == one
     assert npz_bytes(sharded_records_.arrays()) == npz_bytes(one_records.arrays())
+
+
+def _hanging_peer(rank: int, world: int, init_file: str, out: str) -> None:
+    import time
+
+    from bench.distributed import CollectiveTimeout, gather_labels, init_ranks
+
+    init_ranks(rank, world, f"file://{init_file}", timeout_s=3)
+    if rank == 1:
+        time.sleep(8)  # never joins the gather: a hung rank
+        return
+    try:
+        gather_labels(torch.tensor([0, 1]))
+    except CollectiveTimeout as e:
+        with open(out, "w") as f:
+            f.write(str(e))
+
+
+@pytest.mark.slow  # two processes and a 3 s collective timeout: about 18 s
+def test_a_collective_a_rank_never_joins_fails_naming_itself_instead_of_waiting(tmp_path):
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "message.txt"
+    start = time.monotonic()
+    mp.spawn(_hanging_peer, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    assert time.monotonic() - start < 60
+    message = out.read_text()
+    assert "all_gather (labels) did not complete on every rank (rank 0 of 2)" in message
