@@ -20,8 +20,9 @@ training problem as one process. Not yet wired into ``train_cell`` or the launch
 
 ``tests/test_distributed.py`` runs 2 gloo processes on the CPU against one process with the full
 batch: loss, every trained parameter's gradient and the parameters after 3 optimiser steps agree
-to 1e-5 (full fine-tuning, LoRA, VPT-deep). Semantic proxies (VPTSP's class-prompt table and
-its GRU memory) need their rows exchanged across ranks and are refused here until they are.
+to 1e-5 (full fine-tuning, LoRA, VPT-deep, VPTSP-G with its class prompts on the device, whose
+GRU memory also stays equal). An offloaded (sparse) class-prompt table is refused until its row
+gradients are exchanged by all-gather.
 """
 from __future__ import annotations
 
@@ -99,14 +100,31 @@ def gather_labels(local: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
+def use_global_batch(learner) -> None:
+    """Make the learner's methods see the global batch: per-image vectors (VPTSP's semantic
+    vectors) are gathered with gradients before they are accumulated, so every rank updates the
+    same memory rows from the same vectors in the same order. An offloaded (sparse, CPU) class-
+    prompt table, whose row gradients DDP cannot all-reduce, and dropout on the memory update,
+    which would draw differently per rank, are refused."""
+    semantic = learner.extras["semantic_proxies"] if "semantic_proxies" in learner.extras else None
+    if semantic is not None:
+        if semantic.class_prompts.offload:
+            raise UserError("class_prompt_offload: an offloaded class-prompt table does not run on several ranks yet "
+                            "(its sparse row gradients must be exchanged by all-gather); use class_prompt_offload: "
+                            "device")
+        if semantic.dropout.p:
+            raise UserError("gru_dropout: dropout on the memory update would differ between ranks; use 0 on "
+                            "several ranks")
+    learner.gather_batch = lambda vectors, labels: (gather_embeddings(vectors), gather_labels(labels))
+
+
 def global_batch_loss(model, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The loss of the global batch on every rank. ``model`` is the (DDP-wrapped) learner whose
-    forward gives the local embeddings; ``learner`` the unwrapped one, for its criterion."""
-    if learner.proxy_source is not None:
-        raise UserError("semantic proxies (VPTSP) do not run on several ranks yet: their class-prompt rows and "
-                        "GRU memory must be exchanged across ranks first")
+    forward gives the local embeddings; ``learner`` the unwrapped one (``use_global_batch``
+    applied), for its proxies and criterion."""
     embeddings = gather_embeddings(model(images))
-    return learner.criterion(embeddings, gather_labels(labels))
+    proxies = learner.proxy_source(learner, images, labels) if learner.proxy_source is not None else None
+    return learner.criterion(embeddings, gather_labels(labels), proxies)
 
 
 # --- evaluation over gallery shards -------------------------------------------------------------

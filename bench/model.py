@@ -116,6 +116,10 @@ class MetricLearner(nn.Module):
         self.extras = nn.ModuleDict()
         self.proxy_source: ProxySource | None = None
         self.components: list = []  # the method's components (methods.base.Component), for their hooks
+        # (vectors, labels) -> the global batch's; one process: as they are. On several ranks
+        # bench.distributed sets it, so that a method's per-image vectors (VPTSP's semantic
+        # vectors) are accumulated over the global batch, in its order, on every rank alike.
+        self.gather_batch = lambda vectors, labels: (vectors, labels)
         self.init = init  # the initialisation scheme methods use for what they add (methods.init)
 
     @property

@@ -214,6 +214,7 @@ class SemanticProxyModule(nn.Module):
 
     def forward(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         vectors = self.semantic_vectors(learner, images, labels).float()
+        vectors, labels = learner.gather_batch(vectors, labels)  # several ranks: the global batch's
         classes, rows = self.accumulate(vectors, labels)
         memory = self.memory.index_put((classes,), rows)  # out of place: grads flow to `rows`
         with torch.no_grad():

@@ -9,7 +9,10 @@ import torch
 METHODS = {"full_ft": {}, "lora": {"lora_rank": 2, "lora_alpha": 4.0},
            "vpt_deep": {"num_prompts": 2, "prompt_depth": 2},
            # frozen backbone + recomputed blocks: DDP without find_unused_parameters must not trip
-           "lora+checkpointing": {"lora_rank": 2, "lora_alpha": 4.0}}
+           "lora+checkpointing": {"lora_rank": 2, "lora_alpha": 4.0},
+           # class prompts on the device; the GRU memory must stay the same on every rank
+           "vptsp_g": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2,
+                       "class_prompt_offload": "device"}}
 STEPS = 3
 
 
@@ -56,6 +59,7 @@ def _train(learner, loss_of) -> dict:
             o.step()
         record["losses"].append(loss.detach())
     record["params"] = {n: p.detach().clone() for n, p in learner.named_parameters() if p.requires_grad}
+    record["buffers"] = {n: b.detach().clone() for n, b in learner.extras.named_buffers()}  # VPTSP's memory
     return record
 
 
@@ -63,7 +67,7 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    from bench.distributed import global_batch_loss
+    from bench.distributed import global_batch_loss, use_global_batch
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -72,8 +76,11 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     records = {}
     for method, args in METHODS.items():
         learner = _learner(method, args)
+        use_global_batch(learner)
         ddp = DistributedDataParallel(learner)
         records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]))
+    if rank == 1:  # the other rank's memory: the same rows as rank 0's
+        torch.save({m: r["buffers"] for m, r in records.items()}, out + ".rank1")
     if rank == 0:
         torch.save(records, out)
     dist.destroy_process_group()
@@ -100,6 +107,10 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path):
     out = tmp_path / "ranks.pt"
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
     ranks = torch.load(out)
+    rank1 = torch.load(str(out) + ".rank1")
+    for method, buffers in rank1.items():
+        for name, value in buffers.items():
+            assert torch.equal(value, ranks[method]["buffers"][name]), (method, name)
     images, labels = _batch()
     for method, args in METHODS.items():
         learner = _learner(method, args)
@@ -107,21 +118,20 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path):
         two = ranks[method]
         torch.testing.assert_close(torch.stack(two["losses"]), torch.stack(one["losses"]), atol=1e-5, rtol=1e-5)
         assert set(two["grads"]) == set(one["grads"]), method
-        for kind in ("grads", "params"):
+        for kind in ("grads", "params", "buffers"):
             for name, value in one[kind].items():
                 torch.testing.assert_close(two[kind][name], value, atol=1e-5, rtol=1e-4,
                                            msg=lambda m, where=f"{method} {kind} {name}": f"{where}: {m}")
 
 
-def test_semantic_proxies_are_refused_on_several_ranks_until_their_rows_are_exchanged():
-    from bench.distributed import global_batch_loss
+def test_an_offloaded_class_prompt_table_is_refused_on_several_ranks():
+    from bench.distributed import use_global_batch
     from bench.errors import UserError
 
     learner = _learner("vptsp_g", {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1,
-                                   "class_prompt_depth": 2})
-    images, labels = _batch()
-    with pytest.raises(UserError, match="semantic proxies"):
-        global_batch_loss(learner, learner, images, labels)
+                                   "class_prompt_depth": 2, "class_prompt_offload": "cpu"})
+    with pytest.raises(UserError, match="class_prompt_offload"):
+        use_global_batch(learner)
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
