@@ -20,9 +20,9 @@ training problem as one process. Not yet wired into ``train_cell`` or the launch
 
 ``tests/test_distributed.py`` runs 2 gloo processes on the CPU against one process with the full
 batch: loss, every trained parameter's gradient and the parameters after 3 optimiser steps agree
-to 1e-5 (full fine-tuning, LoRA, VPT-deep, VPTSP-G with its class prompts on the device, whose
-GRU memory also stays equal). An offloaded (sparse) class-prompt table is refused until its row
-gradients are exchanged by all-gather.
+to 1e-5 (full fine-tuning, LoRA, VPT-deep, VPTSP-G with its class prompts on the device or
+offloaded, whose GRU memory also stays equal). ``wrap`` puts a learner in DDP on the global
+batch; the launch (submitit, torchrun) is not written yet.
 """
 from __future__ import annotations
 
@@ -104,14 +104,11 @@ def use_global_batch(learner) -> None:
     """Make the learner's methods see the global batch: per-image vectors (VPTSP's semantic
     vectors) are gathered with gradients before they are accumulated, so every rank updates the
     same memory rows from the same vectors in the same order. An offloaded (sparse, CPU) class-
-    prompt table, whose row gradients DDP cannot all-reduce, and dropout on the memory update,
-    which would draw differently per rank, are refused."""
+    prompt table's row gradients are exchanged by ``exchange_sparse_gradients``; dropout on the
+    memory update,
+    which would draw differently per rank, is refused."""
     semantic = learner.extras["semantic_proxies"] if "semantic_proxies" in learner.extras else None
     if semantic is not None:
-        if semantic.class_prompts.offload:
-            raise UserError("class_prompt_offload: an offloaded class-prompt table does not run on several ranks yet "
-                            "(its sparse row gradients must be exchanged by all-gather); use class_prompt_offload: "
-                            "device")
         if semantic.dropout.p:
             raise UserError("gru_dropout: dropout on the memory update would differ between ranks; use 0 on "
                             "several ranks")
@@ -185,3 +182,46 @@ def sharded_records(embeddings, labels, ks, world_size: int):
     metrics["num_queries"], metrics["num_lone_queries"] = len(scored), len(x) - len(scored)
     return metrics, PerQuery(query_index=scored.astype(np.int64), label=labels[scored],
                              ks=np.asarray(ks, dtype=np.int64), records=records, engine=f"sharded x{world_size}")
+
+
+# --- sparse tables (an offloaded class-prompt table) ---------------------------------------------
+
+def sparse_parameter_names(learner) -> list[str]:
+    """Parameters whose gradients are sparse rows (``nn.Embedding(sparse=True)``: an offloaded
+    class-prompt table). NCCL cannot all-reduce them: DDP leaves them alone
+    (``wrap``) and ``exchange_sparse_gradients`` all-gathers their rows after each backward."""
+    from torch import nn
+
+    return [f"{name}.weight" for name, module in learner.named_modules()
+            if isinstance(module, nn.Embedding) and module.sparse]
+
+
+def wrap(learner):
+    """The learner on the global batch (``use_global_batch``), in DDP, sparse tables left to
+    ``exchange_sparse_gradients``. No ``find_unused_parameters``: every trained parameter gets a
+    gradient in every step (frozen ones are not DDP's business)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    use_global_batch(learner)
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(learner, sparse_parameter_names(learner))
+    return DistributedDataParallel(learner)
+
+
+def exchange_sparse_gradients(learner) -> None:
+    """After backward: each sparse table's gradient becomes the mean over ranks of the ranks' row
+    gradients (all-gathered, summed, divided by the world size), what DDP does for dense ones."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    parameters = dict(learner.named_parameters())
+    for name in sparse_parameter_names(learner):
+        p = parameters[name]
+        if p.grad is None:
+            continue
+        grad = p.grad.coalesce()
+        parts = [None] * world
+        collective(f"all_gather (rows of {name})",
+                   lambda: dist.all_gather_object(parts, (grad.indices().cpu(), grad.values().cpu())))
+        indices = torch.cat([i for i, _ in parts], dim=1).to(grad.device)
+        values = torch.cat([v for _, v in parts], dim=0).to(grad.device)
+        p.grad = (torch.sparse_coo_tensor(indices, values, grad.shape).coalesce() / world)

@@ -12,7 +12,10 @@ METHODS = {"full_ft": {}, "lora": {"lora_rank": 2, "lora_alpha": 4.0},
            "lora+checkpointing": {"lora_rank": 2, "lora_alpha": 4.0},
            # class prompts on the device; the GRU memory must stay the same on every rank
            "vptsp_g": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2,
-                       "class_prompt_offload": "device"}}
+                       "class_prompt_offload": "device"},
+           # an offloaded table: sparse row gradients, exchanged by all-gather, updated lazily
+           "vptsp_g+offload": {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1, "class_prompt_depth": 2,
+                               "class_prompt_offload": "cpu"}}
 STEPS = 3
 
 
@@ -21,7 +24,7 @@ def _learner(method: str, args: dict):
     from bench.learner import build_learner
 
     torch.manual_seed(0)
-    name = method.removesuffix("+checkpointing")
+    name = method.removesuffix("+checkpointing").removesuffix("+offload")
     learner = build_learner(CellConfig(backbone="vit_test", weights=None, embedding_size=16, method=name,
                                        method_args=args), 4)
     learner.model.grad_checkpointing = method.endswith("+checkpointing")
@@ -44,7 +47,7 @@ def _optimizers(learner):
                                                 weight_decay=1e-4))
 
 
-def _train(learner, loss_of) -> dict:
+def _train(learner, loss_of, after_backward=lambda: None) -> dict:
     optimizers = _optimizers(learner)
     learner.train()
     record = {"losses": [], "grads": None}
@@ -53,8 +56,10 @@ def _train(learner, loss_of) -> dict:
             o.zero_grad(set_to_none=True)
         loss = loss_of()
         loss.backward()
+        after_backward()
         if step == 0:
-            record["grads"] = {n: p.grad.detach().clone() for n, p in learner.named_parameters() if p.grad is not None}
+            record["grads"] = {n: (p.grad.to_dense() if p.grad.is_sparse else p.grad).detach().clone()
+                               for n, p in learner.named_parameters() if p.grad is not None}
         for o in optimizers:
             o.step()
         record["losses"].append(loss.detach())
@@ -65,9 +70,8 @@ def _train(learner, loss_of) -> dict:
 
 def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     import torch.distributed as dist
-    from torch.nn.parallel import DistributedDataParallel
 
-    from bench.distributed import global_batch_loss, use_global_batch
+    from bench.distributed import exchange_sparse_gradients, global_batch_loss, wrap
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -76,9 +80,9 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     records = {}
     for method, args in METHODS.items():
         learner = _learner(method, args)
-        use_global_batch(learner)
-        ddp = DistributedDataParallel(learner)
-        records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]))
+        ddp = wrap(learner)
+        records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]),
+                                 lambda: exchange_sparse_gradients(learner))
     if rank == 1:  # the other rank's memory: the same rows as rank 0's
         torch.save({m: r["buffers"] for m, r in records.items()}, out + ".rank1")
     if rank == 0:
@@ -124,13 +128,13 @@ def test_two_ranks_train_like_one_process_with_the_whole_batch(tmp_path):
                                            msg=lambda m, where=f"{method} {kind} {name}": f"{where}: {m}")
 
 
-def test_an_offloaded_class_prompt_table_is_refused_on_several_ranks():
+def test_dropout_on_the_memory_update_is_refused_on_several_ranks():
     from bench.distributed import use_global_batch
     from bench.errors import UserError
 
     learner = _learner("vptsp_g", {"num_prompts": 2, "prompt_depth": 2, "num_class_prompts": 1,
-                                   "class_prompt_depth": 2, "class_prompt_offload": "cpu"})
-    with pytest.raises(UserError, match="class_prompt_offload"):
+                                   "class_prompt_depth": 2, "gru_dropout": 0.1})
+    with pytest.raises(UserError, match="gru_dropout"):
         use_global_batch(learner)
 
 
