@@ -161,13 +161,9 @@ def sharded_records(embeddings, labels, ks, world_size: int):
     import numpy as np
 
     from bench import metrics as metric_registry
-    from bench.evaluate import PerQuery
+    from bench.evaluate import PerQuery, _prepared
 
-    x = np.asarray(embeddings, dtype=np.float32)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-    labels = np.asarray(labels)
-    _, codes = np.unique(labels, return_inverse=True)
-    r = np.bincount(codes)[codes] - 1
+    _, x, labels, _, codes, _, r = _prepared(embeddings, labels, None, None, normalize=True)
     scored = np.flatnonzero(r > 0)
     length = min(max(max(ks), int(r[scored].max())), len(x) - 1)
     bounds = np.linspace(0, len(x), world_size + 1).round().astype(int)

@@ -75,6 +75,21 @@ def _class_members(codes: np.ndarray, num_classes: int) -> np.ndarray:
     return members
 
 
+def _prepared(embeddings, labels, gallery_embeddings, gallery_labels, normalize: bool):
+    """What every scoring starts from: (self_search, query, query labels, gallery, query and
+    gallery class codes, R per query: the other samples of its class in the gallery)."""
+    self_search = gallery_embeddings is None
+    query, query_labels, gallery, gallery_labels = _checked_query_and_gallery(
+        embeddings, labels, gallery_embeddings, gallery_labels)
+    if normalize:
+        query = _l2_normalise(query)
+        gallery = query if self_search else _l2_normalise(gallery)
+    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels)
+    class_sizes = np.bincount(gallery_codes, minlength=int(query_codes.max()) + 1)
+    r_per_query = class_sizes[query_codes] - int(self_search)
+    return self_search, query, query_labels, gallery, query_codes, gallery_codes, r_per_query
+
+
 def _checked_query_and_gallery(embeddings, labels, gallery_embeddings, gallery_labels):
     """(query, query labels, gallery, gallery labels); the gallery is the query set when absent."""
     query = _check_embeddings(embeddings, "embeddings")
@@ -122,20 +137,13 @@ def retrieval_metrics(
     """
     _check_backend(backend)
     ks = _check_ks(ks)
-    self_search = gallery_embeddings is None
-    query, query_labels, gallery, gallery_labels = _checked_query_and_gallery(
-        embeddings, labels, gallery_embeddings, gallery_labels)
-    if normalize:
-        query = _l2_normalise(query)
-        gallery = query if self_search else _l2_normalise(gallery)
+    self_search, query, query_labels, gallery, query_codes, gallery_codes, r_per_query = _prepared(
+        embeddings, labels, gallery_embeddings, gallery_labels, normalize)
     candidates = len(gallery) - int(self_search)
     if ks[-1] > candidates:
         where = "other embeddings" if self_search else "gallery embeddings"
         raise EvaluationError(f"recall@{ks[-1]} asked for, but there are only {candidates} {where}")
 
-    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels)
-    class_sizes = np.bincount(gallery_codes, minlength=int(query_codes.max()) + 1)
-    r_per_query = class_sizes[query_codes] - int(self_search)
     scored = np.flatnonzero(r_per_query > 0)
     if len(scored) == 0:
         raise EvaluationError(
@@ -224,15 +232,9 @@ def top1_ties(embeddings: Any, labels: Any, *, gallery_embeddings: Any = None, g
 
     Returns ``{"checked": n, "decided_by_tie": m}`` over scored (non-lone) queries.
     """
-    self_search = gallery_embeddings is None
-    query, query_labels, gallery, gallery_labels = _checked_query_and_gallery(
-        embeddings, labels, gallery_embeddings, gallery_labels)
-    if normalize:
-        query = _l2_normalise(query)
-        gallery = query if self_search else _l2_normalise(gallery)
-    query_codes, gallery_codes = _encode_labels(query_labels, gallery_labels)
-    class_sizes = np.bincount(gallery_codes, minlength=int(query_codes.max()) + 1)
-    scored = np.flatnonzero(class_sizes[query_codes] - int(self_search) > 0)
+    self_search, query, _, gallery, query_codes, gallery_codes, r_per_query = _prepared(
+        embeddings, labels, gallery_embeddings, gallery_labels, normalize)
+    scored = np.flatnonzero(r_per_query > 0)
     if len(scored) > max_queries:
         scored = scored[np.linspace(0, len(scored) - 1, max_queries).round().astype(np.int64)]
     decided = 0
