@@ -8,6 +8,7 @@ from pathlib import Path
 
 from bench.config import CellConfig
 from bench.runner import run_cell
+from tests.no_torch import sitecustomize
 from tests.tiny import tiny_config
 
 GOLDEN = Path(__file__).parent / "data" / "golden_tiny_cell.json"
@@ -137,21 +138,6 @@ def test_no_module_spells_a_cell_file_name_but_cell_files():
 
 # --- one home for methods: reading a suite never imports torch --------------------------------
 
-BLOCK_TORCH = '''
-import atexit, json, os, sys
-BLOCKED = ("torch", "torchvision", "timm", "faiss")
-
-class BlockTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-        return None
-
-sys.meta_path.insert(0, BlockTorch())
-atexit.register(lambda: json.dump(sorted(sys.modules), open(os.environ["MODULES_OUT"], "w")))
-'''
-
-
 def test_dry_run_and_status_work_where_torch_cannot_be_imported(tmp_path):
     """The method registry, the suite check and the grid are torch-free: ``run --dry-run`` and
     ``status`` of a suite with every method (and a bad argument refused) run with torch blocked."""
@@ -164,7 +150,7 @@ def test_dry_run_and_status_work_where_torch_cannot_be_imported(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "site").mkdir()
-    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCK_TORCH)
+    (tmp_path / "site" / "sitecustomize.py").write_text(sitecustomize())
     suite = {"name": "notorch", "grid": {"method": sorted(METHODS), "seed": [0]},
              "defaults": {"dataset": "synthetic", **tiny_config()}}
     (tmp_path / "notorch.yaml").write_text(yaml.safe_dump(suite))

@@ -11,7 +11,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +28,7 @@ from report import load
 from report.kinds import KINDS, default_kind
 from report.table_model import ORACLE_TITLE
 from report.tables import build_table
+from tests.no_torch import HEAVY, sitecustomize
 from tests import report_fixtures as fx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -445,28 +445,9 @@ def test_print_summary():
 
 # --- command line, without torch -----------------------------------------------------------
 
-# A sitecustomize on PYTHONPATH runs before run_suite.py: torch & co. cannot be imported, and
-# at exit the imported modules are written down. The import is refused by a finder rather than
-# by `sys.modules["torch"] = None`: scipy (through seaborn) looks torch up in sys.modules and
-# would trip over a None there, which a laptop without torch never has.
-NO_TORCH = textwrap.dedent("""
-    import atexit, json, os, sys
-    BLOCKED = ("torch", "torchvision", "timm", "faiss", "submitit")
-
-    class NoTorch:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
-            return None
-
-    sys.meta_path.insert(0, NoTorch())
-
-    def _dump():
-        with open(os.environ["REPORT_MODULES_OUT"], "w") as f:
-            json.dump(sorted(sys.modules), f)
-
-    atexit.register(_dump)
-""")
+# A sitecustomize on PYTHONPATH runs before run_suite.py: torch & co. (and submitit) cannot be
+# imported, and at exit the imported modules are written down (tests/no_torch.py).
+NO_TORCH = sitecustomize(HEAVY + ("submitit",))
 
 
 def _run_cli(args, tmp_path, modules_out=None):
@@ -475,7 +456,7 @@ def _run_cli(args, tmp_path, modules_out=None):
         (tmp_path / "site").mkdir(exist_ok=True)
         (tmp_path / "site" / "sitecustomize.py").write_text(NO_TORCH)
         env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(REPO)])
-        env["REPORT_MODULES_OUT"] = str(modules_out)
+        env["MODULES_OUT"] = str(modules_out)
     env["MPLBACKEND"] = "Agg"
     return subprocess.run([sys.executable, str(REPO / "run_suite.py"), *args], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
