@@ -17,25 +17,6 @@ from bench.measure import parameter_counts
 from bench.model import EmbeddingModel, MetricLearner
 
 
-def method_arguments(name: str) -> dict[str, Any]:
-    """Every argument a (combined) method accepts, with its default (methods.registry)."""
-    from methods.registry import method_arguments as arguments
-
-    return arguments(name)
-
-
-def method_arg_specs(name: str):
-    from methods.registry import method_arg_specs as arg_specs
-
-    return arg_specs(name)
-
-
-def method_names() -> list[str]:
-    from methods.registry import method_names as names
-
-    return names()
-
-
 def validate_cell(config: CellConfig) -> None:
     """Everything about a cell that can be checked without data or weights: the method, its
     arguments and their values, and that timm knows the backbone (and its tag)."""
@@ -74,6 +55,8 @@ def count_parameters(backbone: str, num_classes: int, embedding_size: int, metho
                      method_args: dict[str, Any]) -> list[dict[str, Any]]:
     """What each method trains, counted on a random-init backbone (counting needs the
     architecture only, never the weights, so nothing downloads)."""
+    from methods.registry import method_arg_specs, method_arguments
+
     base = create_backbone(backbone, weights=None)  # built once: timm's init dominates the run time
     rows = []
     for name in methods:
@@ -106,7 +89,8 @@ def merged_for_export(learner: MetricLearner, method: str, method_args: dict[str
     """Fold what can be folded into the backbone in place (LoRA: ``W + (alpha / r) B A``; BitFit's
     biases already are the model's), and return the method whose structure the folded model
     still has, with the arguments it accepts: what ``bench.reuse.load_exported`` rebuilds."""
-    from methods.registry import METHODS, method_arguments as arguments, split_name
+    from methods.registry import METHODS, split_name
+    from methods.registry import method_arguments as arguments
 
     merged = {c.name for c in learner.components if c.merge(learner)}
     parts = [p for p in split_name(method) if not (METHODS[p].components and set(METHODS[p].components) <= merged)]

@@ -14,7 +14,8 @@ from typing import Any
 import torch
 
 from bench.config import CellConfig, parse_assignments
-from bench.learner import build_learner, method_arguments
+from bench.learner import build_learner
+from methods.registry import method_arguments
 from bench.measure import device_name, peak_memory, reset_peak_memory
 from bench.model import MetricLearner
 from bench.train import build_optimizers, train_step

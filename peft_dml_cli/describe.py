@@ -10,7 +10,8 @@ from peft_dml_cli.console import make_console, print_table
 
 
 def cmd_describe(args) -> int:
-    from bench.learner import count_parameters, method_arg_specs, method_arguments, method_names
+    from bench.learner import count_parameters
+    from methods.registry import method_arg_specs, method_arguments, method_names
 
     for option, value in (("--num-classes", args.num_classes), ("--embedding-size", args.embedding_size)):
         if value < 1:

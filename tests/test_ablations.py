@@ -28,7 +28,7 @@ def learner(method="vptsp_g", backbone="vit_test", num_classes=4, output="cls", 
 
 
 def _accepted(method):
-    from bench.learner import method_arguments
+    from methods.registry import method_arguments
 
     return method_arguments(method)
 
