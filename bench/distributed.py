@@ -161,7 +161,7 @@ def sharded_records(embeddings, labels, ks, world_size: int):
     import numpy as np
 
     from bench import metrics as metric_registry
-    from bench.evaluate import PerQuery, _prepared
+    from bench.evaluate import PerQuery, _first_hit_ranks, _prepared
 
     _, x, labels, _, codes, _, r = _prepared(embeddings, labels, None, None, normalize=True)
     scored = np.flatnonzero(r > 0)
@@ -171,7 +171,7 @@ def sharded_records(embeddings, labels, ks, world_size: int):
              for a, b in zip(bounds[:-1], bounds[1:])]
     _, neighbours = merge_neighbours(parts, length)
     same = codes[neighbours] == codes[scored, None]
-    first_hit = np.where(same.any(axis=1), same.argmax(axis=1), same.shape[1])
+    first_hit = _first_hit_ranks(same)
     ap_at_r = metric_registry.average_precision_at_r(same, r[scored])
     records = metric_registry.records({"first_hit": first_hit, "ap_at_r": ap_at_r}, ks)
     metrics = metric_registry.means(records, ks)
