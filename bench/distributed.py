@@ -64,6 +64,22 @@ def collective(name: str, run: Callable[[], T]) -> T:
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
 
 
+def leave(code: int) -> None:
+    """End this rank's process now, after a collective failed. The process group cannot be torn
+    down cleanly while a peer is lost: its backend threads still wait on that peer, and the
+    normal interpreter exit then aborts (``terminate called without an active exception``,
+    SIGABRT), hiding the exit code the failure chose. Streams are flushed first."""
+    import os
+    import sys
+
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
+
+
 class RankBatches:
     """A rank's part of every global batch of a batch sampler (``set_epoch`` passes through)."""
 
