@@ -45,25 +45,65 @@ def check_embeddings(embeddings: np.ndarray, split: str) -> None:
 
 def evaluate_split(learner, loaders, name: str, ks, device, amp_dtype) -> SplitEvaluation | None:
     """R@K and MAP@R of one split; In-Shop (query/gallery) when ``name == 'test'`` and it has them."""
+    parts = split_parts(loaders, name)
+    if parts is None:
+        return None
+    return score_split(name, {part: compute_embeddings(learner.model, loaders[part], device, amp_dtype)
+                              for part in parts}, ks)
+
+
+def split_parts(loaders, name: str) -> tuple[str, ...] | None:
+    """The loaders one split's evaluation embeds: In-Shop's test is its query and gallery."""
     if name == "test" and loaders.get("query") is not None:
-        q, ql = compute_embeddings(learner.model, loaders["query"], device, amp_dtype)
-        g, gl = compute_embeddings(learner.model, loaders["gallery"], device, amp_dtype)
+        return ("query", "gallery")
+    return (name,) if loaders.get(name) is not None else None
+
+
+def score_split(name: str, embedded: dict[str, tuple[np.ndarray, np.ndarray]], ks) -> SplitEvaluation:
+    """The metrics of one split from its embeddings (``split_parts``' (embeddings, labels))."""
+    if "query" in embedded:
+        (q, ql), (g, gl) = embedded["query"], embedded["gallery"]
         check_embeddings(q, "query")
         check_embeddings(g, "gallery")
         metrics, per_query = retrieval_metrics(q, ql, ks, gallery_embeddings=g, gallery_labels=gl,
                                                return_per_query=True)
         _record_ties(metrics, top1_ties(q, ql, gallery_embeddings=g, gallery_labels=gl))
         return SplitEvaluation(metrics, per_query, q, ql, g, gl)
-    loader = loaders.get(name)
-    if loader is None:
-        return None
-    emb, labels = compute_embeddings(learner.model, loader, device, amp_dtype)
+    emb, labels = embedded[name]
     check_embeddings(emb, name)
     if name == "val":  # a small validation split cannot have SOP's R@1000: report the Ks it has
         ks = [k for k in ks if k < len(labels)] or [1]
     metrics, per_query = retrieval_metrics(emb, labels, ks, return_per_query=True)
     _record_ties(metrics, top1_ties(emb, labels))
     return SplitEvaluation(metrics, per_query, emb, labels)
+
+
+def evaluate_split_on_ranks(learner, shard_loaders, name: str, ks, device, amp_dtype, ranks) -> SplitEvaluation | None:
+    """``evaluate_split`` with the images shared out: each rank embeds its contiguous shard (the
+    forward passes, the expensive part), the main rank alone receives the shards, in rank order
+    the split in its own order, and scores them with the one-process code, so the numbers are
+    the one-process numbers. The other ranks get its metrics (for the best-epoch bookkeeping),
+    or its failure (a collapsed model fails on every rank)."""
+    from bench import distributed
+
+    parts = split_parts(shard_loaders, name)
+    if parts is None:
+        return None
+    mine = {part: compute_embeddings(learner.model, shard_loaders[part], device, amp_dtype) for part in parts}
+    gathered = distributed.to_main(mine, f"{name} embeddings")
+    evaluation, verdict = None, None
+    if ranks.main:
+        joined = {part: (np.concatenate([g[part][0] for g in gathered]), np.concatenate([g[part][1] for g in gathered]))
+                  for part in parts}
+        try:
+            evaluation = score_split(name, joined, ks)
+            verdict = ("ok", evaluation.metrics)
+        except CellFailure as e:
+            verdict = ("failed", str(e))
+    status, payload = distributed.from_main(verdict, f"{name} metrics")
+    if status == "failed":
+        raise CellFailure(payload)
+    return evaluation if ranks.main else SplitEvaluation(payload, None, None, None)
 
 
 def _record_ties(metrics: dict[str, Any], ties: dict[str, int]) -> None:

@@ -24,6 +24,7 @@ from bench.cell_files import CellFiles
 from bench.checkpoint import load_checkpoint, save_checkpoint
 from bench.checkpoint import remove_checkpoint as remove_checkpoint_files
 from bench.errors import CellFailure
+from bench.ranks import ONE, Ranks
 from bench.results import atomic_write_bytes
 
 
@@ -45,7 +46,8 @@ class Checkpointer:
     state, the optimisers, schedulers and AMP scaler, the step timer, every RNG and the run state."""
 
     def __init__(self, cell_dir: Path, identity_hash: str, *, learner, optimizers, schedulers, scaler, timer,
-                 every_epochs: int, every_minutes: float | None, emit: Callable[[dict[str, Any]], None]):
+                 every_epochs: int, every_minutes: float | None, emit: Callable[[dict[str, Any]], None],
+                 ranks: Ranks = ONE):
         self.cell_dir = Path(cell_dir)
         self.identity_hash = identity_hash
         self.learner, self.optimizers, self.schedulers, self.scaler, self.timer = (
@@ -54,6 +56,7 @@ class Checkpointer:
         self.emit = emit
         self.stop = StopRequest()
         self.last_save = time.monotonic()
+        self.ranks = ranks  # every rank resumes from the one file the main rank saves
 
     def __enter__(self) -> "Checkpointer":
         self.stop.__enter__()
@@ -85,6 +88,9 @@ class Checkpointer:
                         resumed_from_epoch=epoch)
 
     def save(self, run: RunState, epoch_done: int, step: int = 0, partial: dict[str, Any] | None = None) -> None:
+        if not self.ranks.main:  # the ranks' states are equal: one file, written once
+            self.last_save = time.monotonic()
+            return
         save_checkpoint(self.cell_dir, {
             "identity": self.identity_hash, "epoch": epoch_done, "step": step, "partial": partial,
             "learner": self.learner.trainable_state_dict(),
@@ -101,6 +107,7 @@ class Checkpointer:
         """After step ``step`` (1-based) of ``epoch``: inside the epoch, save when the interval is
         due or a stop was requested (then hand the signal on, which requeues the job)."""
         due = self.every_minutes and time.monotonic() - self.last_save >= 60 * self.every_minutes
+        self._agree_on_stop()
         if (self.stop.requested or due) and step < steps_in_epoch:
             self.save(run, epoch - 1, step, progress)
             if self.stop.requested:
@@ -109,8 +116,17 @@ class Checkpointer:
     def after_epoch(self, run: RunState, epoch: int, last_epoch: int) -> None:
         """At the end of an epoch (already in ``run.history``): save every ``every_epochs``, at
         the last epoch, and when a stop was requested."""
+        self._agree_on_stop()
         if epoch % self.every_epochs == 0 or epoch == last_epoch or self.stop.requested:
             self.save(run, epoch)
+
+    def _agree_on_stop(self) -> None:
+        """On several ranks a stop any rank was asked for stops every rank at the same step
+        (the others would otherwise wait for it in the next collective)."""
+        if self.ranks.several:
+            from bench.distributed import any_rank
+
+            self.stop.requested = any_rank(self.stop.requested)
 
     def hand_over_if_stopped(self, epoch: int) -> None:
         if self.stop.requested:
@@ -139,6 +155,8 @@ class StopRequest:
         self.requested, self.frame = True, frame
 
     def hand_over(self, emit, epoch: int, step: int) -> None:
+        if self.previous is None:  # a rank that got no signal itself, stopped with the others
+            raise CellFailure(f"stopped at epoch {epoch}, step {step} with the other ranks, which were asked to stop")
         emit({"event": "note", "text": f"stop signal: checkpointed at epoch {epoch}, step {step}; requeueing"})
         signal.signal(signal.SIGUSR2, self.previous)
         self.previous(signal.SIGUSR2, self.frame)

@@ -29,7 +29,8 @@ INITS = ("vpt", "reference")
 # Fields that do not change what is computed: excluded from the cell hash. A label is
 # presentation: renaming a method's row never reruns its cells.
 RUNTIME_FIELDS = ("data_root", "num_workers", "device", "eval_batch_size", "suite", "label", "torch_threads",
-                  "compile", "save_embeddings", "logger", "checkpoint_every", "checkpoint_minutes")
+                  "compile", "save_embeddings", "logger", "checkpoint_every", "checkpoint_minutes",
+                  "collective_timeout_s")
 
 # Fields added after the first release: hashed only when set to something else than the default,
 # so that adding a field never renames the cells finished before it existed.
@@ -125,6 +126,8 @@ class CellConfig:
     logger: list[str] = field(default_factory=list)  # extra trackers: tensorboard, wandb, csv
     checkpoint_every: int = bounded(1, min=1)  # epochs between checkpoints
     checkpoint_minutes: float | None = bounded(None, above=0.0)  # also checkpoint inside an epoch this often
+    # a cell on several ranks: a collective that waits longer (a rank died or hangs) fails the cell
+    collective_timeout_s: float = bounded(600.0, above=0.0)
     suite: str = "adhoc"
 
     def __post_init__(self) -> None:

@@ -38,7 +38,7 @@ from bench.cell_files import CellFiles
 from bench.errors import UserError
 from bench.events import Listener, ignore, log_event
 from bench.results import atomic_write_json, config_hash, foreign_reason, read_result
-from bench.suite import Cell, Suite
+from bench.suite import Cell, Suite, cell_ranks
 
 CELLS_FILE = "cells.json"
 SUBMITIT_DIR = ".submitit"
@@ -295,7 +295,16 @@ class CellJob(submitit.helpers.Checkpointable):
         # only the first start may discard old results: a requeued task must resume
         restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
         log_to_stdout()
-        result = run_cell(config, Path(cell_dir), key=key, fresh=fresh and not restarted, progress=log_event)
+        if submitit.JobEnvironment().num_tasks > 1:  # one cell on several ranks: this task is one of them
+            from bench.launch import rank_main
+
+            # every GPU of the node stays visible: each rank takes its own by LOCAL_RANK (bench.train)
+            submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+            result = rank_main(config.to_dict(), cell_dir, key, fresh and not restarted, progress=log_event)
+            if result is None:
+                return {"status": "rank", "reason": None}  # a rank other than the main one
+        else:
+            result = run_cell(config, Path(cell_dir), key=key, fresh=fresh and not restarted, progress=log_event)
         if result is None:
             return {"status": "skipped", "reason": "the cell is running in another process"}
         return {"status": result["status"], "reason": result["reason"]}
@@ -359,6 +368,9 @@ def make_executor(kind: str, folder: Path, suite: Suite, resources: dict[str, An
     parameters = {EXECUTOR_PARAMETERS[k]: v for k, v in resources.items() if k in EXECUTOR_PARAMETERS}
     if not parameters.get("gpus_per_node"):
         parameters.pop("gpus_per_node", None)  # 0 GPUs: ask for none rather than --gpus-per-node=0
+    nodes, per_node = cell_ranks(resources)
+    if nodes * per_node > 1:  # one cell on several ranks: one task per rank (bench.launch)
+        parameters.update(nodes=nodes, tasks_per_node=per_node)
     executor.update_parameters(name=suite.name, **parameters)
     return executor
 

@@ -35,6 +35,7 @@ import torch
 from bench.errors import CellFailure, UserError
 
 T = TypeVar("T")
+_peer_lost = False  # a collective of this process failed: its group cannot be torn down cleanly
 COLLECTIVE_TIMEOUT_S = 600  # a collective that waits longer fails the cell, naming itself
 
 
@@ -51,17 +52,75 @@ def init_ranks(rank: int, world_size: int, init_method: str, *, backend: str = "
                             timeout=dt.timedelta(seconds=timeout_s))
 
 
+def start(ranks, device: torch.device, *, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
+    """Join the cell's process group from the environment torchrun or submitit set (``env://``):
+    NCCL on GPUs (this rank's GPU made current), gloo on the CPU."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
+                            rank=ranks.rank, world_size=ranks.world_size,
+                            timeout=dt.timedelta(seconds=timeout_s))
+
+
+def finish() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (a stop signal one rank got stops them all at the same
+    step, or the others would wait in the next collective)."""
+    import torch.distributed as dist
+
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    collective("all_reduce (stop request)", lambda: dist.all_reduce(value, op=dist.ReduceOp.MAX))
+    return bool(value.item())
+
+
+def to_main(obj, name: str):
+    """Every rank's ``obj``, in rank order, on rank 0 (None on the others): only the main rank
+    holds them all, as one process would."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    collective(f"gather ({name})", lambda: dist.gather_object(obj, parts, dst=0))
+    return parts
+
+
+def from_main(obj, name: str):
+    """Rank 0's ``obj`` on every rank."""
+    import torch.distributed as dist
+
+    box = [obj]
+    collective(f"broadcast ({name})", lambda: dist.broadcast_object_list(box, src=0))
+    return box[0]
+
+
 def collective(name: str, run: Callable[[], T]) -> T:
     """``run()``, a collective; its timeout or a lost peer becomes ``CollectiveTimeout`` naming
     the collective and this rank, never a wait without end."""
     import torch.distributed as dist
 
+    global _peer_lost
     try:
         return run()
     except (RuntimeError, dist.DistBackendError) as e:
+        _peer_lost = True
         where = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
         raise CollectiveTimeout(f"{name} did not complete on every rank ({where}): a rank died or hangs "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+
+def peer_lost() -> bool:
+    """Whether a collective of this process failed (then end it with ``leave``)."""
+    return _peer_lost
 
 
 def leave(code: int) -> None:
@@ -81,11 +140,14 @@ def leave(code: int) -> None:
 
 
 class RankBatches:
-    """A rank's part of every global batch of a batch sampler (``set_epoch`` passes through)."""
+    """A rank's part of every global batch of a batch sampler (``set_epoch`` passes through). Over
+    ``AugmentationSeeds``, each image keeps the seed of its global position: the crops are those
+    of one process."""
 
     def __init__(self, sampler, rank: int, world_size: int):
         if sampler.batch_size % world_size:
-            raise UserError(f"batch_size {sampler.batch_size} does not split into {world_size} equal rank batches")
+            raise UserError(f"batch_size {sampler.batch_size} does not split into {world_size} equal rank batches; "
+                            f"use a multiple of {world_size}")
         self.sampler, self.rank, self.world_size = sampler, rank, world_size
         self.per_rank = sampler.batch_size // world_size
 
@@ -103,9 +165,14 @@ class RankBatches:
 def gather_embeddings(local: torch.Tensor) -> torch.Tensor:
     """Every rank's embeddings in rank order (the global batch), differentiable: the backward
     all-reduces (sums) the gradient of each rank's part."""
+    import warnings
+
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(collective("all_gather (embeddings)", lambda: all_gather(local.contiguous())), dim=0)
+    with warnings.catch_warnings():
+        # deprecated in favour of a private (underscored) module; this one's semantics are the tested ones
+        warnings.filterwarnings("ignore", message=".*all_gather is deprecated", category=FutureWarning)
+        return torch.cat(collective("all_gather (embeddings)", lambda: all_gather(local.contiguous())), dim=0)
 
 
 def gather_labels(local: torch.Tensor) -> torch.Tensor:

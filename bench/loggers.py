@@ -41,12 +41,15 @@ def scalars(record: dict[str, Any]) -> dict[str, float]:
 
 
 class EpochLog:
-    """``metrics.jsonl`` plus the configured trackers, for one cell."""
+    """``metrics.jsonl`` plus the configured trackers, for one cell (``write=False``: a rank other
+    than the main one, which writes nothing)."""
 
     def __init__(self, cell_dir: Path, sinks: list[str], *, resume_after: int, run_name: str, project: str,
-                 config: dict[str, Any]):
+                 config: dict[str, Any], write: bool = True):
         self.path = CellFiles(cell_dir).metrics_log
-        self._drop_lines_after(resume_after)
+        self.write = write
+        if write:
+            self._drop_lines_after(resume_after)
         self.sinks = []
         for sink in sinks:
             self.sinks.append(_make_sink(sink, Path(cell_dir), run_name, project, config))
@@ -64,6 +67,8 @@ class EpochLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def epoch(self, record: dict[str, Any]) -> None:
+        if not self.write:
+            return
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record, default=_plain) + "\n")
             handle.flush()

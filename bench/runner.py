@@ -25,6 +25,7 @@ from typing import Any
 from bench.cell_files import CellFiles
 from bench.config import CellConfig
 from bench.errors import CellFailure, UserError
+from bench.ranks import ONE, Ranks
 from bench.results import (SCHEMA_VERSION, atomic_write_bytes, atomic_write_json, config_hash,
                            foreign_reason, move_aside, read_result)
 
@@ -77,11 +78,36 @@ def is_locked(cell_dir: Path) -> bool:
 
 
 def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: bool = False,
-             progress=None) -> dict[str, Any] | None:
+             progress=None, ranks: Ranks = ONE) -> dict[str, Any] | None:
     """Run one cell unless it is done; None when another process holds it. A finished result is
     reused only when it is this cell's (its cell id, suite and configuration hash); a corrupt,
-    foreign or misplaced one is moved aside (``result.json.<why>-<time>``), never deleted."""
+    foreign or misplaced one is moved aside (``result.json.<why>-<time>``), never deleted.
+
+    On several ranks (the process group joined, ``bench.launch``) every rank calls this: the
+    main rank decides as above and tells the others whether to run; only it writes, and only it
+    returns the result (the others return None)."""
     cell_dir = Path(cell_dir)
+    if ranks.several:
+        from bench import distributed
+
+        if not ranks.main:
+            if distributed.from_main(None, "run or not"):
+                _run_locked(config, cell_dir, key, config_hash(config.identity()), None, ranks)
+            return None
+        told = False
+        try:
+            result = _decide_and_run(config, cell_dir, key, fresh, progress, ranks,
+                                     lambda run: distributed.from_main(run, "run or not"))
+            told = True
+            return result
+        finally:
+            if not told:  # refused or failed before deciding: the other ranks stop too
+                distributed.from_main(False, "run or not")
+    return _decide_and_run(config, cell_dir, key, fresh, progress, ranks, lambda run: None)
+
+
+def _decide_and_run(config: CellConfig, cell_dir: Path, key: dict[str, Any], fresh: bool, progress,
+                    ranks: Ranks, tell) -> dict[str, Any] | None:
     if cell_dir.is_symlink():
         raise UserError(f"{cell_dir}: a cell folder must not be a symlink (it would count one run twice); "
                         "replace it with a folder of its own")
@@ -89,6 +115,7 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
     emit = progress or (lambda event: None)
     with cell_lock(cell_dir) as held:
         if not held:
+            tell(False)
             return None
         files = CellFiles(cell_dir)
         result_path = files.result
@@ -108,11 +135,13 @@ def run_cell(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fresh: 
                                        "it is not reused for other data. Rerun with --fresh to replace it, or "
                                        "write these results elsewhere (--out, or another suite name)")
                 emit({"event": "note", "text": f"{cell_dir.name}: {reuse_text(existing)}"})
+                tell(False)
                 return existing
             moved = move_aside(result_path, why)
             emit({"event": "note", "text": f"{result_path} moved aside to {moved.name}: {why}; running the cell"})
-        log_run(cell_dir, "start")
-        result = _run_locked(config, cell_dir, key, identity_hash, progress)
+        log_run(cell_dir, "start" if not ranks.several else f"start on {ranks.world_size} ranks")
+        tell(True)
+        result = _run_locked(config, cell_dir, key, identity_hash, progress, ranks)
         log_run(cell_dir, f"end {result['status']}")
         return result
 
@@ -143,15 +172,10 @@ def log_run(cell_dir: Path, what: str) -> None:
 
 
 def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identity_hash: str,
-                progress) -> dict[str, Any]:
+                progress, ranks: Ranks = ONE) -> dict[str, Any]:
     started = dt.datetime.now(dt.timezone.utc)
     wall_start = time.perf_counter()
-    result: dict[str, Any] = {
-        "schema": SCHEMA_VERSION, "suite": config.suite, "cell_id": cell_dir.name, "identity_hash": identity_hash,
-        "status": "failed", "reason": None, "key": key, "config": config.to_dict(), "data": None, "model": None,
-        "epochs": [], "final": None, "oracle": None, "measurements": None, "slurm": slurm_ids(),
-        "provenance": None,
-    }
+    result = _new_result(config, cell_dir, key, identity_hash)
     emit = progress or (lambda event: None)
     outcome = None
     try:
@@ -160,19 +184,29 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identit
         splits = load_splits(config)
         result["data"] = splits.record()  # as soon as it is read: a later failure still shows the split
         emit({"event": "data", "summary": result["data"]})
-        outcome = train_cell(config, cell_dir, identity_hash, splits, progress)
+        outcome = train_cell(config, cell_dir, identity_hash, splits, progress, ranks)
         result.update(status="ok", epochs=outcome.epochs, final=outcome.final, oracle=outcome.oracle,
                       measurements=outcome.measurements, skipped_images=outcome.num_skipped_images,
                       model=outcome.model)
-        _save_weights(outcome.learner, CellFiles(cell_dir).weights, result)
+        if ranks.main:
+            _save_weights(outcome.learner, CellFiles(cell_dir).weights, result)
     except CellFailure as failure:  # the cell's own reason (NaN loss): the finished epochs stay
         result["epochs"] = failure.history
         result["reason"] = str(failure)
     except UserError as e:  # bad input or a full disk, named by the message
         result["reason"] = str(e)
     except Exception as e:  # a bug: it must never stop the grid, and its traceback goes beside it
-        result["reason"] = f"{type(e).__name__}: {e} (traceback in {CellFiles(cell_dir).error_log})"
-        CellFiles(cell_dir).error_log.write_text(traceback.format_exc())
+        log = CellFiles(cell_dir).error_log
+        if ranks.several:
+            log = log.with_name(f"{log.stem}.rank{ranks.rank}{log.suffix}")
+        result["reason"] = f"{type(e).__name__}: {e} (traceback in {log})"
+        log.write_text(traceback.format_exc())
+    if ranks.several and result["reason"]:
+        result["reason"] = f"rank {ranks.rank} of {ranks.world_size}: {result['reason']}"
+    if not ranks.main:  # the main rank writes; this rank's own failure is in its log and its exit code
+        if result["reason"]:
+            raise CellFailure(result["reason"])
+        return result
     if result["status"] != "ok":
         result.update(status="failed", final=None, oracle=None)
     finished = dt.datetime.now(dt.timezone.utc)
@@ -186,6 +220,23 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identit
 
         remove_checkpoint(cell_dir)
     emit({"event": "cell_end", "status": result["status"], "reason": result["reason"]})
+    return result
+
+
+def _new_result(config: CellConfig, cell_dir: Path, key: dict[str, Any], identity_hash: str) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA_VERSION, "suite": config.suite, "cell_id": cell_dir.name, "identity_hash": identity_hash,
+        "status": "failed", "reason": None, "key": key, "config": config.to_dict(), "data": None, "model": None,
+        "epochs": [], "final": None, "oracle": None, "measurements": None, "slurm": slurm_ids(),
+        "provenance": None,
+    }
+
+
+def failed_result(config: CellConfig, cell_dir: Path, key: dict[str, Any], reason: str) -> dict[str, Any]:
+    """A failed result for a run that could not write its own (every rank of it died)."""
+    result = _new_result(config, cell_dir, key, config_hash(config.identity()))
+    now = dt.datetime.now(dt.timezone.utc)
+    result.update(reason=reason, provenance=provenance(now, now))
     return result
 
 

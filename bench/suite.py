@@ -64,7 +64,7 @@ PROTOCOL_FIELDS = ("val_fraction", "selection")
 RESOURCES: dict[str, type | tuple[type, ...]] = {
     "partition": str, "gpus_per_node": int, "cpus_per_task": int, "mem_gb": (int, float),
     "timeout_min": int, "array_parallelism": int, "signal_delay_s": int, "max_num_timeout": int,
-    "additional_parameters": dict, "setup": list,
+    "additional_parameters": dict, "setup": list, "nodes": int, "ranks_per_node": int,
 }
 METHOD_ENTRY_KEYS = ("name", "label", "args")
 CONFIG_FIELDS = set(CellConfig.field_names())
@@ -244,10 +244,24 @@ class Suite:
             for override in self.overrides:
                 if _matches(override.when, key):
                     resources.update(override.resources)
+            self._check_ranks(key, config, resources)
             cells.setdefault(cell_id, Cell(self.name, key, config, cell_id, resources))  # sub-grids may overlap
         if not cells:
             raise self.fail("exclude", "removes every cell of the grid")
         return list(cells.values())
+
+    def _check_ranks(self, key: dict[str, Any], config: CellConfig, resources: dict[str, Any]) -> None:
+        """A cell on several ranks splits its batch into equal rank parts: refused here, before
+        anything is queued, when it cannot."""
+        for name in ("nodes", "ranks_per_node"):
+            if name in resources and resources[name] < 1:
+                raise self.fail(f"resources.{name}", f"must be at least 1, got {resources[name]}")
+        nodes, per_node = cell_ranks(resources)
+        ranks = nodes * per_node
+        if ranks > 1 and config.batch_size % ranks:
+            raise self.fail("resources", f"{_describe(key)}: batch_size {config.batch_size} does not split into "
+                                         f"{ranks} equal rank batches (nodes x ranks per node, one rank per GPU); "
+                                         f"use a batch_size that is a multiple of {ranks}")
 
     def _keys(self):
         """(key, {axis: value}) for every point of every sub-grid, in file order."""
@@ -340,6 +354,13 @@ def _matches(rule: dict[str, list[Any]], key: dict[str, Any]) -> bool:
         if key.get(name) not in values:
             return False
     return True
+
+
+def cell_ranks(resources: dict[str, Any]) -> tuple[int, int]:
+    """(nodes, ranks per node) of one cell: one rank per GPU (``gpus_per_node``), or
+    ``ranks_per_node`` processes (CPU ranks, or fewer ranks than GPUs), on ``nodes`` nodes."""
+    per_node = resources.get("ranks_per_node") or max(resources.get("gpus_per_node") or 1, 1)
+    return max(resources.get("nodes") or 1, 1), per_node
 
 
 def _describe(key: dict[str, Any]) -> str:

@@ -26,7 +26,8 @@ from bench import data as dml_data
 from bench.artifacts import class_sample, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
-from bench.cell_evaluation import SplitEvaluation, check_recall_ks, evaluate_split, metrics_of, write_per_query
+from bench.cell_evaluation import (SplitEvaluation, check_recall_ks, evaluate_split, evaluate_split_on_ranks, metrics_of,
+                                   write_per_query)
 from bench.checkpointer import Checkpointer, RunState, restore_best, save_best
 from bench.errors import CellFailure, UserError
 from bench.learner import build_learner
@@ -35,6 +36,7 @@ from bench.optim import LazySGD, SparseAdamW
 from bench.measure import (SavedTensorMeter, StepTimer, counted_training_memory, device_name, parameter_counts,
                            peak_memory, reset_peak_memory)
 from bench.model import MetricLearner
+from bench.ranks import ONE, Ranks
 
 Progress = Callable[[dict[str, Any]], None] | None
 
@@ -52,12 +54,19 @@ class Outcome:
     splits: Any = field(default=None, repr=False)
 
 
-def select_device(name: str) -> torch.device:
+def select_device(name: str, ranks: Ranks = ONE) -> torch.device:
+    """The cell's device; on several ranks, each rank's own GPU (``LOCAL_RANK``)."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device: {name} requested but CUDA is not available")
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UserError(f"device: {name} requested but CUDA is not available")
+    if ranks.several and device.type == "cuda":
+        if ranks.local_rank >= torch.cuda.device_count():
+            raise UserError(f"rank {ranks.rank}: LOCAL_RANK {ranks.local_rank} but this node has "
+                            f"{torch.cuda.device_count()} GPUs; ask for one task per GPU")
+        device = torch.device("cuda", ranks.local_rank)
     return device
 
 
@@ -113,17 +122,22 @@ class NonFiniteLoss(Exception):
 
 def train_step(learner: MetricLearner, images: torch.Tensor, labels: torch.Tensor, optimizers, *,
                scaler: torch.amp.GradScaler | None = None, grad_clip: float | None = None,
-               amp_dtype: torch.dtype | None = None) -> torch.Tensor:
+               amp_dtype: torch.dtype | None = None, loss_of: Callable | None = None,
+               after_backward: Callable[[], None] | None = None) -> torch.Tensor:
     """One optimisation step: loss (under autocast when ``amp_dtype``), backward, optional
     gradient clipping of the dense gradients, every optimiser's step. Returns the detached
-    loss; raises ``NonFiniteLoss`` before touching any weight when the loss is NaN or inf."""
+    loss; raises ``NonFiniteLoss`` before touching any weight when the loss is NaN or inf.
+    On several ranks ``loss_of`` is the global batch's loss and ``after_backward`` exchanges
+    the sparse tables' rows (``bench.distributed``)."""
     with torch.autocast(images.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = learner.training_loss(images, labels)
+        loss = (loss_of or learner.training_loss)(images, labels)
     if not torch.isfinite(loss):
         raise NonFiniteLoss(loss.item())
     for o in optimizers:
         o.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler else loss).backward()
+    if after_backward is not None:
+        after_backward()
     if grad_clip:
         if scaler:
             scaler.unscale_(optimizers[0])
@@ -167,7 +181,7 @@ def eval_transforms(config: CellConfig, image_cfg):
     return transform, draft
 
 
-def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
+def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device, ranks: Ranks = ONE):
     train_tf = dml_data.build_transforms(image_cfg.image_size, image_cfg.mean, image_cfg.std, train=True,
                                          interpolation=eval_interpolation(config, image_cfg))
     test_tf, eval_draft = eval_transforms(config, image_cfg)
@@ -178,19 +192,27 @@ def make_loaders(config: CellConfig, splits, image_cfg, device: torch.device):
                   persistent_workers=False)
     # the training crop's input; evaluation decodes at least the 256/224 resize's (eval_transforms)
     train_draft = math.ceil(config.jpeg_draft * image_cfg.image_size) if config.jpeg_draft else None
-    train = DataLoader(dml_data.ImageDataset(splits.train, train_tf, train_draft),
-                       batch_sampler=dml_data.AugmentationSeeds(sampler, config.seed), **common)
+    batches = dml_data.AugmentationSeeds(sampler, config.seed)
+    if ranks.several:  # this rank's part of each global batch, each image with its global seed
+        from bench.distributed import RankBatches
 
-    def eval_loader(split):
+        batches = RankBatches(batches, ranks.rank, ranks.world_size)
+    train = DataLoader(dml_data.ImageDataset(splits.train, train_tf, train_draft), batch_sampler=batches, **common)
+
+    def eval_loader(split, shard: bool = False):
         if split is None:
             return None
-        return DataLoader(dml_data.ImageDataset(split, test_tf, eval_draft), batch_size=config.eval_batch_size,
-                          shuffle=False, **common)
+        dataset = dml_data.ImageDataset(split, test_tf, eval_draft)
+        if shard:
+            dataset = torch.utils.data.Subset(dataset, ranks.shard(len(dataset)))
+        return DataLoader(dataset, batch_size=config.eval_batch_size, shuffle=False, **common)
 
-    evals = {name: eval_loader(getattr(splits, name)) for name in ("val", "test", "query", "gallery")}
+    names = ("val", "test", "query", "gallery")
+    evals = {name: eval_loader(getattr(splits, name)) for name in names}
     # test transforms, a few images per class: the class means of proxies.npz
     evals["train_eval"] = eval_loader(class_sample(splits.train))
-    return train, sampler, evals
+    shards = {name: eval_loader(getattr(splits, name), shard=True) for name in names} if ranks.several else None
+    return train, sampler, evals, shards
 
 
 def _num_batches(config: CellConfig, num_images: int) -> int:
@@ -215,6 +237,9 @@ class CellSetup:
     eval_loaders: dict[str, DataLoader | None]
     ks: tuple[int, ...]
     timer: StepTimer
+    ranks: Ranks = ONE
+    model: nn.Module | None = None  # what the training forward calls: the learner, or its DDP wrapper
+    shard_loaders: dict[str, DataLoader | None] | None = None  # this rank's part of each split
     saved_bytes: int = 0  # what autograd keeps for backward in one step, counted on the first one
 
     @property
@@ -222,8 +247,8 @@ class CellSetup:
         return self.config.epochs > 0
 
     @classmethod
-    def build(cls, config: CellConfig, splits) -> "CellSetup":
-        device = select_device(config.device)
+    def build(cls, config: CellConfig, splits, ranks: Ranks = ONE) -> "CellSetup":
+        device = select_device(config.device, ranks)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         ks = tuple(config.recall_ks) if config.recall_ks else catalog.dataset(config.dataset).eval_ks
@@ -235,31 +260,55 @@ class CellSetup:
         optimizers = build_optimizers(learner, config) if config.epochs > 0 else []
         amp_dtype = autocast_dtype(config, device)
         scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-        train_loader, sampler, eval_loaders = make_loaders(config, splits, image_cfg, device)
+        train_loader, sampler, eval_loaders, shard_loaders = make_loaders(config, splits, image_cfg, device, ranks)
+        model = learner
+        if ranks.several and config.epochs > 0:
+            from bench.distributed import wrap
+
+            model = wrap(learner)
         return cls(config, device, learner, image_cfg, optimizers, build_schedulers(optimizers, config), amp_dtype,
-                   scaler, train_loader, sampler, eval_loaders, ks, StepTimer(device))
+                   scaler, train_loader, sampler, eval_loaders, ks, StepTimer(device), ranks, model, shard_loaders)
 
     def evaluate(self, split: str) -> SplitEvaluation | None:
+        """One split's evaluation; on several ranks each rank embeds its shard and the main rank
+        scores the whole split as one process would (the others get its metrics)."""
         if split == "test" and not self.config.evaluate_test:
             return None
+        if self.ranks.several:
+            return evaluate_split_on_ranks(self.learner, self.shard_loaders, split, self.ks, self.device,
+                                           self.amp_dtype, self.ranks)
         return evaluate_split(self.learner, self.eval_loaders, split, self.ks, self.device, self.amp_dtype)
+
+    def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; on several ranks, of the global batch."""
+        ranked = {}
+        if self.ranks.several:
+            from bench.distributed import exchange_sparse_gradients, global_batch_loss
+
+            ranked = {"loss_of": lambda x, y: global_batch_loss(self.model, self.learner, x, y),
+                      "after_backward": lambda: exchange_sparse_gradients(self.learner)}
+        return train_step(self.learner, images, labels, self.optimizers, scaler=self.scaler,
+                          grad_clip=self.config.grad_clip, amp_dtype=self.amp_dtype, **ranked)
 
     def checkpointer(self, cell_dir: Path, identity_hash: str, emit) -> Checkpointer:
         return Checkpointer(cell_dir, identity_hash, learner=self.learner, optimizers=self.optimizers,
                             schedulers=self.schedulers, scaler=self.scaler, timer=self.timer,
                             every_epochs=self.config.checkpoint_every,
-                            every_minutes=self.config.checkpoint_minutes, emit=emit)
+                            every_minutes=self.config.checkpoint_minutes, emit=emit, ranks=self.ranks)
 
 
-def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, splits, progress: Progress = None) -> Outcome:
-    """Train and evaluate one cell on its ``splits`` (``load_splits(config)``)."""
+def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, splits, progress: Progress = None,
+               ranks: Ranks = ONE) -> Outcome:
+    """Train and evaluate one cell on its ``splits`` (``load_splits(config)``); on several ranks,
+    this rank's part of it (only the main rank writes files)."""
     emit = progress or (lambda event: None)
-    cell = CellSetup.build(config, splits)
+    cell = CellSetup.build(config, splits, ranks)
     last_evaluation: dict[str, Any] | None = None  # the latest evaluated epoch, kept for the report
     with cell.checkpointer(cell_dir, identity_hash, emit) as checkpointer:
         run = checkpointer.resume()
-        epoch_log = EpochLog(cell_dir, config.logger, resume_after=run.epoch, run_name=cell_dir.name,
-                             project=config.suite, config=config.to_dict())
+        epoch_log = EpochLog(cell_dir, config.logger if ranks.main else [], resume_after=run.epoch,
+                             run_name=cell_dir.name, project=config.suite, config=config.to_dict(),
+                             write=ranks.main)
         emit({"event": "cell_start", "total_epochs": config.epochs, "start_epoch": run.epoch,
               "steps": len(cell.sampler)})
         reset_peak_memory(cell.device)
@@ -278,9 +327,10 @@ def train_cell(config: CellConfig, cell_dir: Path, identity_hash: str, splits, p
     if not cell.trains:
         last_evaluation = zero_shot_evaluation(cell, run, emit)
     final, oracle, last_evaluation = reported_epoch(cell, run, last_evaluation, cell_dir)
-    write_per_query(cell_dir, last_evaluation["test"], last_evaluation["val"])
-    write_artifacts(cell_dir, config, cell.learner, splits, cell.eval_loaders, last_evaluation, cell.device,
-                    cell.amp_dtype, cell.trains)
+    if ranks.main:
+        write_per_query(cell_dir, last_evaluation["test"], last_evaluation["val"])
+        write_artifacts(cell_dir, config, cell.learner, splits, cell.eval_loaders, last_evaluation, cell.device,
+                        cell.amp_dtype, cell.trains)
     return outcome(cell, run, final, oracle, last_evaluation, splits)
 
 
@@ -290,7 +340,7 @@ def train_epoch(cell: CellSetup, run: RunState, epoch: int, checkpointer: Checkp
     first, partial = run.step, run.partial
     run.step, run.partial = 0, None
     cell.sampler.set_epoch(epoch, start=first)
-    cell.learner.train()
+    cell.model.train()
     epoch_start = time.perf_counter()
     loss_sum, steps, earlier_seconds = (partial["loss_sum"], partial["steps"], partial["seconds"]) \
         if partial and first else (0.0, 0, 0.0)
@@ -301,8 +351,7 @@ def train_epoch(cell: CellSetup, run: RunState, epoch: int, checkpointer: Checkp
         with cell.timer.step(step, len(labels)), SavedTensorMeter(cell.learner.parameters(),
                                                                   active=not cell.saved_bytes) as meter:
             try:
-                loss = train_step(cell.learner, images, labels, cell.optimizers, scaler=cell.scaler,
-                                  grad_clip=cell.config.grad_clip, amp_dtype=cell.amp_dtype)
+                loss = cell.step(images, labels)
                 cell.saved_bytes = cell.saved_bytes or meter.bytes
             except NonFiniteLoss as e:
                 raise CellFailure(f"non-finite loss ({e.value}) at epoch {epoch}, step {step + 1}", run.history) \
@@ -337,7 +386,8 @@ def end_epoch(cell: CellSetup, run: RunState, epoch: int, trained: tuple[float, 
         record["val"], record["test"] = metrics_of(val), metrics_of(test)
         evaluation = {"epoch": epoch, "test": test, "val": val}
         run.eval_seconds += time.perf_counter() - eval_start
-        if config.selection_rule == "val" and val is not None and is_best_validation(run.history, record):
+        if (config.selection_rule == "val" and val is not None and cell.ranks.main
+                and is_best_validation(run.history, record)):
             save_best(cell_dir, cell.learner, epoch)
     run.history.append(record)
     return evaluation
@@ -380,12 +430,14 @@ def outcome(cell: CellSetup, run: RunState, final, oracle, last_evaluation, spli
         process_rss, memory, memory_kind = memory, counted, "counted_training"
     else:
         process_rss = None
-    engine = (last_evaluation["test"] or last_evaluation["val"]).per_query.engine
+    reported = last_evaluation["test"] or last_evaluation["val"]
+    engine = reported.per_query.engine if reported.per_query is not None else None  # None: not the main rank
     measurements = {**parameter_counts(learner), "peak_memory_bytes": memory, "memory_kind": memory_kind,
                     "counted_memory_bytes": counted, "process_peak_rss_bytes": process_rss,
                     **cell.timer.summary(), "eval_time_s": run.eval_seconds, "device": device_name(cell.device),
                     "resumed_from_epoch": run.resumed_from_epoch, "knn_engine": engine,
-                    "faiss_package": faiss_package()}
+                    "faiss_package": faiss_package(), "world_size": cell.ranks.world_size,
+                    "batch_per_rank": config.batch_size // cell.ranks.world_size}
     model = {"backbone": getattr(learner.model.backbone, "resolved_name", config.backbone),
              "weights": config.weights, "image_size": cell.image_cfg.image_size, "mean": list(cell.image_cfg.mean),
              "std": list(cell.image_cfg.std),

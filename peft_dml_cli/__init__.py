@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="results", help="results root (default: results/)")
     p.add_argument("--fresh", action="store_true", help="ignore a finished result and checkpoints")
+    p.add_argument("--ranks", type=int, default=1, metavar="N",
+                   help="run the cell as N processes, one per GPU (gloo on the CPU): the same training problem, "
+                        "the global batch split across them (torch's elastic launcher; torchrun works too)")
 
     p = sub.add_parser("run", help="run a suite (SLURM through submitit, or locally)")
     p.add_argument("suite", help="suite name (suites/NAME.yaml) or path to a YAML file")

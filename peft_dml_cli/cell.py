@@ -8,6 +8,7 @@ from typing import Any
 from rich.markup import escape
 from bench.config import CellConfig, ConfigError, parse_assignments
 from bench.cell_files import CellFiles
+from bench.ranks import Ranks
 from bench.results import check_name, make_cell_id
 from peft_dml_cli.console import make_console
 from peft_dml_cli.progress import ProgressView
@@ -36,13 +37,37 @@ def cmd_cell(args) -> int:
     suite_dir = Path(args.out) / check_name(config.suite, "suite name")
     key = {"dataset": config.dataset, "backbone": config.backbone, "method": config.method, "seed": config.seed}
     cell_dir = suite_dir / make_cell_id(key, config.identity())
-    with ProgressView(console, transient=True) as on_event:
-        result = run_cell(config, cell_dir, key=key, fresh=args.fresh, progress=on_event)
+    ranks = Ranks.from_env()
+    if ranks.several:  # started by torchrun: this process is one rank of the cell
+        from bench.launch import rank_main
+
+        result = rank_main(config.to_dict(), str(cell_dir), key, args.fresh)
+        if not ranks.main:
+            return 0
+    elif args.ranks > 1:
+        from bench.launch import run_on_ranks
+
+        check_ranks(config, args.ranks)
+        console.print(f"{cell_dir.name}: on {args.ranks} ranks (batch {config.batch_size // args.ranks} per rank)",
+                      highlight=False)
+        result = run_on_ranks(config, cell_dir, key=key, fresh=args.fresh, nprocs=args.ranks)
+    else:
+        with ProgressView(console, transient=True) as on_event:
+            result = run_cell(config, cell_dir, key=key, fresh=args.fresh, progress=on_event)
     if result is None:
         console.print(f"[yellow]{cell_dir} is running in another process; nothing done[/]")
         return 1
     print_result(console, result, cell_dir)
     return 0 if result["status"] == "ok" else 1
+
+
+def check_ranks(config: CellConfig, ranks: int) -> None:
+    """Refuse, before any process starts, what several ranks cannot run."""
+    if ranks < 1:
+        raise ConfigError(f"--ranks {ranks}: give at least 1")
+    if config.batch_size % ranks:
+        raise ConfigError(f"--ranks {ranks}: batch_size {config.batch_size} does not split into {ranks} equal rank "
+                          f"batches; use a batch_size that is a multiple of {ranks}")
 
 
 def print_result(console, result: dict[str, Any], cell_dir: Path) -> None:

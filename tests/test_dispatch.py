@@ -244,6 +244,42 @@ def test_preempted_cell_is_requeued_and_resumes_from_its_last_epoch(slurm_cluste
 
 
 @pytest.mark.slurm
+@pytest.mark.slow  # a two-task job, preempted and requeued: about 40 s
+def test_a_cell_on_two_slurm_tasks_is_preempted_requeued_and_ends_as_one_process(slurm_cluster, fast_wait, tmp_path,
+                                                                                synthetic_root, capsys):
+    """``resources.ranks_per_node: 2``: one cell as two SLURM tasks (gloo on the CPU), wired by
+    submitit's TorchDistributedEnvironment. USR2 (preemption) mid-training: every rank stops at
+    the same step, rank 0 checkpoints, submitit requeues; the requeued ranks resume from that one
+    checkpoint and end with the one-process cell's numbers."""
+    from bench.runner import run_cell
+
+    epochs = 12
+    path = write_suite(tmp_path, "two_ranks", defaults={"epochs": epochs, "max_steps_per_epoch": 10,
+                                                        "optimizer": "sgd", "lr": 1e-2, "torch_threads": 1},
+                       resources={"timeout_min": 10, "ranks_per_node": 2, "cpus_per_task": 1},
+                       grid={"method": [{"name": "vpt_deep", "args": {"num_prompts": 2, "prompt_depth": 2}}],
+                             "seed": [0]})
+    (cell,) = load_suite(path).cells(data_root=str(synthetic_root))
+    expected = run_cell(cell.config, tmp_path / "one-process", key=cell.key)
+    assert expected["status"] == "ok", expected["reason"]
+
+    out, suite_dir = tmp_path / "results", tmp_path / "results" / "two_ranks"
+    code, text = run(capsys, path, "--executor", "slurm", "--data-root", synthetic_root, "--out", out)
+    assert code == 0, text
+    job = json.loads(next(suite_dir.glob("*/job.json")).read_text())
+    wait_for_log(Path(job["log"]), r"epoch_end 2\b", timeout_s=120)
+    subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
+    assert all(s.state == "done" for s in dispatch.wait_for_jobs([cell], suite_dir, poll_s=1).values())
+    log = assert_resumed_and_complete(suite_dir, epochs)
+    assert "Requeued job" in log
+    (result,) = results_of(suite_dir).values()
+    assert result["measurements"]["world_size"] == 2 and result["measurements"]["batch_per_rank"] == 4
+    assert result["final"] == expected["final"]
+    assert [e["train_loss"] for e in result["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in expected["epochs"]], rel=1e-5)
+
+
+@pytest.mark.slurm
 @pytest.mark.slow
 def test_cell_longer_than_its_time_limit_is_requeued_until_done(slurm_cluster, fast_wait, tmp_path,
                                                                  synthetic_root, capsys):

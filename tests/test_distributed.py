@@ -2,9 +2,18 @@
 (issue 30's first part: bench/distributed.py on the CPU, gloo, 2 processes)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+
+from bench.results import read_result
+
+ROOT = Path(__file__).resolve().parent.parent
 
 METHODS = {"full_ft": {}, "lora": {"lora_rank": 2, "lora_alpha": 4.0},
            "vpt_deep": {"num_prompts": 2, "prompt_depth": 2},
@@ -191,3 +200,126 @@ def test_a_collective_a_rank_never_joins_fails_naming_itself_instead_of_waiting(
     assert [p.exitcode for p in ranks.processes] == [3, 0]
     message = out.read_text()
     assert "all_gather (labels) did not complete on every rank (rank 0 of 2)" in message
+
+
+# --- a whole cell on two ranks (the launcher, the runner and train_cell) --------------------------
+
+def _cell_args(data_root, out, *extra):
+    return [sys.executable, str(ROOT / "run_suite.py"), "cell", "--dataset", "synthetic", "--data-root",
+            str(data_root), "--backbone", "vit_test", "--weights", "none", "--method", "vptsp_g",
+            "--method-arg", "class_prompt_depth=2", "--method-arg", "prompt_depth=3",
+            "--method-arg", "class_prompt_offload=cpu",
+            "--epochs", "3", "--out", str(out), "--set", "num_workers=0", "--set", "batch_size=12",
+            "--set", "samples_per_class=2", "--set", "embedding_size=32", "--set", "optimizer=sgd",
+            "--set", "lr=1e-2", "--set", "device=cpu", "--set", "torch_threads=1", "--set", "val_fraction=0.25",
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def cell_data(tmp_path_factory):
+    from bench.data import make_synthetic_dataset
+
+    root = tmp_path_factory.mktemp("ranks-data")
+    make_synthetic_dataset(root / "synthetic", num_classes=16, images_per_class=10, image_size=40, seed=0)
+    return root
+
+
+def _only_cell(out):
+    cells = list(Path(out).glob("adhoc/*"))
+    assert len(cells) == 1, cells
+    return cells[0]
+
+
+@pytest.fixture(scope="module")
+def one_process_cell(cell_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one")
+    proc = subprocess.run(_cell_args(cell_data, out), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return _only_cell(out)
+
+
+def test_a_cell_on_two_ranks_is_the_one_process_cell(cell_data, one_process_cell, tmp_path):
+    """VPTSP-G with an offloaded class-prompt table and validation selection, through
+    ``cell --ranks 2``: the same losses, metrics, per-query records and weights as one process;
+    one set of files, written by rank 0; the world size and per-rank batch in result.json."""
+    proc = subprocess.run(_cell_args(cell_data, tmp_path, "--ranks", "2"), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "on 2 ranks (batch 6 per rank)" in proc.stdout
+    two, one = _only_cell(tmp_path), one_process_cell
+    a, b = read_result(one / "result.json"), read_result(two / "result.json")
+    assert b["status"] == "ok" and b["measurements"]["world_size"] == 2 and b["measurements"]["batch_per_rank"] == 6
+    assert a["measurements"]["world_size"] == 1 and a["measurements"]["batch_per_rank"] == 12
+    assert [e["train_loss"] for e in b["epochs"]] == pytest.approx([e["train_loss"] for e in a["epochs"]], rel=1e-5)
+    assert b["final"] == a["final"]  # the metrics of every split, the validation-selected epoch
+    assert (two / "per_query.npz").read_bytes() == (one / "per_query.npz").read_bytes()
+    from safetensors.numpy import load_file
+
+    mine, theirs = load_file(two / "trainable.safetensors"), load_file(one / "trainable.safetensors")
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        np.testing.assert_allclose(mine[name], theirs[name], atol=1e-5, err_msg=name)
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    assert "start on 2 ranks" in (two / "runs.log").read_text()
+
+
+def _rank_processes(launcher: int) -> tuple[int, list[int]]:
+    """(rank 0's pid, the other ranks' pids) among the processes below ``launcher``: rank 0 is
+    the one holding the cell's lock file open."""
+    below = [p for p in _descendants(launcher) if "spawn_main" in _cmdline(p)]
+    main = [p for p in below if _holds_lock(p)]
+    assert len(main) == 1, (below, main)
+    return main[0], [p for p in below if p != main[0]]
+
+
+def _descendants(pid: int) -> list[int]:
+    children = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            children += [int(child), *_descendants(int(child))]
+    return children
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _holds_lock(pid: int) -> bool:
+    try:
+        return any(os.readlink(fd).endswith("/.lock") for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.slow  # two launches of two ranks and a kill: about 30 s
+def test_a_rank_that_dies_fails_the_cell_naming_it_and_the_rerun_resumes_exactly(cell_data, one_process_cell,
+                                                                                tmp_path):
+    import signal
+    import time
+
+    args = _cell_args(cell_data, tmp_path, "--ranks", "2", "--set", "collective_timeout_s=30")
+    child = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("adhoc/*/checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.02)
+    _, others = _rank_processes(child.pid)
+    assert len(others) == 1, others
+    os.kill(others[0], signal.SIGKILL)
+    output, _ = child.communicate(timeout=120)
+    assert child.returncode == 1, output
+    cell = _only_cell(tmp_path)
+    failed = read_result(cell / "result.json")
+    assert failed["status"] == "failed"
+    assert "rank 1 was killed by SIGKILL" in failed["reason"], failed["reason"]
+    assert (cell / "checkpoint.pt").exists()  # the last checkpoint stays for the rerun
+
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    resumed, expected = read_result(cell / "result.json"), read_result(one_process_cell / "result.json")
+    assert resumed["status"] == "ok" and resumed["measurements"]["resumed_from_epoch"] >= 1
+    assert resumed["final"] == expected["final"]
+    assert [e["train_loss"] for e in resumed["epochs"]] == pytest.approx(
+        [e["train_loss"] for e in expected["epochs"]], rel=1e-5)

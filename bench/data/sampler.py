@@ -97,6 +97,13 @@ class AugmentationSeeds(Sampler[list[tuple[int, int]]]):
         self.batches = batches
         self.seed = seed
 
+    @property
+    def batch_size(self) -> int:
+        return self.batches.batch_size
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.batches.set_epoch(epoch, start=start)
+
     def __len__(self) -> int:
         return len(self.batches)
 
