@@ -119,7 +119,7 @@ class ResumeFailure(CellFailure):
 
 
 def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
-                    into: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                    into: dict[str, Any] | None = None, reader_only: bool = False) -> dict[str, Any] | None:
     """The checkpoint's state, or None to start from epoch 0: when there is none, when it is of
     another configuration, or when it (or its tables file) does not load: then it is moved aside
     and said, never deleted.
@@ -131,6 +131,9 @@ def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
     reference, its length) before the first byte goes into a destination; should reading still
     fail after that (an I/O error), ``ResumeFailure`` says so instead of restarting from a
     half-overwritten model.
+
+    ``reader_only``: a rank other than the main one, which loads what the main rank loaded: a
+    file that does not load is an error (``ResumeFailure``), never moved aside by this rank.
     """
     cell_dir = Path(cell_dir)
     path = CellFiles(cell_dir).checkpoint
@@ -174,6 +177,9 @@ def load_checkpoint(cell_dir: Path, identity_hash: str, emit, *,
 
             return _join(small, table, into)
     except Exception as e:  # truncated, corrupt or foreign: torch raises many kinds
+        if reader_only:
+            raise ResumeFailure(f"{path}: the main rank resumed from it, but it does not load here "
+                                f"({type(e).__name__}: {e})") from e
         moved = move_aside(path, "corrupt")
         if written:
             raise ResumeFailure(f"{path}: its tables file failed while being read into the model ({type(e).__name__}: "

@@ -69,8 +69,7 @@ class Checkpointer:
         """The run state of the last save, with every object put back as it was then; a fresh
         ``RunState`` when there is none."""
         # big tables are read straight into the learner's own tensors: no second copy while resuming
-        state = load_checkpoint(self.cell_dir, self.identity_hash, self.emit,
-                                into={"learner": self.learner.trainable_state_dict()})
+        state = self._load()
         if state is None:
             return RunState()
         self.learner.load_trainable_state_dict(state["learner"])
@@ -86,6 +85,27 @@ class Checkpointer:
         return RunState(epoch=epoch, step=int(state.get("step", 0)), partial=state.get("partial"),
                         history=list(state["history"]), eval_seconds=float(state["eval_seconds"]),
                         resumed_from_epoch=epoch)
+
+    def _load(self) -> dict[str, Any] | None:
+        """The checkpoint's state. On several ranks the main rank loads (and moves a bad file
+        aside) first; the others then load the same file, and only when the main rank resumed."""
+        into = {"learner": self.learner.trainable_state_dict()}
+        if not self.ranks.several:
+            return load_checkpoint(self.cell_dir, self.identity_hash, self.emit, into=into)
+        from bench.distributed import from_main
+
+        if self.ranks.main:
+            state = load_checkpoint(self.cell_dir, self.identity_hash, self.emit, into=into)
+            from_main(None if state is None else (int(state["epoch"]), int(state.get("step", 0))), "resume point")
+            return state
+        point = from_main(None, "resume point")
+        if point is None:
+            return None
+        state = load_checkpoint(self.cell_dir, self.identity_hash, lambda event: None, into=into, reader_only=True)
+        if state is None or (int(state["epoch"]), int(state.get("step", 0))) != tuple(point):
+            raise CellFailure(f"rank {self.ranks.rank}: the checkpoint changed while the ranks resumed (the main rank "
+                              f"resumed after epoch {point[0]}, step {point[1]}); run the cell again")
+        return state
 
     def save(self, run: RunState, epoch_done: int, step: int = 0, partial: dict[str, Any] | None = None) -> None:
         if not self.ranks.main:  # the ranks' states are equal: one file, written once

@@ -22,11 +22,9 @@ from __future__ import annotations
 import datetime as dt
 import importlib
 import json
-import logging
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ import submitit
 
 from bench.cell_files import CellFiles
 from bench.errors import UserError
-from bench.events import Listener, ignore, log_event
+from bench.events import Listener, ignore, log_event, log_to_stdout
 from bench.results import atomic_write_json, config_hash, foreign_reason, read_result
 from bench.suite import Cell, Suite, cell_ranks
 
@@ -308,19 +306,6 @@ class CellJob(submitit.helpers.Checkpointable):
         if result is None:
             return {"status": "skipped", "reason": "the cell is running in another process"}
         return {"status": result["status"], "reason": result["reason"]}
-
-
-def log_to_stdout() -> None:
-    """The ``bench`` logger's lines into the job's stdout log (``.submitit/<job>_log.out``),
-    where ``status`` points users; other libraries' loggers are left as they are."""
-    logger = logging.getLogger("bench")
-    if not any(getattr(h, "bench_job_log", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
-        handler.bench_job_log = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
 
 
 def check_data(cells: list[Cell]) -> None:

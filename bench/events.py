@@ -21,6 +21,7 @@ log of a SLURM job (through ``logging``, so sites can route it).
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Callable
 
 Event = dict[str, Any]
@@ -82,3 +83,16 @@ def data_line(summary: dict[str, Any]) -> str:
     lone = f"; {summary['lone_queries']} lone queries (left out of the metrics)" if summary.get("lone_queries") else ""
     skipped = f"; {summary['skipped_images']} unreadable images skipped" if summary.get("skipped_images") else ""
     return f"data {summary['dataset']} ({summary['root']}): " + "; ".join(parts) + lone + skipped
+
+
+def log_to_stdout() -> None:
+    """The ``bench`` logger's lines into stdout: a SLURM job's log (``.submitit/<job>_log.out``),
+    where ``status`` points users; other libraries' loggers are left as they are."""
+    logger = logging.getLogger("bench")
+    if not any(getattr(h, "bench_job_log", False) for h in logger.handlers):
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", datefmt="%H:%M:%S"))
+        handler.bench_job_log = True  # type: ignore[attr-defined]
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False

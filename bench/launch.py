@@ -21,6 +21,7 @@ from typing import Any
 
 from bench.cell_files import CellFiles
 from bench.config import CellConfig
+from bench.events import log_event
 from bench.ranks import Ranks
 
 LOST_PEER_GRACE_S = 2.0  # ten of the local launcher's monitor intervals
@@ -38,6 +39,10 @@ def rank_main(config_fields: dict[str, Any], cell_dir: str, key: dict[str, Any],
 
     ranks = Ranks.from_env()
     config = CellConfig.from_dict(config_fields, where="cell")
+    if progress is not None and ranks.main:
+        from bench.events import log_to_stdout
+
+        log_to_stdout()
     distributed.start(ranks, select_device(config.device, ranks), timeout_s=config.collective_timeout_s)
     try:
         result = run_cell(config, Path(cell_dir), key=key, fresh=fresh, progress=progress if ranks.main else None,
@@ -65,7 +70,8 @@ def run_on_ranks(config: CellConfig, cell_dir: Path, *, key: dict[str, Any], fre
                           start_method="spawn")
     started = dt.datetime.now(dt.timezone.utc)
     try:
-        returned = elastic_launch(launch, rank_main)(config.to_dict(), str(cell_dir), key, fresh)
+        # rank 0's progress as log lines (the events of another process cannot reach a live view)
+        returned = elastic_launch(launch, rank_main)(config.to_dict(), str(cell_dir), key, fresh, log_event)
     except ChildFailedError as e:
         return rank_failure(config, Path(cell_dir), key, e.failures, started)
     return returned.get(0)

@@ -12,13 +12,15 @@ from bench.cell_files import CellFiles
 from bench.dispatch import cell_name, result_state
 from bench.errors import UserError
 from bench.events import Listener, ignore
-from bench.suite import Cell
+from bench.suite import Cell, cell_ranks
 
 def run_local(cells: list[Cell], suite_dir: Path, *, fresh: bool, on_event: Listener = ignore,
               jobs: int = 1) -> int:
     """Run the cells on this machine; returns the number of failed cells. ``jobs`` > 1 runs that
     many cells at once, each in a process of its own (spawned, so that no thread pool is forked);
-    their progress then shows per cell, not per step."""
+    their progress then shows per cell, not per step. A cell whose resources ask for several
+    ranks (``gpus_per_node``, ``ranks_per_node``, ``nodes``; ``run --ranks N`` sets them) runs as
+    that many processes here (``bench.launch``)."""
     on_event({"event": "suite_start", "total": len(cells)})
     if jobs > 1 and len(cells) > 1:
         return _run_parallel(cells, suite_dir, fresh, on_event, jobs)
@@ -37,7 +39,14 @@ def _run_one(cell: Cell, suite_dir: Path, fresh: bool, on_event: Listener = igno
     from bench.runner import run_cell
 
     try:
-        result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
+        nodes, per_node = cell_ranks(cell.resources)  # here, all of them on this machine
+        count = nodes * per_node
+        if count > 1:
+            from bench.launch import run_on_ranks
+
+            result = run_on_ranks(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, nprocs=count)
+        else:
+            result = run_cell(cell.config, suite_dir / cell.cell_id, key=cell.key, fresh=fresh, progress=on_event)
     except Exception as e:  # not even a failure record could be written: say so, run the rest
         return "failed", str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
     if result is None:

@@ -260,7 +260,8 @@ class Suite:
         ranks = nodes * per_node
         if ranks > 1 and config.batch_size % ranks:
             raise self.fail("resources", f"{_describe(key)}: batch_size {config.batch_size} does not split into "
-                                         f"{ranks} equal rank batches (nodes x ranks per node, one rank per GPU); "
+                                         f"{ranks} equal rank batches (nodes x ranks per node in resources, or "
+                                         f"run --ranks); "
                                          f"use a batch_size that is a multiple of {ranks}")
 
     def _keys(self):

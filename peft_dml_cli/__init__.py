@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a config field for every cell of the suite, repeatable")
     p.add_argument("--jobs", type=int, default=1, help="local executor: cells run at once (default 1)")
+    p.add_argument("--ranks", type=int, default=None, metavar="N",
+                   help="run each cell as N processes on one node, one per GPU (default: the suite's "
+                        "resources: gpus_per_node or ranks_per_node, times nodes)")
     p.add_argument("--no-data-check", action="store_true",
                    help="do not check the data roots here first (a login node that cannot see the data)")
 

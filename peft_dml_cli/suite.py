@@ -9,9 +9,9 @@ from rich.table import Table
 
 from bench import dispatch
 from bench.dispatch import CellState, text, totals_line
-from bench.config import parse_assignments
+from bench.config import ConfigError, parse_assignments
 from bench.orchestrate import RunOptions, run_suite
-from bench.suite import Cell, Suite, load_suite
+from bench.suite import Cell, Suite, cell_ranks, load_suite
 from peft_dml_cli.console import make_console, print_table
 from peft_dml_cli.progress import ProgressView
 
@@ -26,6 +26,13 @@ def cmd_run(args) -> int:
     suite = load_suite(args.suite, overrides=parse_assignments(getattr(args, "set", []) or [], "--set"))
     suite_dir = Path(args.out).resolve() / suite.name
     data_root = str(Path(args.data_root).resolve()) if args.data_root else None
+    if getattr(args, "ranks", None) is not None:  # every cell as N processes on one node, here or on SLURM
+        if args.ranks < 1:
+            raise ConfigError(f"--ranks {args.ranks}: give at least 1")
+        suite.resources = {**suite.resources, "ranks_per_node": args.ranks, "nodes": 1}
+        for override in suite.overrides:
+            override.resources.pop("ranks_per_node", None)
+            override.resources.pop("nodes", None)
     if args.dry_run:
         return dry_run(console, suite, suite_dir, data_root, args)
     options = RunOptions(executor=args.executor or ("slurm" if shutil.which("sbatch") else "local"),
@@ -134,8 +141,12 @@ def grid_table(suite: Suite, cells: list[Cell], states: dict[str, CellState], *,
 
 
 def resources_text(resources: dict) -> str:
-    """'1 GPU, 8 CPU, 64 GB, 24 h' from a cell's SLURM request."""
+    """'1 GPU, 8 CPU, 64 GB, 24 h' from a cell's SLURM request; '2 x 4 ranks, ...' for a cell on
+    several ranks (nodes x ranks per node; GPUs and CPUs are per node and per rank)."""
     parts = []
+    nodes, per_node = cell_ranks(resources)
+    if nodes * per_node > 1:
+        parts.append(f"{nodes} x {per_node} ranks" if nodes > 1 else f"{per_node} ranks")
     if resources.get("gpus_per_node"):
         parts.append(f"{resources['gpus_per_node']} GPU")
     if resources.get("cpus_per_task"):

@@ -99,6 +99,51 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _rank_every_method(rank: int, world: int, init_file: str, out: str) -> None:
+    import torch.distributed as dist
+
+    from bench.distributed import exchange_sparse_gradients, global_batch_loss, wrap
+    from tests.test_methods import TRAINED, make_learner
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    images, labels = _batch()
+    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
+    records = {}
+    for method in TRAINED:
+        learner = make_learner(method)
+        ddp = wrap(learner)
+        records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]),
+                                 lambda: exchange_sparse_gradients(learner))
+    if rank == 0:
+        torch.save(records, out)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # every registered method, on two ranks and in one process: about 40 s
+def test_every_registered_method_trains_on_two_ranks_like_one_process(tmp_path):
+    """A new method gets this check without a line here: it must keep no state that the ranks'
+    halves of the batch would update differently (per-image vectors go through
+    ``learner.gather_batch``; sparse tables through ``exchange_sparse_gradients``)."""
+    import torch.multiprocessing as mp
+
+    from tests.test_methods import TRAINED, make_learner
+
+    out = tmp_path / "every.pt"
+    mp.spawn(_rank_every_method, args=(2, str(tmp_path / "init"), str(out)), nprocs=2, join=True)
+    ranks = torch.load(out)
+    images, labels = _batch()
+    for method in TRAINED:
+        learner = make_learner(method)
+        one, two = _train(learner, lambda: learner.training_loss(images, labels)), ranks[method]
+        torch.testing.assert_close(torch.stack(two["losses"]), torch.stack(one["losses"]), atol=1e-5, rtol=1e-5,
+                                   msg=lambda m, where=method: f"{where} losses: {m}")
+        for kind in ("params", "buffers"):
+            for name, value in one[kind].items():
+                torch.testing.assert_close(two[kind][name], value, atol=1e-5, rtol=1e-4,
+                                           msg=lambda m, where=f"{method} {kind} {name}": f"{where}: {m}")
+
+
 def test_rank_batches_partition_the_one_process_batch_exactly():
     from bench.data import ClassBalancedBatchSampler
     from bench.distributed import RankBatches
@@ -238,6 +283,7 @@ def one_process_cell(cell_data, tmp_path_factory):
     return _only_cell(out)
 
 
+@pytest.mark.slow  # two launches of a 3-epoch cell: about 12 s
 def test_a_cell_on_two_ranks_is_the_one_process_cell(cell_data, one_process_cell, tmp_path):
     """VPTSP-G with an offloaded class-prompt table and validation selection, through
     ``cell --ranks 2``: the same losses, metrics, per-query records and weights as one process;
@@ -323,3 +369,27 @@ def test_a_rank_that_dies_fails_the_cell_naming_it_and_the_rerun_resumes_exactly
     assert resumed["final"] == expected["final"]
     assert [e["train_loss"] for e in resumed["epochs"]] == pytest.approx(
         [e["train_loss"] for e in expected["epochs"]], rel=1e-5)
+
+
+@pytest.mark.slow  # a suite run on two ranks: about 17 s
+def test_run_ranks_runs_each_local_cell_on_that_many_ranks_and_refuses_a_batch_it_cannot_split(tmp_path):
+    """``run --ranks N``: each cell of the suite as N processes; a batch that does not split into
+    N equal parts is refused before anything runs, naming the cell, the batch and the fix."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "suites" / "smoke.yaml").read_text())
+    data["grid"]["method"] = ["bitfit"]
+    data["defaults"].update(data_root=str(tmp_path / "data"), torch_threads=1)
+    suite = tmp_path / "ranks.yaml"
+    suite.write_text(yaml.safe_dump(data))
+    base = [sys.executable, str(ROOT / "run_suite.py"), "run", str(suite), "--executor", "local",
+            "--out", str(tmp_path / "results"), "--no-report"]
+    refused = subprocess.run([*base, "--ranks", "3"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "batch_size 8 does not split into 3 equal rank batches" in refused.stdout + refused.stderr
+    assert not list((tmp_path / "results").glob("*/*/result.json"))
+
+    proc = subprocess.run([*base, "--ranks", "2"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (result,) = [read_result(p) for p in (tmp_path / "results").glob("*/*/result.json")]
+    assert result["status"] == "ok" and result["measurements"]["world_size"] == 2
