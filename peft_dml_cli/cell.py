@@ -39,9 +39,10 @@ def cmd_cell(args) -> int:
     cell_dir = suite_dir / make_cell_id(key, config.identity())
     ranks = Ranks.from_env()
     if ranks.several:  # started by torchrun: this process is one rank of the cell
+        from bench.events import log_event
         from bench.launch import rank_main
 
-        result = rank_main(config.to_dict(), str(cell_dir), key, args.fresh)
+        result = rank_main(config.to_dict(), str(cell_dir), key, args.fresh, progress=log_event)
         if not ranks.main:
             return 0
     elif args.ranks > 1:
