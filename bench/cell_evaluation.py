@@ -78,34 +78,6 @@ def score_split(name: str, embedded: dict[str, tuple[np.ndarray, np.ndarray]], k
     return SplitEvaluation(metrics, per_query, emb, labels)
 
 
-def evaluate_split_on_ranks(learner, shard_loaders, name: str, ks, device, amp_dtype, ranks) -> SplitEvaluation | None:
-    """``evaluate_split`` with the images shared out: each rank embeds its contiguous shard (the
-    forward passes, the expensive part), the main rank alone receives the shards, in rank order
-    the split in its own order, and scores them with the one-process code, so the numbers are
-    the one-process numbers. The other ranks get its metrics (for the best-epoch bookkeeping),
-    or its failure (a collapsed model fails on every rank)."""
-    from bench import distributed
-
-    parts = split_parts(shard_loaders, name)
-    if parts is None:
-        return None
-    mine = {part: compute_embeddings(learner.model, shard_loaders[part], device, amp_dtype) for part in parts}
-    gathered = distributed.to_main(mine, f"{name} embeddings")
-    evaluation, verdict = None, None
-    if ranks.main:
-        joined = {part: (np.concatenate([g[part][0] for g in gathered]), np.concatenate([g[part][1] for g in gathered]))
-                  for part in parts}
-        try:
-            evaluation = score_split(name, joined, ks)
-            verdict = ("ok", evaluation.metrics)
-        except CellFailure as e:
-            verdict = ("failed", str(e))
-    status, payload = distributed.from_main(verdict, f"{name} metrics")
-    if status == "failed":
-        raise CellFailure(payload)
-    return evaluation if ranks.main else SplitEvaluation(payload, None, None, None)
-
-
 def _record_ties(metrics: dict[str, Any], ties: dict[str, int]) -> None:
     """Says in the result how often the tie rule, not the model, decided R@1 (the reporter
     names cells where that is common): ``ties_top1`` of ``ties_checked`` queries."""

@@ -1,5 +1,6 @@
-"""One cell on several processes (issue 30, first part): the pieces that keep it the same
-training problem as one process. Not yet wired into ``train_cell`` or the launchers.
+"""One cell on several processes: the pieces that keep it the same training problem as one
+process (``bench.train`` uses them when a cell runs on several ranks, ``bench.launch`` starts
+the ranks, ``bench.rank_evaluation`` evaluates on them).
 
 * ``RankBatches``: each step's global batch is exactly the one-process sampler's batch
   (``ClassBalancedBatchSampler``, a pure function of seed, epoch and step), cut into equal,
@@ -11,18 +12,14 @@ training problem as one process. Not yet wired into ``train_cell`` or the launch
   scaling, whose misuse is pytorch-metric-learning's open question on parameterised losses.
 * ``global_batch_loss``: Proxy-Anchor on the global batch, so its positive and negative sets
   are those of the global batch.
-* ``init_ranks`` / ``collective``: every collective has a timeout; one that does not complete
-  (a rank died or hangs) fails with ``CollectiveTimeout`` naming the collective and the rank.
-* ``shard_neighbours`` / ``merge_neighbours`` / ``sharded_records``: evaluation where each rank
-  holds a shard of the gallery: exact top-L per shard (similarity, then the lower global index),
-  an exact merge of the ranks' lists, and the metrics' per-query records from the merged lists,
-  equal to the one-process evaluation's (``tests/test_distributed.py``, in one process).
+* ``wrap``: the learner in DDP, an offloaded (sparse) table left to ``exchange_sparse_gradients``.
+* ``start`` / ``collective``: every collective has a timeout; one that does not complete (a rank
+  died or hangs) fails with ``CollectiveTimeout`` naming the collective and the rank; ``leave``
+  ends such a rank without the teardown that would abort it.
 
 ``tests/test_distributed.py`` runs 2 gloo processes on the CPU against one process with the full
 batch: loss, every trained parameter's gradient and the parameters after 3 optimiser steps agree
-to 1e-5 (full fine-tuning, LoRA, VPT-deep, VPTSP-G with its class prompts on the device or
-offloaded, whose GRU memory also stays equal). ``wrap`` puts a learner in DDP on the global
-batch; the launch (submitit, torchrun) is not written yet.
+to 1e-5 for every registered method (VPTSP-G's GRU memory also stays equal), and whole cells.
 """
 from __future__ import annotations
 
@@ -96,11 +93,25 @@ def to_main(obj, name: str):
 
 def from_main(obj, name: str):
     """Rank 0's ``obj`` on every rank."""
+    return from_rank(0, obj, name)
+
+
+def from_rank(source: int, obj, name: str):
+    """Rank ``source``'s ``obj`` on every rank."""
     import torch.distributed as dist
 
     box = [obj]
-    collective(f"broadcast ({name})", lambda: dist.broadcast_object_list(box, src=0))
+    collective(f"broadcast ({name})", lambda: dist.broadcast_object_list(box, src=source))
     return box[0]
+
+
+def every_rank(obj, name: str) -> list:
+    """Every rank's ``obj``, in rank order, on every rank (small things: labels, sums)."""
+    import torch.distributed as dist
+
+    parts = [None] * dist.get_world_size()
+    collective(f"all_gather ({name})", lambda: dist.all_gather_object(parts, obj))
+    return parts
 
 
 def collective(name: str, run: Callable[[], T]) -> T:
@@ -205,62 +216,6 @@ def global_batch_loss(model, learner, images: torch.Tensor, labels: torch.Tensor
     embeddings = gather_embeddings(model(images))
     proxies = learner.proxy_source(learner, images, labels) if learner.proxy_source is not None else None
     return learner.criterion(embeddings, gather_labels(labels), proxies)
-
-
-# --- evaluation over gallery shards -------------------------------------------------------------
-
-def shard_neighbours(query, shard, offset: int, length: int, query_index=None):
-    """Exact top-``length`` neighbours of each query among one gallery shard (global indices
-    ``offset + i``), best first, exact ties by the lower index; ``query_index`` (self-retrieval:
-    each query's own global index) excludes the query itself. Returns (similarities, indices)."""
-    import numpy as np
-
-    similarities = np.asarray(query, dtype=np.float32) @ np.asarray(shard, dtype=np.float32).T
-    if query_index is not None:
-        own = np.asarray(query_index) - offset
-        inside = (own >= 0) & (own < len(shard))
-        similarities[np.flatnonzero(inside), own[inside]] = -np.inf
-    length = min(length, similarities.shape[1])
-    indices = np.broadcast_to(np.arange(similarities.shape[1]), similarities.shape)
-    order = np.lexsort((indices, -similarities), axis=1)[:, :length]
-    return np.take_along_axis(similarities, order, axis=1), order.astype(np.int64) + offset
-
-
-def merge_neighbours(parts, length: int):
-    """The exact top-``length`` of the ranks' lists (what every rank holds after gathering them):
-    by similarity, then the lower global index."""
-    import numpy as np
-
-    similarities = np.concatenate([s for s, _ in parts], axis=1)
-    indices = np.concatenate([i for _, i in parts], axis=1)
-    order = np.lexsort((indices, -similarities), axis=1)[:, :length]
-    return np.take_along_axis(similarities, order, axis=1), np.take_along_axis(indices, order, axis=1)
-
-
-def sharded_records(embeddings, labels, ks, world_size: int):
-    """Self-retrieval metrics and per-query records with the gallery split into ``world_size``
-    shards, as the ranks would compute them: each shard's exact top-L, merged exactly. Returns
-    what ``bench.evaluate.retrieval_metrics(..., return_per_query=True)`` returns."""
-    import numpy as np
-
-    from bench import metrics as metric_registry
-    from bench.evaluate import PerQuery, _first_hit_ranks, _prepared
-
-    _, x, labels, _, codes, _, r = _prepared(embeddings, labels, None, None, normalize=True)
-    scored = np.flatnonzero(r > 0)
-    length = min(max(max(ks), int(r[scored].max())), len(x) - 1)
-    bounds = np.linspace(0, len(x), world_size + 1).round().astype(int)
-    parts = [shard_neighbours(x[scored], x[a:b], int(a), length, query_index=scored)
-             for a, b in zip(bounds[:-1], bounds[1:])]
-    _, neighbours = merge_neighbours(parts, length)
-    same = codes[neighbours] == codes[scored, None]
-    first_hit = _first_hit_ranks(same)
-    ap_at_r = metric_registry.average_precision_at_r(same, r[scored])
-    records = metric_registry.records({"first_hit": first_hit, "ap_at_r": ap_at_r}, ks)
-    metrics = metric_registry.means(records, ks)
-    metrics["num_queries"], metrics["num_lone_queries"] = len(scored), len(x) - len(scored)
-    return metrics, PerQuery(query_index=scored.astype(np.int64), label=labels[scored],
-                             ks=np.asarray(ks, dtype=np.int64), records=records, engine=f"sharded x{world_size}")
 
 
 # --- sparse tables (an offloaded class-prompt table) ---------------------------------------------

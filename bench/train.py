@@ -26,8 +26,7 @@ from bench import data as dml_data
 from bench.artifacts import class_sample, write_artifacts
 from bench.backbones import data_config
 from bench.config import CellConfig
-from bench.cell_evaluation import (SplitEvaluation, check_recall_ks, evaluate_split, evaluate_split_on_ranks, metrics_of,
-                                   write_per_query)
+from bench.cell_evaluation import SplitEvaluation, check_recall_ks, evaluate_split, metrics_of, write_per_query
 from bench.checkpointer import Checkpointer, RunState, restore_best, save_best
 from bench.errors import CellFailure, UserError
 from bench.learner import build_learner
@@ -270,13 +269,15 @@ class CellSetup:
                    scaler, train_loader, sampler, eval_loaders, ks, StepTimer(device), ranks, model, shard_loaders)
 
     def evaluate(self, split: str) -> SplitEvaluation | None:
-        """One split's evaluation; on several ranks each rank embeds its shard and the main rank
-        scores the whole split as one process would (the others get its metrics)."""
+        """One split's evaluation; on several ranks each rank embeds its shard and rank 0 scores
+        the split (``bench.rank_evaluation``)."""
         if split == "test" and not self.config.evaluate_test:
             return None
         if self.ranks.several:
-            return evaluate_split_on_ranks(self.learner, self.shard_loaders, split, self.ks, self.device,
-                                           self.amp_dtype, self.ranks)
+            from bench.rank_evaluation import evaluate_on_ranks
+
+            return evaluate_on_ranks(self.learner, self.shard_loaders, split, self.ks, self.device, self.amp_dtype,
+                                     self.ranks)
         return evaluate_split(self.learner, self.eval_loaders, split, self.ks, self.device, self.amp_dtype)
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -192,31 +192,91 @@ def test_dropout_on_the_memory_update_is_refused_on_several_ranks():
         use_global_batch(learner)
 
 
-@pytest.mark.parametrize("world_size", [2, 3])
-def test_sharded_evaluation_equals_the_one_process_evaluation(world_size):
-    """Gallery shards, exact per-shard top-L, an exact merge: the same metrics and the same
-    per-query records (bytes of per_query.npz) as one process, exact ties included."""
-    from bench.artifacts import npz_bytes
-    from bench.distributed import sharded_records
-    from bench.evaluate import retrieval_metrics
-
+def _evaluation_case(case: str):
+    """(name, {part: (embeddings, labels)}) of one whole split, with exact duplicates: ties across shards."""
     rng = np.random.default_rng(7)
     vectors = rng.normal(size=(30, 16)).astype(np.float32)
-    embeddings = vectors[rng.integers(0, 30, size=90)]  # exact duplicates: ties across shards
+    embeddings = vectors[rng.integers(0, 30, size=90)]
     labels = rng.integers(0, 12, size=90)
-    ks = (1, 2, 4, 8)
-    one, one_records = retrieval_metrics(embeddings, labels, ks, return_per_query=True)
-    sharded, sharded_records_ = sharded_records(embeddings, labels, ks, world_size)
-    assert sharded == one
-    assert npz_bytes(sharded_records_.arrays()) == npz_bytes(one_records.arrays())
+    if case == "collapsed":
+        return "test", {"test": (np.ones((90, 16), np.float32), labels)}
+    if case == "inshop":
+        return "test", {"query": (embeddings[:40], labels[:40]), "gallery": (embeddings[40:], labels[40:])}
+    return case, {case: (embeddings, labels)}
 
 
-def _hanging_peer(rank: int, world: int, init_file: str, out: str) -> None:
+def _evaluate_shards(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from bench import distributed, rank_evaluation
+    from bench.errors import CellFailure
+    from bench.ranks import Ranks
+
+    ranks = Ranks(rank, world)
+    distributed.start(ranks, torch.device("cpu"), timeout_s=60)
+    torch.set_num_threads(1)
+    found = {}
+    for case in ("test", "val", "inshop", "collapsed"):
+        name, whole = _evaluation_case(case)
+        mine = {part: (e[ranks.shard(len(e)).start:ranks.shard(len(e)).stop],
+                       l[ranks.shard(len(l)).start:ranks.shard(len(l)).stop]) for part, (e, l) in whole.items()}
+        try:
+            evaluation = rank_evaluation.score_on_main(name, mine, (1, 2, 4, 8), ranks)
+            found[case] = (evaluation.metrics, None if evaluation.per_query is None else evaluation.per_query.arrays(),
+                           evaluation.embeddings)
+        except CellFailure as e:
+            found[case] = str(e)
+    torch.save(found, f"{out}.{rank}")
+    distributed.finish()
+
+
+@pytest.mark.slow  # spawned gloo processes: about 5 s each
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_evaluation_on_ranks_equals_the_one_process_evaluation(world_size, tmp_path):
+    """Each rank embeds a shard; rank 0 alone receives them, in order, and scores the split: the
+    one-process metrics (ties counted alike) and per-query records (bytes of per_query.npz) for
+    self-retrieval, a validation split and In-Shop's query/gallery; the other ranks get the
+    metrics and hold no embeddings; a collapsed model fails on every rank with one process's
+    reason. (Exact ties between identical images are why the search is not sharded too:
+    ``bench/rank_evaluation.py``.)"""
+    import torch.multiprocessing as mp
+
+    from bench.artifacts import npz_bytes
+    from bench.cell_evaluation import score_split
+    from bench.errors import CellFailure
+
+    out = str(tmp_path / "found")
+    mp.spawn(_evaluate_shards, args=(world_size, _free_port(), out), nprocs=world_size, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=False) for r in range(world_size)]
+    for case in ("test", "val", "inshop"):
+        name, whole = _evaluation_case(case)
+        one = score_split(name, whole, (1, 2, 4, 8))
+        metrics, arrays, embeddings = ranks[0][case]
+        assert metrics == one.metrics, case
+        assert npz_bytes(arrays) == npz_bytes(one.per_query.arrays()), case
+        np.testing.assert_array_equal(embeddings, one.embeddings)
+        assert all(r[case][0] == one.metrics and r[case][1] is None and r[case][2] is None for r in ranks[1:])
+    assert one.metrics["ties_checked"] > 0
+    with pytest.raises(CellFailure) as collapsed:
+        score_split(*_evaluation_case("collapsed"), (1, 2, 4, 8))
+    assert [r["collapsed"] for r in ranks] == [str(collapsed.value)] * world_size
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _hanging_peer(rank: int, world: int, port: int, out: str) -> None:
     import time
 
-    from bench.distributed import CollectiveTimeout, gather_labels, init_ranks, leave
+    from bench.distributed import CollectiveTimeout, gather_labels, leave, start
+    from bench.ranks import Ranks
 
-    init_ranks(rank, world, f"file://{init_file}", timeout_s=3)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start(Ranks(rank, world), torch.device("cpu"), timeout_s=3)
     if rank == 1:
         time.sleep(8)  # never joins the gather: a hung rank
         return
@@ -236,7 +296,7 @@ def test_a_collective_a_rank_never_joins_fails_naming_itself_instead_of_waiting(
 
     out = tmp_path / "message.txt"
     start = time.monotonic()
-    ranks = mp.start_processes(_hanging_peer, args=(2, str(tmp_path / "init"), str(out)), nprocs=2,
+    ranks = mp.start_processes(_hanging_peer, args=(2, _free_port(), str(out)), nprocs=2,
                                join=False, start_method="spawn")
     for process in ranks.processes:
         process.join(timeout=60)
