@@ -293,7 +293,7 @@ class CellJob(submitit.helpers.Checkpointable):
         # only the first start may discard old results: a requeued task must resume
         restarted = int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
         log_to_stdout()
-        if submitit.JobEnvironment().num_tasks > 1:  # one cell on several ranks: this task is one of them
+        if job_tasks() > 1:  # one cell on several ranks: this task is one of them
             from bench.launch import rank_main
 
             # every GPU of the node stays visible: each rank takes its own by LOCAL_RANK (bench.train)
@@ -306,6 +306,14 @@ class CellJob(submitit.helpers.Checkpointable):
         if result is None:
             return {"status": "skipped", "reason": "the cell is running in another process"}
         return {"status": result["status"], "reason": result["reason"]}
+
+
+def job_tasks() -> int:
+    """The tasks of this submitit job (one per rank of the cell); 1 outside a submitit job."""
+    try:
+        return submitit.JobEnvironment().num_tasks
+    except RuntimeError:  # called by hand or by a test, not by submitit
+        return 1
 
 
 def check_data(cells: list[Cell]) -> None:

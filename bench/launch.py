@@ -14,6 +14,7 @@ and its exit (signal or traceback); the cell's last checkpoint stays, so the nex
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -47,7 +48,8 @@ def rank_main(config_fields: dict[str, Any], cell_dir: str, key: dict[str, Any],
     try:
         result = run_cell(config, Path(cell_dir), key=key, fresh=fresh, progress=progress if ranks.main else None,
                           ranks=ranks)
-    except CellFailure:  # a rank other than the main one: its reason is in its error log / the main result
+    except CellFailure as failure:  # a rank other than the main one: its reason goes to its stderr
+        logging.getLogger("bench").error("%s", failure)
         distributed.leave(1)
     if distributed.peer_lost():  # the main rank wrote the failure; the group cannot be torn down
         if ranks.main:

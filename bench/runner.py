@@ -201,11 +201,9 @@ def _run_locked(config: CellConfig, cell_dir: Path, key: dict[str, Any], identit
             log = log.with_name(f"{log.stem}.rank{ranks.rank}{log.suffix}")
         result["reason"] = f"{type(e).__name__}: {e} (traceback in {log})"
         log.write_text(traceback.format_exc())
-    if ranks.several and result["reason"]:
-        result["reason"] = f"rank {ranks.rank} of {ranks.world_size}: {result['reason']}"
     if not ranks.main:  # the main rank writes; this rank's own failure is in its log and its exit code
         if result["reason"]:
-            raise CellFailure(result["reason"])
+            raise CellFailure(f"rank {ranks.rank} of {ranks.world_size}: {result['reason']}")
         return result
     if result["status"] != "ok":
         result.update(status="failed", final=None, oracle=None)

@@ -244,12 +244,14 @@ def test_preempted_cell_is_requeued_and_resumes_from_its_last_epoch(slurm_cluste
 
 
 @pytest.mark.slurm
-@pytest.mark.slow  # a two-task job, preempted and requeued: about 40 s
-def test_a_cell_on_two_slurm_tasks_is_preempted_requeued_and_ends_as_one_process(slurm_cluster, fast_wait, tmp_path,
-                                                                                synthetic_root, capsys):
+@pytest.mark.slow  # a two-task job, stopped and requeued: 30-60 s
+@pytest.mark.parametrize("stop", ["preempted", "killed"])
+def test_a_cell_on_two_slurm_tasks_is_stopped_requeued_and_ends_as_one_process(stop, slurm_cluster, fast_wait,
+                                                                              tmp_path, synthetic_root, capsys):
     """``resources.ranks_per_node: 2``: one cell as two SLURM tasks (gloo on the CPU), wired by
-    submitit's TorchDistributedEnvironment. USR2 (preemption) mid-training: every rank stops at
-    the same step, rank 0 checkpoints, submitit requeues; the requeued ranks resume from that one
+    submitit's TorchDistributedEnvironment. Preempted (USR2) mid-epoch: every rank stops at the
+    same step, rank 0 checkpoints there, submitit requeues. Killed (``scontrol requeue``): both
+    tasks die at once, SLURM requeues. Either way the requeued ranks resume from the one
     checkpoint and end with the one-process cell's numbers."""
     from bench.runner import run_cell
 
@@ -268,10 +270,13 @@ def test_a_cell_on_two_slurm_tasks_is_preempted_requeued_and_ends_as_one_process
     assert code == 0, text
     job = json.loads(next(suite_dir.glob("*/job.json")).read_text())
     wait_for_log(Path(job["log"]), r"epoch_end 2\b", timeout_s=120)
-    subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
+    if stop == "preempted":
+        subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
+    else:
+        subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
     assert all(s.state == "done" for s in dispatch.wait_for_jobs([cell], suite_dir, poll_s=1).values())
     log = assert_resumed_and_complete(suite_dir, epochs)
-    assert "Requeued job" in log
+    assert ("Requeued job" in log) == (stop == "preempted")  # submitit's requeue, or SLURM's own
     (result,) = results_of(suite_dir).values()
     assert result["measurements"]["world_size"] == 2 and result["measurements"]["batch_per_rank"] == 4
     assert result["final"] == expected["final"]
