@@ -197,16 +197,20 @@ def gather_labels(local: torch.Tensor) -> torch.Tensor:
 def use_global_batch(learner) -> None:
     """Make the learner's methods see the global batch: per-image vectors (VPTSP's semantic
     vectors) are gathered with gradients before they are accumulated, so every rank updates the
-    same memory rows from the same vectors in the same order. An offloaded (sparse, CPU) class-
-    prompt table's row gradients are exchanged by ``exchange_sparse_gradients``; dropout on the
-    memory update,
-    which would draw differently per rank, is refused."""
-    semantic = learner.extras["semantic_proxies"] if "semantic_proxies" in learner.extras else None
-    if semantic is not None:
-        if semantic.dropout.p:
-            raise UserError("gru_dropout: dropout on the memory update would differ between ranks; use 0 on "
-                            "several ranks")
+    same memory rows from the same vectors in the same order, and a random draw on that update
+    (the GRU's dropout mask) is rank 0's on every rank. An offloaded (sparse, CPU) class-prompt
+    table's row gradients are exchanged by ``exchange_sparse_gradients``."""
     learner.gather_batch = lambda vectors, labels: (gather_embeddings(vectors), gather_labels(labels))
+    learner.same_on_every_rank = rank0_tensor
+
+
+def rank0_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` (same shape and dtype on every rank) on every rank."""
+    import torch.distributed as dist
+
+    moved = tensor.cuda() if dist.get_backend() == "nccl" and tensor.device.type != "cuda" else tensor.contiguous()
+    collective("broadcast (a shared random draw)", lambda: dist.broadcast(moved, src=0))
+    return moved.to(tensor.device)
 
 
 def global_batch_loss(model, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -120,6 +120,9 @@ class MetricLearner(nn.Module):
         # bench.distributed sets it, so that a method's per-image vectors (VPTSP's semantic
         # vectors) are accumulated over the global batch, in its order, on every rank alike.
         self.gather_batch = lambda vectors, labels: (vectors, labels)
+        # a random draw every rank must share (VPTSP's dropout on the memory update): rank 0's
+        # on several ranks (bench.distributed); one process: None, the draw as it is
+        self.same_on_every_rank = None
         self.init = init  # the initialisation scheme methods use for what they add (methods.init)
 
     @property

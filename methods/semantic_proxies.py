@@ -188,9 +188,12 @@ class SemanticProxyModule(nn.Module):
         features = learner.model.features(images, prompts=prompts, checkpointing=self.checkpointing or None)
         return F.normalize(self.head(features), dim=-1)
 
-    def accumulate(self, vectors: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate(self, vectors: torch.Tensor, labels: torch.Tensor,
+                   same_on_every_rank=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Updated, L2-normalised memory rows of the batch's classes: ``(classes, rows)``, with
-        autograd. The memory stays on the unit sphere, as in the reference implementation."""
+        autograd. The memory stays on the unit sphere, as in the reference implementation.
+        ``same_on_every_rank`` (several ranks: rank 0's tensor on every rank) makes the GRU's
+        dropout draw one mask for all ranks, so their memories stay equal."""
         classes, inverse = torch.unique(labels, return_inverse=True)
         membership = F.one_hot(inverse, classes.shape[0])  # [B, U]
         h = self.memory[classes].to(vectors.dtype)
@@ -209,13 +212,26 @@ class SemanticProxyModule(nn.Module):
             inputs = torch.zeros_like(h).index_copy(0, owners, vectors[at_step])
             active = torch.zeros(h.shape[0], dtype=torch.bool, device=h.device)
             active[owners] = True
-            h = torch.where(active[:, None], self.dropout(self.gru(inputs, h)), h)
+            h = torch.where(active[:, None], self._dropout(self.gru(inputs, h), same_on_every_rank), h)
         return classes, F.normalize(h, dim=1)
+
+    def _dropout(self, x: torch.Tensor, same_on_every_rank) -> torch.Tensor:
+        """``nn.Dropout`` (the same draws and arithmetic as its CPU kernel), with the mask made
+        the same on every rank when there are several."""
+        p = self.dropout.p
+        if not self.training or p == 0:
+            return x
+        if p == 1:
+            return torch.zeros_like(x)
+        scale = torch.empty_like(x).bernoulli_(1 - p).div_(1 - p)
+        if same_on_every_rank is not None:
+            scale = same_on_every_rank(scale)
+        return x * scale
 
     def forward(self, learner, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         vectors = self.semantic_vectors(learner, images, labels).float()
         vectors, labels = learner.gather_batch(vectors, labels)  # several ranks: the global batch's
-        classes, rows = self.accumulate(vectors, labels)
+        classes, rows = self.accumulate(vectors, labels, learner.same_on_every_rank)
         memory = self.memory.index_put((classes,), rows)  # out of place: grads flow to `rows`
         with torch.no_grad():
             self.memory[classes] = rows.detach()
