@@ -6,7 +6,9 @@ Tests marked ``slurm`` need the local one-node cluster (``bash scripts/slurm-loc
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -213,6 +215,24 @@ def wait_for_log(log: Path, pattern: str, timeout_s: float) -> str:
     raise AssertionError(f"{pattern!r} not in {log} after {timeout_s} s:\n{text}")
 
 
+def slurm_task_pids(job_id: str) -> list[int]:
+    """The pids of the Python processes of a SLURM job's tasks on this (the only) node."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        program, *arguments = command.split(b"\0")
+        if (f"SLURM_JOB_ID={job_id}".encode() in env and b"python" in Path(program.decode()).name.encode()
+                and b"submitit.core._submit" in arguments):  # not srun, whose arguments name it too
+            pids.append(int(proc.name))
+    return pids
+
+
 def assert_resumed_and_complete(suite_dir: Path, epochs: int) -> str:
     (result,) = results_of(suite_dir).values()
     assert result["status"] == "ok", result["reason"]
@@ -272,7 +292,11 @@ def test_a_cell_on_two_slurm_tasks_is_stopped_requeued_and_ends_as_one_process(s
     wait_for_log(Path(job["log"]), r"epoch_end 2\b", timeout_s=120)
     if stop == "preempted":
         subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
-    else:
+    else:  # both ranks die at once (a node crash, the OOM killer), then SLURM requeues the job
+        tasks = slurm_task_pids(job["job_id"])
+        assert len(tasks) == 2, tasks
+        for pid in tasks:
+            os.kill(pid, signal.SIGKILL)
         subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
     assert all(s.state == "done" for s in dispatch.wait_for_jobs([cell], suite_dir, poll_s=1).values())
     log = assert_resumed_and_complete(suite_dir, epochs)
