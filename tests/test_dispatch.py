@@ -264,6 +264,21 @@ def test_preempted_cell_is_requeued_and_resumes_from_its_last_epoch(slurm_cluste
 
 
 @pytest.mark.slurm
+@pytest.mark.parametrize("resources, tasks", [
+    ({"gpus_per_node": 4}, {"gpus_per_node": 4, "nodes": 1, "ntasks_per_node": 4}),  # one rank per GPU
+    ({"gpus_per_node": 4, "nodes": 2}, {"gpus_per_node": 4, "nodes": 2, "ntasks_per_node": 4}),
+    ({"gpus_per_node": 4, "ranks_per_node": 2}, {"gpus_per_node": 4, "nodes": 1, "ntasks_per_node": 2}),
+    ({"gpus_per_node": 1}, {"gpus_per_node": 1}),  # one process: no task parameters at all
+    ({"gpus_per_node": 0}, {}),
+])
+def test_a_cells_ranks_become_slurm_tasks(slurm_cluster, tmp_path, resources, tasks):
+    suite = load_suite(SUITES_DIR / "smoke.yaml")
+    executor = dispatch.make_executor("slurm", tmp_path, suite, {"timeout_min": 10, **resources})
+    parameters = executor._executor.parameters
+    assert {k: parameters[k] for k in ("gpus_per_node", "nodes", "ntasks_per_node") if k in parameters} == tasks
+
+
+@pytest.mark.slurm
 @pytest.mark.slow  # a two-task job, stopped and requeued: 30-60 s
 @pytest.mark.parametrize("stop", ["preempted", "killed"])
 def test_a_cell_on_two_slurm_tasks_is_stopped_requeued_and_ends_as_one_process(stop, slurm_cluster, fast_wait,
