@@ -20,7 +20,7 @@ from matplotlib.patches import Patch
 from bench.cell_files import CellFiles, UnreadableFile
 from report import names
 from report.load import SuiteResults
-from report.plots import STYLE, _in_table_order, row_labels
+from report.figure_style import STYLE, _in_table_order, row_labels
 
 RETRIEVAL_ROWS = 8  # of the 32 fixed queries: the first 8 in every method's grid
 TOP = 5
