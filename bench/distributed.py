@@ -24,6 +24,7 @@ to 1e-5 for every registered method (VPTSP-G's GRU memory also stays equal), and
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Callable, Iterator
 from typing import TypeVar
 
@@ -40,15 +41,6 @@ class CollectiveTimeout(CellFailure):
     """A collective that did not complete on every rank in time (a rank died or hangs)."""
 
 
-def init_ranks(rank: int, world_size: int, init_method: str, *, backend: str = "gloo",
-               timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
-    """Join the cell's process group; every collective then gives up after ``timeout_s``."""
-    import torch.distributed as dist
-
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=dt.timedelta(seconds=timeout_s))
-
-
 def start(ranks, device: torch.device, *, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> None:
     """Join the cell's process group from the environment torchrun or submitit set (``env://``):
     NCCL on GPUs (this rank's GPU made current), gloo on the CPU."""
@@ -61,11 +53,88 @@ def start(ranks, device: torch.device, *, timeout_s: float = COLLECTIVE_TIMEOUT_
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method="env://",
                             rank=ranks.rank, world_size=ranks.world_size,
                             timeout=dt.timedelta(seconds=timeout_s))
+    _start_heartbeat(ranks.rank, ranks.world_size)
+
+
+# --- which rank is gone: a heartbeat in the group's own key-value store ---------------------------
+HEARTBEAT_S = 2.0
+_heartbeat: tuple | None = None  # (store for reading, rank, world size, stop event, thread)
+
+
+def _start_heartbeat(rank: int, world_size: int) -> None:
+    """Every HEARTBEAT_S this rank bumps its counter in the process group's store (hosted by rank
+    0), from a thread that runs while the main one waits in a collective: a rank whose counter
+    stops has died; one whose counter moves is alive, and hangs if it does not join. Without the
+    store (another launcher's setup) failures name the collective only."""
+    import threading
+
+    global _heartbeat
+    try:
+        from torch.distributed.distributed_c10d import _get_default_store
+
+        store = _get_default_store()
+        writer, reader = store.clone(), store.clone()  # own connections: no contention with torch's
+    except Exception:
+        return
+    key = f"peft_dml/heartbeat/{rank}"
+    stop = threading.Event()
+
+    def beat() -> None:
+        count = 0
+        while not stop.is_set():
+            try:
+                writer.set(key, str(count))
+            except Exception:  # the store's host (rank 0) is gone, or the group was torn down
+                return
+            count += 1
+            stop.wait(HEARTBEAT_S)
+
+    thread = threading.Thread(target=beat, name="peft-dml-heartbeat", daemon=True)
+    thread.start()
+    _heartbeat = (reader, rank, world_size, stop, thread)
+
+
+def silent_ranks(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
+    """The other ranks whose heartbeat did not move within ``wait_s`` (they died); [] when every
+    other rank is alive; None when that cannot be known (no store, or rank 0 hosting it is gone)."""
+    if _heartbeat is None:
+        return None
+    store, rank, world, _, _ = _heartbeat
+    others = [r for r in range(world) if r != rank]
+    try:
+        def read() -> dict[int, bytes | None]:
+            keys = {r: f"peft_dml/heartbeat/{r}" for r in others}
+            return {r: store.get(k) if store.check([k]) else None for r, k in keys.items()}
+
+        first, moved = read(), set()
+        deadline = time.monotonic() + wait_s
+        while len(moved) < len(others) and time.monotonic() < deadline:
+            time.sleep(0.25)
+            now = read()
+            moved |= {r for r in others if now[r] != first[r]}
+        return [r for r in others if r not in moved]
+    except Exception:
+        return None
+
+
+def _who(silent: list[int] | None) -> str:
+    if silent is None:
+        return "a rank died or hangs"
+    if len(silent) == 1:
+        return f"rank {silent[0]} stopped answering (its heartbeat ended: it died)"
+    if silent:
+        return f"ranks {', '.join(map(str, silent))} stopped answering (their heartbeats ended: they died)"
+    return "every other rank is alive: one of them hangs, or never called it"
 
 
 def finish() -> None:
     import torch.distributed as dist
 
+    global _heartbeat
+    if _heartbeat is not None:  # stopped before the group goes: no thread left talking to its store
+        _heartbeat[3].set()
+        _heartbeat[4].join(timeout=2 * HEARTBEAT_S)
+        _heartbeat = None
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -125,8 +194,9 @@ def collective(name: str, run: Callable[[], T]) -> T:
     except (RuntimeError, dist.DistBackendError) as e:
         _peer_lost = True
         where = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
-        raise CollectiveTimeout(f"{name} did not complete on every rank ({where}): a rank died or hangs "
-                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise CollectiveTimeout(f"{name} did not complete on every rank ({where}): {_who(silent_ranks())} "
+                                f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the last checkpoint "
+                                "is kept: run the cell again to resume") from None
 
 
 def peer_lost() -> bool:

@@ -215,6 +215,11 @@ def wait_for_log(log: Path, pattern: str, timeout_s: float) -> str:
     raise AssertionError(f"{pattern!r} not in {log} after {timeout_s} s:\n{text}")
 
 
+def job_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True).stdout.strip()
+    return out or "GONE"
+
+
 def slurm_task_pids(job_id: str) -> list[int]:
     """The pids of the Python processes of a SLURM job's tasks on this (the only) node."""
     pids = []
@@ -280,14 +285,15 @@ def test_a_cells_ranks_become_slurm_tasks(slurm_cluster, tmp_path, resources, ta
 
 @pytest.mark.slurm
 @pytest.mark.slow  # a two-task job, stopped and requeued: 30-60 s
-@pytest.mark.parametrize("stop", ["preempted", "killed"])
+@pytest.mark.parametrize("stop", ["preempted", "killed", "one rank killed"])
 def test_a_cell_on_two_slurm_tasks_is_stopped_requeued_and_ends_as_one_process(stop, slurm_cluster, fast_wait,
                                                                               tmp_path, synthetic_root, capsys):
     """``resources.ranks_per_node: 2``: one cell as two SLURM tasks (gloo on the CPU), wired by
     submitit's TorchDistributedEnvironment. Preempted (USR2) mid-epoch: every rank stops at the
     same step, rank 0 checkpoints there, submitit requeues. Killed (``scontrol requeue``): both
-    tasks die at once, SLURM requeues. Either way the requeued ranks resume from the one
-    checkpoint and end with the one-process cell's numbers."""
+    tasks die at once, SLURM requeues. One rank killed: rank 0 fails the cell naming it (its
+    heartbeat ended), the job ends, a requeue reruns the cell. Every way the requeued ranks
+    resume from the one checkpoint and end with the one-process cell's numbers."""
     from bench.runner import run_cell
 
     epochs = 12
@@ -307,15 +313,32 @@ def test_a_cell_on_two_slurm_tasks_is_stopped_requeued_and_ends_as_one_process(s
     wait_for_log(Path(job["log"]), r"epoch_end 2\b", timeout_s=120)
     if stop == "preempted":
         subprocess.run(["scancel", "--signal=USR2", job["job_id"]], check=True)
-    else:  # both ranks die at once (a node crash, the OOM killer), then SLURM requeues the job
+    elif stop == "killed":  # both ranks die at once (a node crash), then SLURM requeues the job
         tasks = slurm_task_pids(job["job_id"])
         assert len(tasks) == 2, tasks
         for pid in tasks:
             os.kill(pid, signal.SIGKILL)
         subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
+    else:  # rank 1 alone dies (the OOM killer): rank 0 says which, and the cell fails
+        rank1 = [pid for pid in slurm_task_pids(job["job_id"]) if b"SLURM_PROCID=1" in
+                 Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        result_path = next(suite_dir.glob("*/job.json")).parent / "result.json"
+        deadline = time.time() + 60
+        while not result_path.exists() and time.time() < deadline:
+            time.sleep(0.2)
+        failed = json.loads(result_path.read_text())
+        assert failed["status"] == "failed" and "rank 1 stopped answering" in failed["reason"], failed["reason"]
+        assert list(result_path.parent.glob("checkpoint.pt"))
+        while job_state(job["job_id"]) in ("RUNNING", "COMPLETING") and time.time() < deadline:
+            time.sleep(0.5)
+        subprocess.run(["scontrol", "requeue", job["job_id"]], check=True)
     assert all(s.state == "done" for s in dispatch.wait_for_jobs([cell], suite_dir, poll_s=1).values())
     log = assert_resumed_and_complete(suite_dir, epochs)
     assert ("Requeued job" in log) == (stop == "preempted")  # submitit's requeue, or SLURM's own
+    if stop == "one rank killed":
+        assert len(list(next(suite_dir.glob("*/job.json")).parent.glob("result.json.failed-*"))) == 1
     (result,) = results_of(suite_dir).values()
     assert result["measurements"]["world_size"] == 2 and result["measurements"]["batch_per_rank"] == 4
     assert result["final"] == expected["final"]

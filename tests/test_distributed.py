@@ -300,6 +300,47 @@ def test_a_collective_a_rank_never_joins_fails_naming_itself_instead_of_waiting(
     assert [p.exitcode for p in ranks.processes] == [3, 0]
     message = out.read_text()
     assert "all_gather (labels) did not complete on every rank (rank 0 of 2)" in message
+    assert "every other rank is alive: one of them hangs, or never called it" in message  # its heartbeat went on
+
+
+def _dying_peer(rank: int, world: int, port: int, out: str) -> None:
+    import signal
+    import time
+
+    from bench.distributed import CollectiveTimeout, gather_labels, leave, start
+    from bench.ranks import Ranks
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    start(Ranks(rank, world), torch.device("cpu"), timeout_s=30)
+    if rank == 1:
+        time.sleep(1)  # a heartbeat or two
+        os.kill(os.getpid(), signal.SIGKILL)  # dies as the OOM killer would have it
+    try:
+        gather_labels(torch.tensor([0, 1]))
+    except CollectiveTimeout as e:
+        with open(out, "w") as f:
+            f.write(str(e))
+        leave(3)
+
+
+@pytest.mark.slow  # two processes, a kill and the heartbeat's wait: about 12 s
+def test_a_rank_that_dies_is_named_by_the_others_without_a_launcher(tmp_path):
+    """On SLURM no launcher reports which task died: the surviving ranks name it, from the
+    heartbeats in the group's store, long before the collective's timeout."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "message.txt"
+    start = time.monotonic()
+    ranks = mp.start_processes(_dying_peer, args=(2, _free_port(), str(out)), nprocs=2, join=False,
+                               start_method="spawn")
+    for process in ranks.processes:
+        process.join(timeout=60)
+    assert time.monotonic() - start < 30  # not the 30 s collective timeout
+    assert [p.exitcode for p in ranks.processes] == [3, -9]
+    message = out.read_text()
+    assert "rank 1 stopped answering (its heartbeat ended: it died)" in message, message
 
 
 # --- a whole cell on two ranks (the launcher, the runner and train_cell) --------------------------
