@@ -66,6 +66,7 @@ def _start_heartbeat(rank: int, world_size: int) -> None:
     0), from a thread that runs while the main one waits in a collective: a rank whose counter
     stops has died; one whose counter moves is alive, and hangs if it does not join. Without the
     store (another launcher's setup) failures name the collective only."""
+    import atexit
     import threading
 
     global _heartbeat
@@ -92,6 +93,17 @@ def _start_heartbeat(rank: int, world_size: int) -> None:
     thread = threading.Thread(target=beat, name="peft-dml-heartbeat", daemon=True)
     thread.start()
     _heartbeat = (reader, rank, world_size, stop, thread)
+    # an exit without finish(): the thread and its store connections go first, while the
+    # interpreter is whole (a store client still busy at the C++ teardown aborts the process)
+    atexit.register(_stop_heartbeat)
+
+
+def _stop_heartbeat() -> None:
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat[3].set()
+        _heartbeat[4].join(timeout=2 * HEARTBEAT_S)
+        _heartbeat = None
 
 
 def silent_ranks(wait_s: float = 3 * HEARTBEAT_S) -> list[int] | None:
@@ -130,11 +142,7 @@ def _who(silent: list[int] | None) -> str:
 def finish() -> None:
     import torch.distributed as dist
 
-    global _heartbeat
-    if _heartbeat is not None:  # stopped before the group goes: no thread left talking to its store
-        _heartbeat[3].set()
-        _heartbeat[4].join(timeout=2 * HEARTBEAT_S)
-        _heartbeat = None
+    _stop_heartbeat()  # before the group goes: no thread left talking to its store
     if dist.is_initialized():
         dist.destroy_process_group()
 
