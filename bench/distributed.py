@@ -191,20 +191,38 @@ def every_rank(obj, name: str) -> list:
     return parts
 
 
-def collective(name: str, run: Callable[[], T]) -> T:
+def collective(name: str, run: Callable[[], T], *, only_transport_errors: bool = False) -> T:
     """``run()``, a collective; its timeout or a lost peer becomes ``CollectiveTimeout`` naming
-    the collective and this rank, never a wait without end."""
+    the collective and this rank, never a wait without end. ``only_transport_errors``: ``run``
+    also computes (a training step, whose backward all-reduces gradients): only errors of the
+    transport (gloo, NCCL, a closed connection, a timeout) become ``CollectiveTimeout``; any
+    other error is the computation's own and passes unchanged."""
     import torch.distributed as dist
 
     global _peer_lost
     try:
         return run()
     except (RuntimeError, dist.DistBackendError) as e:
+        if only_transport_errors and not is_transport_error(e):
+            raise
         _peer_lost = True
         where = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
         raise CollectiveTimeout(f"{name} did not complete on every rank ({where}): {_who(silent_ranks())} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); the last checkpoint "
                                 "is kept: run the cell again to resume") from None
+
+
+TRANSPORT_WORDS = ("gloo", "nccl", "connection reset", "connection closed", "timed out", "timeout", "broken pipe")
+
+
+def is_transport_error(error: BaseException) -> bool:
+    """Whether ``error`` came from the ranks' communication rather than from a computation."""
+    import torch.distributed as dist
+
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error).lower()
+    return any(word in text for word in TRANSPORT_WORDS)
 
 
 def peer_lost() -> bool:

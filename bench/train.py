@@ -282,14 +282,19 @@ class CellSetup:
 
     def step(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """One optimisation step; on several ranks, of the global batch."""
-        ranked = {}
-        if self.ranks.several:
-            from bench.distributed import exchange_sparse_gradients, global_batch_loss
+        def run(**ranked) -> torch.Tensor:
+            return train_step(self.learner, images, labels, self.optimizers, scaler=self.scaler,
+                              grad_clip=self.config.grad_clip, amp_dtype=self.amp_dtype, **ranked)
 
-            ranked = {"loss_of": lambda x, y: global_batch_loss(self.model, self.learner, x, y),
-                      "after_backward": lambda: exchange_sparse_gradients(self.learner)}
-        return train_step(self.learner, images, labels, self.optimizers, scaler=self.scaler,
-                          grad_clip=self.config.grad_clip, amp_dtype=self.amp_dtype, **ranked)
+        if not self.ranks.several:
+            return run()
+        from bench.distributed import collective, exchange_sparse_gradients, global_batch_loss
+
+        # the backward's collectives (DDP's all-reduce, the gathered embeddings' gradients) run
+        # inside autograd: a lost rank there fails the cell like any other collective
+        return collective("the training step's backward (gradient all-reduce)", lambda: run(
+            loss_of=lambda x, y: global_batch_loss(self.model, self.learner, x, y),
+            after_backward=lambda: exchange_sparse_gradients(self.learner)), only_transport_errors=True)
 
     def checkpointer(self, cell_dir: Path, identity_hash: str, emit) -> Checkpointer:
         return Checkpointer(cell_dir, identity_hash, learner=self.learner, optimizers=self.optimizers,

@@ -489,3 +489,28 @@ def test_run_ranks_runs_each_local_cell_on_that_many_ranks_and_refuses_a_batch_i
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (result,) = [read_result(p) for p in (tmp_path / "results").glob("*/*/result.json")]
     assert result["status"] == "ok" and result["measurements"]["world_size"] == 2
+
+
+def test_only_transport_errors_of_a_training_step_become_collective_failures():
+    """A lost rank inside the backward (DDP's all-reduce) fails the cell as a collective does; a
+    bug in the step's computation stays the bug it is."""
+    from bench.distributed import CollectiveTimeout, collective, is_transport_error
+
+    lost = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:918: Connection reset by peer")
+    bug = RuntimeError("mat1 and mat2 shapes cannot be multiplied (8x16 and 32x4)")
+    assert is_transport_error(lost) and not is_transport_error(bug)
+
+    def raising(error):
+        def run():
+            raise error
+        return run
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        collective("the step", raising(bug), only_transport_errors=True)
+    import bench.distributed as distributed
+
+    try:
+        with pytest.raises(CollectiveTimeout, match="the step did not complete on every rank"):
+            collective("the step", raising(lost), only_transport_errors=True)
+    finally:
+        distributed._peer_lost = False
