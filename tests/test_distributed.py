@@ -80,7 +80,8 @@ def _train(learner, loss_of, after_backward=lambda: None) -> dict:
     return record
 
 
-def _rank(rank: int, world: int, init_file: str, out: str) -> None:
+def _train_on_rank(rank: int, world: int, init_file: str, cases) -> dict:
+    """Each case, ``(name, build the learner)``, trained on this rank's part of the batch."""
     import torch.distributed as dist
 
     from bench.distributed import exchange_sparse_gradients, global_batch_loss, wrap
@@ -90,39 +91,32 @@ def _rank(rank: int, world: int, init_file: str, out: str) -> None:
     images, labels = _batch()
     part = slice(rank * 8 // world, (rank + 1) * 8 // world)
     records = {}
-    for method, args in METHODS.items():
-        learner = _learner(method, args)
+    for method, build in cases:
+        learner = build()
         if method.endswith("+dropout") and rank:
             torch.manual_seed(1000 + rank)  # this rank's own draws differ: only the shared mask keeps it equal
         ddp = wrap(learner)
         records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]),
                                  lambda: exchange_sparse_gradients(learner))
+    dist.destroy_process_group()
+    return records
+
+
+def _rank(rank: int, world: int, init_file: str, out: str) -> None:
+    records = _train_on_rank(rank, world, init_file,
+                             [(m, lambda m=m, a=a: _learner(m, a)) for m, a in METHODS.items()])
     if rank == 1:  # the other rank's memory: the same rows as rank 0's
         torch.save({m: r["buffers"] for m, r in records.items()}, out + ".rank1")
     if rank == 0:
         torch.save(records, out)
-    dist.destroy_process_group()
 
 
 def _rank_every_method(rank: int, world: int, init_file: str, out: str) -> None:
-    import torch.distributed as dist
-
-    from bench.distributed import exchange_sparse_gradients, global_batch_loss, wrap
     from tests.test_methods import TRAINED, make_learner
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    images, labels = _batch()
-    part = slice(rank * 8 // world, (rank + 1) * 8 // world)
-    records = {}
-    for method in TRAINED:
-        learner = make_learner(method)
-        ddp = wrap(learner)
-        records[method] = _train(learner, lambda: global_batch_loss(ddp, learner, images[part], labels[part]),
-                                 lambda: exchange_sparse_gradients(learner))
+    records = _train_on_rank(rank, world, init_file, [(m, lambda m=m: make_learner(m)) for m in TRAINED])
     if rank == 0:
         torch.save(records, out)
-    dist.destroy_process_group()
 
 
 @pytest.mark.slow  # every registered method, on two ranks and in one process: about 40 s
